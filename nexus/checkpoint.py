@@ -1,0 +1,155 @@
+"""Checkpoints: a directory holding `model.safetensors` and `config.json` (and any extra files, e.g.
+`tokenizer.json`).
+
+Saving is atomic: everything is written into a temporary sibling directory that is renamed into
+place, so a crash leaves the previous checkpoint or the new one, never a mix. Loading never
+unpickles; it validates the config, the tensor names and shapes, and the file's SHA-256.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nexus.config import ModelConfig
+from nexus.errors import CheckpointError, ConfigError
+from nexus.model.transformer import Transformer
+
+FORMAT = "nexus-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _state_to_save(model: Transformer) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same storage as tok_emb.weight
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(
+    model: Transformer,
+    path: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+) -> Path:
+    """Write `model` to the directory `path` atomically; `metadata` (JSON-able) goes into config.json,
+    `extra_files` ({name in checkpoint: source path}) are copied alongside. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(_state_to_save(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        config = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model.config.to_dict(),
+            "sha256": {WEIGHTS: sha256_file(tmp / WEIGHTS)},
+            "metadata": metadata or {},
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, replacing an existing `dst` (moved aside first, removed after)."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed, format-checked config.json of a checkpoint directory."""
+    path = Path(path)
+    cfg_file = path / CONFIG
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (no {CONFIG})")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{cfg_file}: corrupt JSON ({err})") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
+        raise CheckpointError(f"{cfg_file}: not a {FORMAT} config (missing 'format'/'model')")
+    if data.get("version", 0) > VERSION:
+        raise CheckpointError(f"{cfg_file}: checkpoint version {data['version']} is newer than supported ({VERSION})")
+    return data
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    cfg_file = Path(path) / CONFIG
+    try:
+        return ModelConfig.from_dict(read_checkpoint_config(path)["model"], source=f"{cfg_file}: model")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from err
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    verify_checksum: bool = True,
+) -> Transformer:
+    """Load a checkpoint directory into a `Transformer` (no pickle), validating everything."""
+    path = Path(path)
+    meta = read_checkpoint_config(path)
+    config = load_model_config(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: missing {WEIGHTS}")
+    expected = meta.get("sha256", {}).get(WEIGHTS)
+    if verify_checksum and expected and sha256_file(weights) != expected:
+        raise CheckpointError(f"{weights}: corrupt (SHA-256 does not match the one in {CONFIG})")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file ({err})") from err
+
+    model = Transformer(config)
+    expected_shapes = {k: tuple(v.shape) for k, v in _state_to_save(model).items()}
+    missing = sorted(set(expected_shapes) - set(state))
+    unexpected = sorted(set(state) - set(expected_shapes))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {shape}"
+             for k, shape in expected_shapes.items() if k in state and tuple(state[k].shape) != shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{weights} does not match {path / CONFIG}: "
+            + "; ".join(filter(None, [missing and f"missing tensors {missing[:5]}",
+                                      unexpected and f"unexpected tensors {unexpected[:5]}",
+                                      wrong and f"wrong shapes {wrong[:5]}"])))
+    model.load_state_dict(state, strict=not config.tie_embeddings)
+    return model.to(device=device, dtype=dtype)

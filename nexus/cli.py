@@ -1,0 +1,45 @@
+"""The `nexus` console script. Each subcommand lives in its own module, imported only when used
+(the ML stack takes seconds to import), and exposes `add_parser(subparsers)` which registers its
+command(s), each with `func(args)` (via `set_defaults`) that runs it."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> module whose add_parser(subparsers) registers it (one module may register several)
+COMMANDS: dict[str, str] = {
+    "data": "nexus.data.cli",
+    "export": "nexus.interop.cli",
+    "import": "nexus.interop.cli",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexus", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = {COMMANDS[only]} if only else set(COMMANDS.values())
+    for module in dict.fromkeys(COMMANDS.values()):
+        if module in wanted:
+            importlib.import_module(module).add_parser(sub)
+    for name in COMMANDS:
+        if name not in sub.choices:  # not imported: listed in --help, parsed only when used
+            sub.add_parser(name, help=f"(see `nexus {name} --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
+    from nexus.errors import NexusError
+
+    try:
+        return int(args.func(args) or 0)
+    except NexusError as err:
+        print(f"nexus {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

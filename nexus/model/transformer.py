@@ -1,0 +1,179 @@
+"""Decoder-only transformer: RMSNorm, rotary embeddings, SwiGLU, causal SDPA attention, no biases.
+
+Blocks are parallel (attention and FFN read the same normalised input; the paper's choice) or
+sequential (Llama), by `ModelConfig.parallel_blocks`. The FFN is dense, or an `MoELayer` when
+`config.moe` is set; everything else is identical, which is what makes upcycling a weight copy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nexus.config import ModelConfig
+from nexus.model.ffn import FeedForward
+from nexus.model.moe import MoELayer, RoutingInfo
+
+
+class RMSNorm(nn.Module):
+    """`y = x / sqrt(mean(x^2) + eps) * w`, computed in fp32 so bf16 activations stay accurate."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (Su et al.), in the rotate-half layout that Llama checkpoints use."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, heads, T, head_dim)."""
+        T = x.shape[-2]
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Causal multi-head (or grouped-query) attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, self.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, self.kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        if self.kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.parallel = config.parallel_blocks
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = None if self.parallel else RMSNorm(config.d_model, config.norm_eps)
+        self.ffn: FeedForward | MoELayer
+        if config.moe is None:
+            self.ffn = FeedForward(config.d_model, config.ffn_hidden)
+        else:
+            self.ffn = MoELayer(config.d_model, config.ffn_hidden, config.moe)
+
+    def _ffn(self, h: torch.Tensor, domain_embeddings: torch.Tensor | None):
+        if isinstance(self.ffn, MoELayer):
+            y, info = self.ffn(h.reshape(-1, h.shape[-1]), domain_embeddings)
+            return y.view_as(h), info
+        return self.ffn(h), None
+
+    def forward(self, x, rope, domain_embeddings=None) -> tuple[torch.Tensor, RoutingInfo | None]:
+        h = self.attn_norm(x)
+        if self.parallel:  # x + Attn(norm(x)) + FFN(norm(x))
+            y, info = self._ffn(h, domain_embeddings)
+            return x + self.attn(h, rope) + y, info
+        x = x + self.attn(h, rope)
+        y, info = self._ffn(self.ffn_norm(x), domain_embeddings)
+        return x + y, info
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, T, vocab)"""
+    aux_loss: torch.Tensor
+    """Weighted sum of the MoE auxiliary losses over layers (0 for dense models)."""
+    routing: list[RoutingInfo] = field(default_factory=list)
+    """Per MoE layer: which experts each token went to, with what probabilities."""
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.moe is not None and config.moe.router == "nexus":
+            # d_i of each routed expert, shared by every block's router: (n_experts, m).
+            self.register_buffer("domain_embeddings", torch.zeros(config.moe.n_experts, config.moe.domain_embed_dim))
+        else:
+            self.domain_embeddings = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("attn.wo.weight", "ffn.w_out.weight", "shared.w_out.weight", "experts.w_out")):
+                nn.init.normal_(p, std=config.init_std / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        elif hasattr(module, "reset_parameters") and not isinstance(module, Transformer):
+            module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        """idx: (B, T) token ids, T <= max_seq_len."""
+        if idx.shape[-1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {idx.shape[-1]} exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.tok_emb(idx)
+        routing: list[RoutingInfo] = []
+        for block in self.blocks:
+            x, info = block(x, self.rope, self.domain_embeddings)
+            if info is not None:
+                routing.append(info)
+        logits = self.lm_head(self.norm(x))
+        aux = sum((r.aux_loss for r in routing), start=logits.new_zeros(()))
+        return ModelOutput(logits=logits, aux_loss=aux, routing=routing)
+
+    def precompute_routers(self) -> None:
+        """Freeze every Nexus router's `E = P_r(D)` into a plain matrix for inference; see NexusRouter."""
+        for block in self.blocks:
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.router.precompute(self.domain_embeddings)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation of idx: (B, T)."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.max_seq_len:]).logits[:, -1]
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (B, T, V) already aligned with targets (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

@@ -1,0 +1,155 @@
+"""Upcycling operations checked against their definitions and against each other."""
+import pytest
+import torch
+
+from nexus.config import tiny
+from nexus.errors import IncompatibleModelsError
+from nexus.model import parameter_counts
+from nexus.model.transformer import Transformer
+from nexus.upcycle import extend, is_ffn_key, merge_dense, non_ffn_keys, remove_expert, sparse_upcycle, upcycle
+
+M = 12  # domain embedding dimension in these tests
+
+
+def dense(**overrides) -> Transformer:
+    return Transformer(tiny(**overrides))
+
+
+@pytest.fixture
+def family():
+    torch.manual_seed(0)
+    return dense(), [dense() for _ in range(3)], torch.randn(3, M)
+
+
+@pytest.mark.parametrize("router", ["nexus", "linear"])
+def test_upcycle_copies_ffns_and_averages_the_rest(family, router):
+    seed, experts, D = family
+    moe = upcycle(seed, experts, domain_embeddings=D, router=router, expert_names=["a", "b", "c"])
+    state = moe.state_dict()
+    for i in range(seed.config.n_layers):
+        for proj in ("w_in", "w_out"):
+            assert torch.equal(state[f"blocks.{i}.ffn.shared.{proj}.weight"], seed.state_dict()[f"blocks.{i}.ffn.{proj}.weight"])
+            for e, expert in enumerate(experts):
+                assert torch.equal(state[f"blocks.{i}.ffn.experts.{proj}"][e], expert.state_dict()[f"blocks.{i}.ffn.{proj}.weight"])
+    keys = non_ffn_keys(moe)
+    assert "tok_emb.weight" in keys and "blocks.1.attn.wq.weight" in keys and "norm.weight" in keys
+    for key in keys:
+        mean = torch.stack([e.state_dict()[key] for e in experts]).mean(0)
+        torch.testing.assert_close(state[key], mean, rtol=0, atol=1e-7)
+    assert moe.config.moe.expert_names == ["a", "b", "c"]
+    if router == "nexus":
+        assert torch.equal(moe.domain_embeddings, D)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_of_identical_experts_equals_the_dense_model(top_k):
+    """Renormalised gates over identical experts sum to one copy of the FFN: the MoE is the model."""
+    expert = dense()
+    moe = upcycle(dense(), [expert] * 3, domain_embeddings=torch.randn(3, M), shared_expert=False,
+                  normalize_gates=True, top_k=top_k)
+    idx = torch.randint(0, 96, (2, 16))
+    torch.testing.assert_close(moe(idx).logits, expert(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_dense_is_the_mean_of_seed_and_experts(family):
+    seed, experts, _ = family
+    merged = merge_dense(seed, experts)
+    for key, tensor in merged.state_dict().items():
+        mean = torch.stack([m.state_dict()[key] for m in [seed, *experts]]).mean(0)
+        torch.testing.assert_close(tensor, mean, rtol=0, atol=1e-7)
+
+
+def test_sparse_upcycle_copies_one_ffn_into_every_expert():
+    base = dense()
+    moe = sparse_upcycle(base, n_experts=4, top_k=2)
+    assert moe.config.moe.router == "linear" and moe.config.moe.n_experts == 4
+    w = moe.state_dict()["blocks.0.ffn.experts.w_in"]
+    assert all(torch.equal(w[e], base.state_dict()["blocks.0.ffn.w_in.weight"]) for e in range(4))
+    assert torch.equal(moe.state_dict()["tok_emb.weight"], base.state_dict()["tok_emb.weight"])
+
+
+@pytest.mark.parametrize("router", ["nexus", "linear"])
+def test_extend_keeps_old_experts_and_applies_lambda_exactly(family, router):
+    seed, experts, D = family
+    moe = upcycle(seed, experts, domain_embeddings=D, router=router)
+    new, d_new = dense(), torch.randn(M)
+    ext = extend(moe, new, domain_embedding=d_new, name="code")
+    old, out, new_state = moe.state_dict(), ext.state_dict(), new.state_dict()
+    assert ext.config.moe.expert_names == [*moe.config.moe.expert_names, "code"]
+    lam = 1 / 4
+    for key in non_ffn_keys(moe):
+        torch.testing.assert_close(out[key], (1 - lam) * old[key] + lam * new_state[key], rtol=0, atol=1e-7)
+    for key, tensor in old.items():
+        if ".ffn.experts." in key or key.endswith("router.weight"):
+            assert torch.equal(out[key][:3], tensor), key  # old experts / old router rows untouched
+        elif is_ffn_key(key):
+            assert torch.equal(out[key], tensor), key  # shared expert, Nexus projection untouched
+    assert torch.equal(out["blocks.0.ffn.experts.w_out"][3], new_state["blocks.0.ffn.w_out.weight"])
+    if router == "nexus":
+        assert torch.equal(ext.domain_embeddings[:3], D) and torch.equal(ext.domain_embeddings[3], d_new)
+
+
+def test_extend_leaves_old_expert_outputs_unchanged(family):
+    seed, experts, D = family
+    moe = upcycle(seed, experts, domain_embeddings=D)
+    ext = extend(moe, dense(), domain_embedding=torch.randn(M))
+    x = torch.randn(10, 32)
+    for e in range(3):
+        before = moe.blocks[0].ffn.experts(x, torch.tensor([10 if i == e else 0 for i in range(3)]))
+        after = ext.blocks[0].ffn.experts(x, torch.tensor([10 if i == e else 0 for i in range(4)]))
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("router", ["nexus", "linear"])
+def test_remove_expert_inverts_extend_for_ffn_and_router(family, router):
+    seed, experts, D = family
+    moe = upcycle(seed, experts, domain_embeddings=D, router=router)
+    back = remove_expert(extend(moe, dense(), domain_embedding=torch.randn(M), name="new"), "new")
+    assert back.config.moe == moe.config.moe
+    for key, tensor in moe.state_dict().items():
+        if is_ffn_key(key) or key == "domain_embeddings":
+            assert torch.equal(back.state_dict()[key], tensor), key
+
+
+def test_nexus_vs_linear_parameter_counts_differ_only_by_the_projections(family):
+    """Mirrors the paper's Table 3: Nexus adds the projection MLPs in training, nothing at inference."""
+    seed, experts, D = family
+    cfg = seed.config
+    nexus = parameter_counts(upcycle(seed, experts, domain_embeddings=D, router="nexus"))
+    linear = parameter_counts(upcycle(seed, experts, router="linear"))
+    h, f, n, L, k = cfg.d_model, cfg.ffn_hidden, 3, cfg.n_layers, 1
+    projection = M * 2 * h + h * h  # W1: m -> 2h (SwiGLU), W2: h -> h
+    assert nexus["total"] - linear["total"] == L * (projection - n * h)
+    assert nexus["active_training"] - linear["active_training"] == L * (projection - n * h)
+    assert nexus["active_inference"] == linear["active_inference"]
+    per_expert = 3 * h * f
+    assert linear["total"] - linear["active_training"] == L * (n - k) * per_expert
+    seed_total = parameter_counts(seed)["total"]
+    assert linear["active_inference"] == seed_total + L * (k * per_expert + n * h)
+
+
+def test_bad_inputs_raise_clear_errors(family):
+    seed, experts, D = family
+    with pytest.raises(IncompatibleModelsError, match="n=0"):
+        upcycle(seed, [], domain_embeddings=D)
+    with pytest.raises(IncompatibleModelsError, match=r"expert 1 .*d_model=48 \(expected 32\)"):
+        upcycle(seed, [experts[0], dense(d_model=48, n_heads=4)], domain_embeddings=D[:2])
+    with pytest.raises(IncompatibleModelsError, match="ffn_hidden"):
+        merge_dense(seed, [dense(ffn_hidden=32)])
+    with pytest.raises(IncompatibleModelsError, match="needs domain_embeddings"):
+        upcycle(seed, experts, router="nexus")
+    with pytest.raises(IncompatibleModelsError, match=r"shape \(2, 12\); expected \(3, m\)"):
+        upcycle(seed, experts, domain_embeddings=D[:2])
+    moe = upcycle(seed, experts, domain_embeddings=D)
+    with pytest.raises(IncompatibleModelsError, match="dimension 5 differs .* domain_embed_dim=12"):
+        extend(moe, dense(), domain_embedding=torch.randn(5))
+    with pytest.raises(IncompatibleModelsError, match="needs domain_embeddings"):
+        extend(moe, dense())
+    with pytest.raises(IncompatibleModelsError, match="already has an expert named 'expert_0'"):
+        extend(moe, dense(), domain_embedding=torch.randn(M), name="expert_0")
+    with pytest.raises(IncompatibleModelsError, match="n_layers=3"):
+        extend(moe, dense(n_layers=3), domain_embedding=torch.randn(M))
+    with pytest.raises(IncompatibleModelsError, match="no expert 'zzz'"):
+        remove_expert(moe, "zzz")
+    with pytest.raises(IncompatibleModelsError, match="seed must be a dense model"):
+        upcycle(moe, experts, domain_embeddings=D)
