@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from nexus.errors import ConfigError
-
-RouterKind = Literal["nexus", "linear"]
-DispatchKind = Literal["sorted", "grouped_mm"]
 
 
 @dataclass
@@ -21,7 +18,8 @@ class MoEConfig:
 
     expert_names: list[str] = field(default_factory=list)
     """One name per routed expert, usually its training domain; `n_experts = len(expert_names)`."""
-    router: RouterKind = "nexus"
+    router: str = "nexus"
+    """`nexus` (domain-embedding projection) or `linear` (BTX baseline)."""
     top_k: int = 1
     """Routed experts per token (the paper uses 1)."""
     shared_expert: bool = True
@@ -36,7 +34,7 @@ class MoEConfig:
     """Switch load-balancing loss factor (the paper's default 0.05; ablation 0.0005)."""
     z_loss_coef: float = 0.0
     """Router z-loss factor (ST-MoE); 0 disables it."""
-    dispatch: DispatchKind = "sorted"
+    dispatch: str = "sorted"
     """`sorted`: sort tokens by expert, one matmul per expert on a contiguous slice (any device).
     `grouped_mm`: one `torch._grouped_mm` call over all experts (CUDA)."""
 
