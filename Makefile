@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# The CPU build of PyTorch; a GPU image sets PIP_CONSTRAINTS= to take the platform's build.
+PIP_CONSTRAINTS ?= -c constraints.txt
+EXTRAS ?= dev
 # Offline by default: nothing downloads weights or data at run time.
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -16,7 +19,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q $(PIP_CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from nexus.config import ModelConfig
 from nexus.errors import CheckpointError, ConfigError
+from nexus.io import atomic_directory
 from nexus.model.transformer import Transformer
 
 FORMAT = "nexus-checkpoint"
@@ -35,11 +35,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _state_to_save(model: Transformer) -> dict[str, torch.Tensor]:
@@ -58,10 +53,7 @@ def save_checkpoint(
     """Write `model` to the directory `path` atomically; `metadata` (JSON-able) goes into config.json,
     `extra_files` ({name in checkpoint: source path}) are copied alongside. Returns `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         save_file(_state_to_save(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
@@ -73,24 +65,7 @@ def save_checkpoint(
             "metadata": metadata or {},
         }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            _fsync(f)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`, replacing an existing `dst` (moved aside first, removed after)."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:

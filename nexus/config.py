@@ -118,6 +118,13 @@ class ModelConfig:
         except TypeError as err:
             raise ConfigError(f"{source}: {err}") from err
 
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide the dense weights' meaning: what two models must share to be combined
+        (initialisation settings excluded, `n_kv_heads` resolved)."""
+        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("moe", "init_std")}
+        arch["n_kv_heads"] = self.kv_heads
+        return arch
+
     def dense(self) -> ModelConfig:
         """The same architecture without the MoE layer (the seed / expert shape)."""
         return dataclasses.replace(self, moe=None)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nexus.config import MoEConfig
+from nexus.config import ModelConfig, MoEConfig
 from nexus.errors import IncompatibleModelsError
 from nexus.model.transformer import Transformer
 
@@ -31,17 +31,18 @@ def non_ffn_keys(model: Transformer) -> list[str]:
     return [k for k in model.state_dict() if not is_ffn_key(k) and k != "domain_embeddings"]
 
 
+def check_configs_compatible(reference: ModelConfig, others: Sequence[ModelConfig], names: Sequence[str]) -> None:
+    """Every config must share the reference's dense architecture; name the first that does not."""
+    ref = reference.architecture()
+    for name, config in zip(names, others):
+        other = config.architecture()
+        diff = [f"{k}={other[k]!r} (expected {ref[k]!r})" for k in ref if other[k] != ref[k]]
+        if diff:
+            raise IncompatibleModelsError(f"{name} does not match the reference architecture: " + ", ".join(diff))
+
+
 def check_compatible(reference: Transformer, others: Sequence[Transformer], names: Sequence[str]) -> None:
-    """Every model must have the reference's dense architecture; name the first that does not."""
-    ref = reference.config.dense()
-    for name, model in zip(names, others):
-        other = model.config.dense()
-        if other != ref:
-            diff = {f.name: (getattr(ref, f.name), getattr(other, f.name))
-                    for f in dataclasses.fields(ref) if getattr(ref, f.name) != getattr(other, f.name)}
-            raise IncompatibleModelsError(
-                f"{name} does not match the reference architecture: "
-                + ", ".join(f"{k}={b!r} (expected {a!r})" for k, (a, b) in diff.items()))
+    check_configs_compatible(reference.config, [m.config for m in others], names)
 
 
 def _check_domain_embeddings(domain_embeddings, n: int, dim: int | None = None) -> torch.Tensor:

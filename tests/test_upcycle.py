@@ -153,3 +153,9 @@ def test_bad_inputs_raise_clear_errors(family):
         remove_expert(moe, "zzz")
     with pytest.raises(IncompatibleModelsError, match="seed must be a dense model"):
         upcycle(moe, experts, domain_embeddings=D)
+
+
+def test_compatibility_ignores_init_settings_and_resolves_kv_heads():
+    seed = dense()
+    moe = upcycle(seed, [dense(n_kv_heads=4), dense(init_std=0.01)], domain_embeddings=torch.randn(2, M))
+    assert moe.config.moe.n_experts == 2
