@@ -2,14 +2,30 @@
 
     import nexus
     moe = nexus.upcycle(seed, [expert_a, expert_b], domain_embeddings=D, router="nexus")
-"""
-from nexus.checkpoint import load_checkpoint, save_checkpoint
-from nexus.config import ModelConfig, MoEConfig
-from nexus.model import Transformer, parameter_counts
-from nexus.upcycle import extend, merge_dense, remove_expert, sparse_upcycle, upcycle
 
-__all__ = [
-    "ModelConfig", "MoEConfig", "Transformer", "extend", "load_checkpoint", "merge_dense",
-    "parameter_counts", "remove_expert", "save_checkpoint", "sparse_upcycle", "upcycle",
-]
+Names are imported on first use, so `import nexus` (and the `nexus` CLI) starts without torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelConfig": "nexus.config", "MoEConfig": "nexus.config",
+    "Transformer": "nexus.model", "parameter_counts": "nexus.model",
+    "load_checkpoint": "nexus.checkpoint", "save_checkpoint": "nexus.checkpoint",
+    "upcycle": "nexus.upcycle", "merge_dense": "nexus.upcycle", "sparse_upcycle": "nexus.upcycle",
+    "extend": "nexus.upcycle", "remove_expert": "nexus.upcycle",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'nexus' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -35,3 +35,11 @@ def test_invalid_moe_values(bad, match):
 def test_unknown_keys_are_named_with_their_source():
     with pytest.raises(ConfigError, match=r"ckpt/config.json: moe: unknown key\(s\) \['topk'\]"):
         ModelConfig.from_dict({**tiny().to_dict(), "moe": {"topk": 1}}, source="ckpt/config.json")
+
+
+def test_package_exports_resolve_lazily():
+    import nexus
+
+    assert nexus.upcycle.__module__ == "nexus.upcycle" and nexus.ModelConfig is ModelConfig
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        nexus.nope  # noqa: B018

@@ -1,0 +1,132 @@
+"""Domain sources: Debian packages, local folders/globs, Hugging Face datasets, the stdlib.
+
+Two steps per source, so that bad input fails before anything is written:
+  `source_identity(...)`: cheap, validates that the source exists (package known to apt, folder
+      present and non-empty, dataset loadable) and returns what the cache fingerprint needs
+      (package versions, file sizes and mtimes, dataset fingerprint);
+  `read_source(...)`: yields `(text, origin)` documents, raising DataError on malformed input.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import sysconfig
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from nexus.data import debian
+from nexus.data.config import SourceConfig
+from nexus.data.formats import Document, list_files, parse_files
+from nexus.errors import DataError
+
+# The stdlib's own test suites hold deliberately broken files; third-party code is not stdlib.
+STDLIB_EXCLUDE = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
+_NATURAL_FORMAT = {"stdlib": "python", "folder": "auto"}
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _format(src: SourceConfig) -> str:
+    return src.format if src.format != "auto" else _NATURAL_FORMAT.get(src.kind, "auto")
+
+
+def _files(src: SourceConfig, domain: str, root: str) -> list[Path]:
+    exclude = STDLIB_EXCLUDE if src.kind == "stdlib" else frozenset()
+    return list_files(root, _format(src), domain, exclude)
+
+
+def _file_stats(files: list[Path]) -> list[tuple[str, int, int]]:
+    stats = [(f, f.stat()) for f in files]
+    return [(str(f), s.st_size, s.st_mtime_ns) for f, s in stats]
+
+
+def source_identity(src: SourceConfig, domain: str) -> dict[str, Any]:
+    """Validate a source and describe it for the cache fingerprint (does not read documents)."""
+    ident: dict[str, Any] = {"kind": src.kind, "format": _format(src), "max_documents": src.max_documents}
+    if src.kind == "debian":
+        ident["packages"] = [(p.name, p.version) for p in debian.resolve_package(src.package, domain)]
+    elif src.kind == "folder":
+        ident["files"] = _file_stats(_files(src, domain, src.path))
+        ident["text_field"] = src.text_field
+    elif src.kind == "stdlib":
+        ident["python"] = sys.version
+        ident["files"] = _file_stats(_files(src, domain, str(stdlib_root())))
+    else:
+        ident["dataset"] = _load_hf(src, domain)._fingerprint
+        ident.update(text_field=src.text_field, filter=[src.filter_field, src.filter_value])
+    return ident
+
+
+def read_source(src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
+    """Documents of one source, at most `src.max_documents`."""
+    docs: Iterator[Document]
+    if src.kind == "debian":
+        docs = _read_debian(src, domain, cache_dir)
+    elif src.kind == "hf":
+        docs = _read_hf(src, domain)
+    else:
+        root = src.path if src.kind == "folder" else str(stdlib_root())
+        docs = parse_files(_files(src, domain, root), _format(src), domain, src)
+    return islice(docs, src.max_documents)
+
+
+def _read_debian(src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
+    roots = [debian.fetch_package(info, cache_dir, domain) for info in debian.resolve_package(src.package, domain)]
+    files = [f for root in roots for f in _files(src, domain, str(root))]
+    yield from parse_files(files, _format(src), domain, src)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf_cached(path: str, config: str | None, split: str, data_files: str | None):
+    import datasets
+
+    local = Path(path)
+    if local.is_dir() and any((local / m).exists() for m in ("state.json", "dataset_dict.json")):
+        loaded = datasets.load_from_disk(str(local))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(path, config, split=split, data_files=data_files)
+
+
+def _load_hf(src: SourceConfig, domain: str):
+    try:
+        ds = _load_hf_cached(src.path, src.hf_config, src.hf_split, src.data_files)
+    except Exception as err:  # datasets raises many types (FileNotFound, ConnectionError, ValueError...)
+        where = f"{src.path}" + (f" (data_files={src.data_files})" if src.data_files else "")
+        raise DataError(f"domain {domain!r}: cannot load dataset {where} split {src.hf_split!r}: "
+                        f"{type(err).__name__}: {str(err)[:300]}") from err
+    columns = set(ds.column_names)
+    for key in (src.text_field, src.filter_field):
+        if key is not None and key.split(".")[0] not in columns:
+            raise DataError(f"domain {domain!r}: dataset {src.path} has no column {key!r} "
+                            f"(columns: {sorted(columns)})")
+    return ds
+
+
+def _lookup(record: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
+
+
+def _read_hf(src: SourceConfig, domain: str) -> Iterator[Document]:
+    ds = _load_hf(src, domain)
+    for i, record in enumerate(ds):
+        if src.filter_field is not None and _lookup(record, src.filter_field) != src.filter_value:
+            continue
+        text = _lookup(record, src.text_field)
+        if not isinstance(text, str):
+            raise DataError(f"domain {domain!r}: dataset {src.path} row {i} has no string {src.text_field!r}")
+        yield text, f"{src.path}[{i}]"
+
+
+def describe(src: SourceConfig) -> str:
+    """Where a source reads from, for messages."""
+    return src.path if src.kind in ("folder", "hf") else (
+        f"Debian package {src.package}" if src.kind == "debian" else f"stdlib {stdlib_root()}")
+
+
+__all__ = ["STDLIB_EXCLUDE", "describe", "read_source", "source_identity", "stdlib_root"]
