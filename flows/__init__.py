@@ -1,0 +1,1 @@
+"""Prefect flows of the Nexus pipeline, and their MLflow tracking (`flows.tracking`)."""

@@ -1,0 +1,277 @@
+"""MLflow tracking of the pipeline: one experiment per pipeline invocation, one parent run, one nested
+run per stage, and lineage that can be walked from any model back to the seed using the store alone.
+
+Lineage is recorded in run tags and dataset inputs:
+  nexus.stage                 the stage ("seed", "expert", "upcycle", "moe", "extend", ...)
+  nexus.checkpoint_sha256     SHA-256 of the `model.safetensors` the run logged as artifact `checkpoint`
+  nexus.parent_runs           comma-separated ids of the runs that produced this run's input checkpoints
+  nexus.inputs                JSON {role: {path, sha256, run_id}} of the input checkpoints
+  dataset inputs              `mlflow.log_input`, digest = data fingerprint (first 32 hex digits: the
+                              store allows 36), full fingerprint in the input tag `nexus.fingerprint`
+Input checkpoints are matched to their producing run by the weights' SHA-256 recorded in their
+`config.json`, so a flow needs to pass no run ids around. Stage runs use `MlflowClient` with
+explicit run ids (never the thread-local fluent run), so stages can run in parallel threads.
+`nexus/` never imports this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from nexus.checkpoint import WEIGHTS, read_checkpoint_config
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CHECKPOINT_ARTIFACT = "checkpoint"
+TAG_STAGE, TAG_SHA, TAG_PARENTS, TAG_INPUTS = ("nexus.stage", "nexus.checkpoint_sha256", "nexus.parent_runs",
+                                               "nexus.inputs")
+_SECRET = re.compile(r"passw|secret|credential|api_?key|access_?key|private_?key|auth(?!or)|(^|[._])token$",
+                     re.IGNORECASE)
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at `tracking_uri` (default: $MLFLOW_TRACKING_URI, else SQLite in the working directory)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _artifact_location(name: str) -> str | None:
+    """For a SQLite store, file artifacts under `mlartifacts/` next to the database; else the server's."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / name).as_uri()
+
+
+def get_or_create_experiment(name: str) -> str:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_location(re.sub(r"\W", "_", name)))
+
+
+def resolved(config: Any) -> Any:
+    """A config (dataclasses, mappings, paths, ...) as plain JSON data, credential-like keys redacted."""
+    if is_dataclass(config) and not isinstance(config, type):
+        config = asdict(config)
+    if isinstance(config, Mapping):
+        return {str(k): "***" if _SECRET.search(str(k)) else resolved(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [resolved(v) for v in config]
+    return config if isinstance(config, (str, int, float, bool, type(None))) else str(config)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A resolved config as `{"a.b.c": value}` params."""
+    if not isinstance(config, Mapping):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def _log_params(client: MlflowClient, run_id: str, config: Any) -> None:
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(resolved(config)).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+
+
+@contextmanager
+def pipeline_run(experiment: str, run_name: str = "pipeline", config: Any = None,
+                 tags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """The parent run of one pipeline invocation; yields its run id. Ends FAILED on an exception."""
+    client = MlflowClient()
+    run = client.create_run(get_or_create_experiment(experiment),
+                            tags={MLFLOW_RUN_NAME: run_name, TAG_STAGE: "pipeline", **(tags or {})})
+    with _terminated(client, run.info.run_id):
+        if config is not None:
+            _log_params(client, run.info.run_id, config)
+        yield run.info.run_id
+
+
+@contextmanager
+def _terminated(client: MlflowClient, run_id: str) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+class _StageLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, except that the stage-run context, not the Trainer, ends the run."""
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
+@dataclass
+class StageRun:
+    """Handle on one stage's MLflow run (all methods log to it by id, from any thread)."""
+
+    run_id: str
+    client: MlflowClient = field(default_factory=MlflowClient)
+
+    def logger(self) -> MLFlowLogger:
+        """A Lightning logger writing into this run (pass it to `train_dense`/`train_moe`)."""
+        return _StageLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=self.run_id)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        ms = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()]
+        for i in range(0, len(ms), 1000):
+            self.client.log_batch(self.run_id, metrics=ms[i:i + 1000])
+
+    def log_dataset(self, name: str, fingerprint: str, source: str, context: str = "train",
+                    tags: Mapping[str, str] | None = None) -> None:
+        with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
+            warnings.simplefilter("ignore", UserWarning)
+            src = resolve_dataset_source(source)
+        dataset = MetaDataset(src, name=name, digest=fingerprint[:32])
+        input_tags = [InputTag("mlflow.data.context", context), InputTag("nexus.fingerprint", fingerprint),
+                      *(InputTag(k, str(v)) for k, v in (tags or {}).items())]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
+
+    def log_data_module(self, data: Any, source: str, name: str = "nexus-data") -> None:
+        """A `MixtureDataModule` as the dataset input (digest = its fingerprint, weights as tags)."""
+        desc = data.describe()
+        self.log_dataset(name, desc["fingerprint"], source, tags={"weights": json.dumps(desc["weights"]),
+                                                                   "val_domains": ",".join(desc["val_domains"])})
+
+    def log_artifacts(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        path = Path(local_path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_checkpoint(self, checkpoint: str | os.PathLike, register_as: str | None = None) -> ModelVersion | None:
+        """Log a nexus checkpoint directory as artifact `checkpoint`, tag its weights' SHA-256 (what later
+        stages match their inputs against) and optionally register it as a new version of `register_as`."""
+        sha = read_checkpoint_config(checkpoint).get("sha256", {}).get(WEIGHTS, "")
+        self.log_artifacts(checkpoint, CHECKPOINT_ARTIFACT)
+        self.client.set_tag(self.run_id, TAG_SHA, sha)
+        return register_model(self.run_id, register_as) if register_as else None
+
+    def log_result(self, result: Any, register_as: str | None = None) -> ModelVersion | None:
+        """A `nexus.training.StageResult`: final metrics, the checkpoint (registered), resume info."""
+        self.log_metrics(result.metrics, step=result.global_step)
+        self.client.set_tag(self.run_id, "nexus.resumed_from_step", str(result.resumed_from_step))
+        return self.log_checkpoint(result.checkpoint, register_as)
+
+
+def find_producing_run(checkpoint: str | os.PathLike, client: MlflowClient | None = None) -> str | None:
+    """The most recent run (any experiment) that logged a checkpoint with these weights."""
+    client = client or MlflowClient()
+    sha = read_checkpoint_config(checkpoint).get("sha256", {}).get(WEIGHTS)
+    if not sha:
+        return None
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, filter_string=f"tags.`{TAG_SHA}` = '{sha}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def stage_run(stage: str, config: Any = None, *, parent_run_id: str | None = None,
+              input_checkpoints: Mapping[str, str | os.PathLike] | None = None,
+              extra_parent_runs: Sequence[str] = (), run_name: str | None = None,
+              tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+    """A run for one stage, nested under `parent_run_id` (default: the active fluent run).
+
+    Logs the flattened, redacted `config` as params and as artifact `config.json`, and the lineage
+    tags of `input_checkpoints` ({role: checkpoint dir}). Ends FAILED on an exception."""
+    client = MlflowClient()
+    parent_id = parent_run_id or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
+    if parent_id is None:
+        raise ValueError("stage_run needs a parent run: call it inside pipeline_run or pass parent_run_id")
+    inputs = {}
+    for role, path in (input_checkpoints or {}).items():
+        sha = read_checkpoint_config(path).get("sha256", {}).get(WEIGHTS)
+        inputs[role] = {"path": str(path), "sha256": sha, "run_id": find_producing_run(path, client)}
+    parents = list(dict.fromkeys([*(i["run_id"] for i in inputs.values() if i["run_id"]), *extra_parent_runs]))
+    run = client.create_run(client.get_run(parent_id).info.experiment_id, tags={
+        MLFLOW_RUN_NAME: run_name or stage, MLFLOW_PARENT_RUN_ID: parent_id, TAG_STAGE: stage,
+        TAG_PARENTS: ",".join(parents), TAG_INPUTS: json.dumps(inputs), **(tags or {})})
+    with _terminated(client, run.info.run_id):
+        if config is not None:
+            _log_params(client, run.info.run_id, config)
+            client.log_dict(run.info.run_id, resolved(config), "config.json")
+        yield StageRun(run.info.run_id, client)
+
+
+def register_model(run_id: str, name: str, artifact_path: str = CHECKPOINT_ARTIFACT) -> ModelVersion:
+    """A new version of registered model `name` whose source is the run's artifact directory (works
+    offline with SQLite; `mlflow.register_model("runs:/...")` wants an MLflow-format logged model)."""
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    run = client.get_run(run_id)
+    return client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
+                                       tags={TAG_STAGE: run.data.tags.get(TAG_STAGE, "")})
+
+
+@dataclass
+class LineageNode:
+    run_id: str
+    run_name: str
+    stage: str
+    status: str
+    checkpoint_sha256: str | None
+    datasets: list[dict[str, str]]
+    """{name, digest, fingerprint, context} per dataset input."""
+    models: list[tuple[str, str]]
+    """(registered model name, version) of the run's registered checkpoints."""
+    parents: list[LineageNode]
+
+    def walk(self) -> Iterator[LineageNode]:
+        """This node and every ancestor, each once, depth first."""
+        seen: set[str] = set()
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            if node.run_id not in seen:
+                seen.add(node.run_id)
+                yield node
+                stack.extend(reversed(node.parents))
+
+
+def walk_lineage(run_id: str, client: MlflowClient | None = None,
+                 _memo: dict[str, LineageNode] | None = None) -> LineageNode:
+    """The tree of runs that produced `run_id`'s inputs, back to the seed, from the MLflow store alone."""
+    client = client or MlflowClient()
+    memo = {} if _memo is None else _memo
+    if run_id in memo:
+        return memo[run_id]
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    datasets = [{"name": d.dataset.name, "digest": d.dataset.digest,
+                 **{t.key.removeprefix("mlflow.data."): t.value for t in d.tags}} for d in run.inputs.dataset_inputs]
+    models = [(mv.name, mv.version) for mv in client.search_model_versions(f"run_id = '{run_id}'")]
+    node = memo[run_id] = LineageNode(run_id, run.info.run_name, tags.get(TAG_STAGE, ""), run.info.status,
+                                      tags.get(TAG_SHA), datasets, models, [])
+    node.parents = [walk_lineage(p, client, memo) for p in tags.get(TAG_PARENTS, "").split(",") if p]
+    return node

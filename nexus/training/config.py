@@ -1,0 +1,83 @@
+"""Typed training configuration shared by every stage (seed, experts, MoE, extension finetune)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nexus.errors import ConfigError
+
+RUNTIME_ONLY = ("progress_bar", "num_workers", "log_every_n_steps", "checkpoint_every_n_steps")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and Trainer settings of one training stage (paper §4.1: AdamW, peak LR
+    1e-3, linear warmup over 10 % of the steps, cosine decay)."""
+
+    max_steps: int = 1000
+    batch_size: int = 8
+    """Sequences per optimizer step and device."""
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """The cosine decays from `lr` to `min_lr_ratio · lr`."""
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold; 0 disables clipping."""
+    precision: str = "auto"
+    """Lightning precision; "auto" means "bf16-mixed" on a bf16-capable GPU, "32-true" otherwise."""
+    compile: bool = False
+    """`torch.compile` the model (in place, so state-dict keys do not change)."""
+    val_every_n_steps: int = 100
+    limit_val_batches: int = 8
+    """Validation batches per domain."""
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    """"auto", "ddp", "fsdp", ...: distributed training is a config switch."""
+    num_workers: int = 0
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100
+    """Lightning checkpoint (for resume) cadence; a hard kill loses at most this many steps."""
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        for key in ("max_steps", "batch_size", "val_every_n_steps", "limit_val_batches",
+                    "log_every_n_steps", "checkpoint_every_n_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ConfigError(f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0 or self.weight_decay < 0 or self.num_workers < 0:
+            raise ConfigError("train.grad_clip, weight_decay and num_workers must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision {self.precision!r} is not one of {PRECISIONS}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup_frac * self.max_steps)
+
+    def resolved_precision(self) -> str:
+        """The concrete Lightning precision string for this machine."""
+        if self.precision != "auto":
+            return self.precision
+        on_gpu = self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change the trained model (a resumed run may change the others)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
