@@ -68,6 +68,19 @@ def save_checkpoint(
     return path
 
 
+def check_state_shapes(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str,
+                       optional: set[str] = frozenset()) -> None:
+    """Raise `CheckpointError` (prefixed by `where`) naming missing, unexpected or wrongly shaped tensors."""
+    missing = sorted(set(expected) - set(found) - set(optional))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: file {tuple(found[k].shape)} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{where}: " + "; ".join(filter(None, [
+            missing and f"missing tensors {missing[:5]}", unexpected and f"unexpected tensors {unexpected[:5]}",
+            wrong and f"wrong shapes {wrong[:5]}"])))
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed, format-checked config.json of a checkpoint directory."""
     path = Path(path)
@@ -115,16 +128,6 @@ def load_checkpoint(
         raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file ({err})") from err
 
     model = Transformer(config)
-    expected_shapes = {k: tuple(v.shape) for k, v in _state_to_save(model).items()}
-    missing = sorted(set(expected_shapes) - set(state))
-    unexpected = sorted(set(state) - set(expected_shapes))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {shape}"
-             for k, shape in expected_shapes.items() if k in state and tuple(state[k].shape) != shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{weights} does not match {path / CONFIG}: "
-            + "; ".join(filter(None, [missing and f"missing tensors {missing[:5]}",
-                                      unexpected and f"unexpected tensors {unexpected[:5]}",
-                                      wrong and f"wrong shapes {wrong[:5]}"])))
+    check_state_shapes(state, _state_to_save(model), f"{weights} does not match {path / CONFIG}")
     model.load_state_dict(state, strict=not config.tie_embeddings)
     return model.to(device=device, dtype=dtype)

@@ -31,7 +31,7 @@ from nexus.data.embeddings import (
 )
 from nexus.data.mixture import MixtureSampler, blend, mixture_weights, stage_weights
 from nexus.data.packing import PackedSplit
-from nexus.data.prepare import prepare_experiment
+from nexus.data.prepare import embed_prepared_domain, prepare_experiment
 from nexus.data.prepared import PreparedData, open_prepared
 from nexus.data.presets import demo_config, preset, tiny_config
 from nexus.data.tokenizer import load_tokenizer, train_tokenizer

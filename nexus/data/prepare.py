@@ -116,7 +116,7 @@ def _prepare(cfg: DataConfig, out_dir: str | Path | None, progress: bool) -> Pre
     if cfg.embedding.enabled:
         for dom in data.domains.values():
             t0 = time.perf_counter()
-            timer("embeddings", t0, _embed(cfg, data, dom, embedder, progress))
+            timer("embeddings", t0, embed_prepared_domain(data, dom.name, cfg.embedding, embedder, progress))
     data.save()
     data.timings["total"] = time.perf_counter() - t_total
     return data
@@ -206,9 +206,12 @@ class _Embedder:
             check_embedding_dim([0.0] * model.dim, self.ec.expected_dim, "*", f"embedder {model.name}")
 
 
-def _embed(cfg: DataConfig, data: PreparedData, dom: DomainData, embedder: _Embedder, progress: bool) -> bool:
-    """Write d_i for one domain unless cached; returns reused."""
-    ec = cfg.embedding
+def embed_prepared_domain(data: PreparedData, domain: str, ec: EmbeddingConfig, embedder: _Embedder | None = None,
+                          progress: bool = False) -> bool:
+    """Write d_i for one domain of prepared data unless cached (one Prefect task per domain calls
+    this); returns whether the cached embedding was reused."""
+    embedder = embedder or _Embedder(ec)
+    dom = data.domains[domain]
     fp = fingerprint({"docs": dom.fingerprint, "embedder": embedder.name, "recipe": [
         ec.sample_size, ec.max_chars, ec.max_chunks_per_doc, ec.seed]})
     path = data.embedding_path(dom.name)

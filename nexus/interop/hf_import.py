@@ -17,6 +17,7 @@ import torch
 from nexus.checkpoint import (
     CONFIG,
     FORMAT,
+    check_state_shapes,
     load_model_config,
     read_checkpoint_config,
     save_checkpoint,
@@ -99,16 +100,7 @@ def load_hf_model(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None) -
     names = list(model.state_dict())
     expected = dense_to_hf(model.state_dict(), config.n_layers)
     optional = {"lm_head.weight"} if config.tie_embeddings else set()  # tied: the embedding matrix
-    missing = sorted(set(expected) - set(hf_state) - optional)
-    unexpected = sorted(set(hf_state) - set(expected))
-    wrong = [f"{k}: file {tuple(hf_state[k].shape)} vs config {tuple(v.shape)}"
-             for k, v in expected.items() if k in hf_state and hf_state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{hf_dir}: weights do not match {HF_CONFIG}: "
-            + "; ".join(filter(None, [missing and f"missing tensors {missing[:5]}",
-                                      unexpected and f"unexpected tensors {unexpected[:5]}",
-                                      wrong and f"wrong shapes {wrong[:5]}"])))
+    check_state_shapes(hf_state, expected, f"{hf_dir}: weights do not match {HF_CONFIG}", optional)
     if config.tie_embeddings:
         hf_state.pop("lm_head.weight", None)
         names.remove("lm_head.weight")
