@@ -4,7 +4,19 @@
 
 Dispatch sorts the (token, expert) assignments by expert once, gathers the tokens into one
 contiguous buffer, runs each expert once on its slice, and scatters the gated results back with
-`index_add_`. No per-expert mask over all tokens and no token is dropped.
+`index_add_` onto the shared expert's output. No per-expert mask over all tokens and no token is
+dropped.
+
+On the `sorted` path the experts (and the shared expert, as one expert over all tokens) run
+through `ExpertsFunction`, an autograd function with a hand-written backward that writes every
+GEMM and SwiGLU result in place (`out=`) into one buffer per quantity. What it removes, from a
+`torch.profiler` run of the plain-autograd version (1 thread, d_model 256, 2k tokens, 16 experts):
+`aten::cat` at 11.5 % of CPU time (the backward of `chunk` in SwiGLU concatenates the gate/up
+gradients for every expert; the forward concatenated the expert outputs), and the weight-sized
+copy that `unbind`'s backward makes (`stack`); zero-filling the weight gradients instead cost 7.5 %
+(`aten::fill_`, d_model 512) in a first version, so only experts with no rows are zeroed now.
+It works in blocks of `BLOCK_ROWS` rows so each block's GEMMs and SwiGLU run back to back on
+cache-resident rows and the backward's temporaries are one block, not (assignments, 2f).
 """
 from __future__ import annotations
 
@@ -13,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from nexus.config import MoEConfig
 from nexus.model.ffn import FeedForward, swiglu
@@ -48,6 +61,96 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
+BLOCK_ROWS = 256
+"""Rows per block in `ExpertsFunction`. Single-thread fp32 GEMMs of 128–256 rows ran at ~95–100
+GFLOP/s here against 62–69 at 2048 rows (d_model 256): smaller blocks keep operands in L2."""
+
+
+def _blocks(counts: list[int], block_rows: int) -> list[tuple[int, int, int]]:
+    """(expert, start, end) row blocks of at most `block_rows` rows, in expert order; empty experts skipped."""
+    out, start = [], 0
+    for e, c in enumerate(counts):
+        out.extend((e, r, min(r + block_rows, start + c)) for r in range(start, start + c, block_rows))
+        start += c
+    return out
+
+
+def _zeros_where_empty(weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """An uninitialised gradient for stacked expert weights, zero for experts that got no rows."""
+    grad = torch.empty_like(weight)
+    for e, c in enumerate(counts):
+        if c == 0:
+            grad[e].zero_()
+    return grad
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """`y[rows_e] = W_out,e · SwiGLU(W_in,e · x[rows_e])` for expert-sorted rows, with explicit backward.
+
+    x: (rows, d_model) grouped by expert; w_in: (n, 2f, d_model); w_out: (n, d_model, f);
+    counts: rows per expert. Works block by block (`BLOCK_ROWS`), each block's GEMMs and SwiGLU
+    back to back while its rows are in cache; every result is written in place (`out=`) into one
+    buffer, weight gradients accumulate over an expert's blocks (`addmm`). Saves x, the gate
+    pre-activation and SiLU(gate), up and the activation (as autograd would), nothing per expert."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts: list[int]):
+        f = w_out.shape[-1]
+        blocks = _blocks(counts, BLOCK_ROWS)
+        h = x.new_empty(x.shape[0], 2 * f)  # [gate | up] pre-activations
+        silu_gate, act = x.new_empty(x.shape[0], f), x.new_empty(x.shape[0], f)
+        y = x.new_empty(x.shape[0], w_out.shape[1])
+        for e, r0, r1 in blocks:
+            hb = torch.mm(x[r0:r1], w_in[e].t(), out=h[r0:r1])
+            sb = torch.ops.aten.silu.out(hb[:, :f], out=silu_gate[r0:r1])
+            torch.mm(torch.mul(sb, hb[:, f:], out=act[r0:r1]), w_out[e].t(), out=y[r0:r1])
+        ctx.save_for_backward(x, w_in, w_out, h, silu_gate, act)
+        ctx.blocks, ctx.counts = blocks, counts
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, w_in, w_out, h, silu_gate, act = ctx.saved_tensors
+        f = w_out.shape[-1]
+        grad_y = grad_y.contiguous()  # e.g. the zero-stride gradient of y.sum()
+        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w_in = _zeros_where_empty(w_in, ctx.counts) if need_w_in else None
+        grad_w_out = _zeros_where_empty(w_out, ctx.counts) if need_w_out else None
+        first = {e: True for e in range(len(ctx.counts))}  # the first block writes dW[e], later add
+        grad_act_buf = x.new_empty(min(BLOCK_ROWS, x.shape[0]), f)
+        grad_h_buf = x.new_empty(min(BLOCK_ROWS, x.shape[0]), 2 * f)  # [d gate | d up]: no chunk/cat
+        for e, r0, r1 in ctx.blocks:
+            gy, hb = grad_y[r0:r1], h[r0:r1]
+            ga, gh = grad_act_buf[: r1 - r0], grad_h_buf[: r1 - r0]
+            beta, first[e] = (0.0 if first[e] else 1.0), False
+            if need_w_out:
+                torch.addmm(grad_w_out[e], gy.t(), act[r0:r1], beta=beta, out=grad_w_out[e])
+            torch.mm(gy, w_out[e], out=ga)
+            torch.mul(ga, silu_gate[r0:r1], out=gh[:, f:])
+            torch.ops.aten.silu_backward.grad_input(ga.mul_(hb[:, f:]), hb[:, :f], grad_input=gh[:, :f])
+            if need_w_in:
+                torch.addmm(grad_w_in[e], gh.t(), x[r0:r1], beta=beta, out=grad_w_in[e])
+            if need_x:
+                torch.mm(gh, w_in[e], out=grad_x[r0:r1])
+        return grad_x, grad_w_in, grad_w_out, None
+
+
+def experts_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Run expert e's SwiGLU FFN on the next `counts[e]` rows of x (see `ExpertsFunction`).
+
+    An autograd Function is invisible to autocast, so under autocast (e.g. Lightning's bf16-mixed)
+    the inputs are cast here to the autocast dtype, as `nn.Linear` would be; the casts' backward
+    returns fp32 gradients to fp32 parameters."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return ExpertsFunction.apply(x.contiguous(), w_in.contiguous(), w_out.contiguous(), counts)
+
+
 class RoutedExperts(nn.Module):
     """n SwiGLU experts stored stacked: w_in (n, 2·ffn_hidden, d_model), w_out (n, d_model, ffn_hidden)."""
 
@@ -63,11 +166,7 @@ class RoutedExperts(nn.Module):
         """x_sorted: (assignments, d_model) grouped by expert; counts: (n,) rows per expert."""
         if self.dispatch == "grouped_mm":
             return self._grouped_mm(x_sorted, counts)
-        # Unbind once: indexing w[e] inside the loop makes backward quadratic in n_experts.
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        chunks = x_sorted.split(counts.tolist())
-        out = [F.linear(swiglu(F.linear(c, w_in[e])), w_out[e]) for e, c in enumerate(chunks) if c.shape[0]]
-        return torch.cat(out) if out else x_sorted.new_zeros(x_sorted.shape)
+        return experts_ffn(x_sorted, self.w_in, self.w_out, counts.tolist())
 
     def _grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts in one grouped GEMM per projection (CUDA; `torch._grouped_mm`)."""
@@ -102,9 +201,12 @@ class MoELayer(nn.Module):
         counts = torch.bincount(flat_expert, minlength=cfg.n_experts)
         y_sorted = self.experts(x.index_select(0, token_of), counts)
         y_sorted = y_sorted * gates.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-        y = torch.zeros_like(x).index_add_(0, token_of, y_sorted)
-        if self.shared is not None:
-            y = y + self.shared(x)
+        if self.shared is not None:  # FFN_s(x), through the same kernel as one expert over all tokens
+            w_in, w_out = self.shared.w_in.weight, self.shared.w_out.weight
+            y = experts_ffn(x, w_in.unsqueeze(0), w_out.unsqueeze(0), [x.shape[0]])
+        else:
+            y = y_sorted.new_zeros(x.shape)
+        y = y.index_add_(0, token_of, y_sorted)  # in place: the expert kernel keeps no output
 
         lb = load_balance_loss(probs, expert_index)
         z = router_z_loss(logits) if cfg.z_loss_coef > 0 else lb.new_zeros(())

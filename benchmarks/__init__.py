@@ -1,0 +1,1 @@
+"""Speed benchmarks (not tests): `make bench` = `python -m benchmarks`; see docs/performance.md."""
