@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install system-deps demo test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +24,24 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-demo: install
-	$(PY) -m nexus.demo
+# Debian packages some integration tests use (headless Chromium for the UI screenshots, the
+# docker-compose client to validate the compose file). Best effort: without them those tests skip.
+SYSTEM_PACKAGES ?= chromium docker-compose
+system-deps:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then echo "installing$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
+	      >/dev/null 2>&1 || echo "warning: could not install$$missing; the tests that need them will skip"; fi; \
+	else echo "note: not root or no apt-get: tests needing $(SYSTEM_PACKAGES) will skip"; fi
 
-test: install
+demo: install
+	$(PY) -m flows.demo
+
+test: install system-deps
 	$(PY) -m pytest
 
-test-all: install
+test-all: install system-deps
 	$(PY) -m pytest -m ""
 
 bench: install

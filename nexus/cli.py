@@ -12,6 +12,10 @@ COMMANDS: dict[str, str] = {
     "data": "nexus.data.cli",
     "export": "nexus.interop.cli",
     "import": "nexus.interop.cli",
+    "run": "flows.cli",
+    "serve": "flows.cli",
+    "ui": "flows.cli",
+    "deploy": "flows.deploy",
 }
 
 

@@ -1,0 +1,82 @@
+"""`nexus run <flow> [overrides...]`, `nexus serve`, `nexus ui` (registered in nexus.cli COMMANDS)."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+FLOWS = ("pipeline", "extend", "inbox", "demo")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser("run", help="run a flow locally: pipeline | extend | inbox | demo")
+    run.add_argument("flow", choices=FLOWS)
+    run.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
+    run.add_argument("--experiment", default="demo")
+    run.add_argument("--domain", default="code", help="extend: the new domain's name")
+    run.add_argument("--folder", default=None, help="extend: the new domain's folder of text/JSONL files")
+    run.add_argument("--moe", default=None, help="extend: checkpoint dir or models:/name/version")
+    run.set_defaults(func=_run)
+    serve = subparsers.add_parser("serve", help="create the flows' Prefect deployments and serve them")
+    serve.add_argument("overrides", nargs="*")
+    serve.add_argument("--experiment", default="demo")
+    serve.set_defaults(func=_serve)
+    ui = subparsers.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1")
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--mlflow-db", default="outputs/mlflow.db")
+    ui.set_defaults(func=_ui)
+
+
+def offline_env() -> None:
+    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1",
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    offline_env()
+    if args.flow == "demo":
+        from flows.demo import main
+
+        return main(args.overrides)
+    if args.flow == "pipeline":
+        from flows.pipeline import upcycle_pipeline
+
+        upcycle_pipeline(args.experiment, args.overrides)
+    elif args.flow == "extend":
+        from flows.extend import extend_with_expert
+
+        extend_with_expert(args.experiment, args.overrides, moe=args.moe, domain=args.domain, domain_folder=args.folder)
+    else:
+        from flows.extend import extend_from_inbox
+
+        extend_from_inbox(args.experiment, args.overrides)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    offline_env()
+    from flows.serve import serve
+
+    serve(args.experiment, args.overrides)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    offline_env()
+    procs = [subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(args.prefect_port)]),
+             subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+                               str(args.mlflow_port), "--backend-store-uri", f"sqlite:///{args.mlflow_db}"])]
+    print(f"Prefect UI: http://127.0.0.1:{args.prefect_port}  MLflow UI: http://127.0.0.1:{args.mlflow_port}"
+          "  (Ctrl-C stops both)")
+    try:
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+    return 0

@@ -1,0 +1,249 @@
+"""The pipeline's typed config: `PipelineConfig` (a Hydra structured config mirrored by `conf/`) and
+`compose(experiment, overrides)`, which composes, type-checks and validates it before any work starts.
+
+The data section is a thin OmegaConf-friendly mirror (`DataSection`) of `nexus.data.DataConfig`
+(whose frozen dataclasses use Literal/tuples): `DataSection.to_data_config()` builds the real one.
+Every error (unknown key, wrong type, missing folder, empty domain) is raised as `ConfigError`
+naming the key or path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nexus.config import ModelConfig, MoEConfig
+from nexus.errors import ConfigError
+from nexus.training.config import TrainConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".rst")
+
+
+@dataclass
+class DataSection:
+    """Which domains, from where, and the data knobs that differ between experiments."""
+
+    preset: str = "tiny"
+    """`tiny` (fixture corpora), `demo` (Debian packages + stdlib) or `none` (only `folders`)."""
+    corpora_dir: str = "tests/fixtures/corpora"
+    domains: list[str] = field(default_factory=list)
+    """Initial domains of the preset to use; empty: all of them."""
+    folders: dict[str, str] = field(default_factory=dict)
+    """Extra initial domains: name -> folder of .txt/.md/.jsonl files."""
+    tokenizer_domains: list[str] = field(default_factory=list)
+    """Domains the tokenizer is trained on (empty: the initial ones). Pin it so that adding a domain
+    does not retrain the tokenizer (and with it every expert)."""
+    seed_domains: list[str] = field(default_factory=list)
+    """Domains the seed is pretrained on (empty: the initial ones); pin it like tokenizer_domains."""
+    tokenizer_path: str | None = None
+    vocab_size: int | None = None
+    seq_len: int | None = None
+    max_documents: int | None = None
+    split_validation: float | None = None
+    split_test: float | None = None
+    embedding_model: str = "default"
+    embedding_sample_size: int | None = None
+    weighting: str = "proportional"
+    general_share: float = 0.0
+    extension_new_share: float = 0.5
+    cache_dir: str = ".cache/nexus"
+
+    def to_data_config(self, experiment: str, out_dir: str, extra: dict[str, str] | None = None,
+                       keep: list[str] | None = None, tokenizer_path: str | None = None):
+        """The `nexus.data.DataConfig`: the preset's domains (filtered), `folders` and `extra` folders."""
+        from nexus.data import DomainConfig, preset
+
+        base = None if self.preset == "none" else (
+            preset("tiny", corpora_dir=self.corpora_dir) if self.preset == "tiny" else preset(self.preset))
+        domains = list(base.domains) if base else []
+        if self.max_documents:
+            domains = [dataclasses.replace(d, sources=tuple(dataclasses.replace(s, max_documents=self.max_documents)
+                                                            for s in d.sources)) for d in domains]
+        wanted = keep if keep is not None else (self.domains or [d.name for d in domains if not d.held_out])
+        unknown = sorted(set(wanted) - {d.name for d in domains} - set(self.folders))
+        if unknown:
+            raise ConfigError(f"data.domains: unknown domain(s) {unknown}; preset {self.preset!r} has "
+                              f"{[d.name for d in domains]}")
+        domains = [dataclasses.replace(d, held_out=False) for d in domains if d.name in wanted]
+        folders = {n: p for n, p in self.folders.items() if keep is None or n in keep}
+        domains += [DomainConfig.folder(n, p) for n, p in {**folders, **(extra or {})}.items()]
+        tok = {"path": tokenizer_path or self.tokenizer_path}
+        if self.vocab_size:
+            tok["vocab_size"] = self.vocab_size
+        cfg = base or _empty_config()
+
+        def replace(obj, **kw):
+            return dataclasses.replace(obj, **{k: v for k, v in kw.items() if v is not None})
+
+        return dataclasses.replace(
+            cfg, experiment=experiment, domains=tuple(domains), out_dir=out_dir, cache_dir=self.cache_dir,
+            tokenizer=replace(cfg.tokenizer, **tok),
+            packing=replace(cfg.packing, seq_len=self.seq_len),
+            splits=replace(cfg.splits, validation=self.split_validation, test=self.split_test),
+            embedding=replace(cfg.embedding, model=self.embedding_model, sample_size=self.embedding_sample_size),
+            mixture=replace(cfg.mixture, weighting=self.weighting, general_share=self.general_share,
+                            extension_new_share=self.extension_new_share))
+
+
+def _empty_config():
+    from nexus.data import DataConfig, DomainConfig
+
+    return DataConfig("none", (DomainConfig.folder("placeholder", "."),))
+
+
+@dataclass
+class StagesConfig:
+    """One TrainConfig per training stage."""
+
+    seed: TrainConfig = field(default_factory=TrainConfig)
+    expert: TrainConfig = field(default_factory=TrainConfig)
+    moe: TrainConfig = field(default_factory=TrainConfig)
+    extension: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class RouterSection:
+    """The MoEs and baselines to build, and their MoE layer options (nexus.config.MoEConfig)."""
+
+    routers: list[str] = field(default_factory=lambda: ["nexus", "linear"])
+    dense_merge: bool = True
+    sparse_upcycling: bool = False
+    top_k: int = 1
+    shared_expert: bool = True
+    load_balance_coef: float = 0.05
+    router_hidden: int | None = None
+    dispatch: str = "sorted"
+    """`sorted` (per-expert GEMMs, any device) or `grouped_mm` (one grouped GEMM, CUDA)."""
+
+    def moe_options(self) -> dict[str, Any]:
+        opts = {"top_k": self.top_k, "shared_expert": self.shared_expert, "load_balance_coef": self.load_balance_coef,
+                "dispatch": self.dispatch}
+        return {**opts, "router_hidden": self.router_hidden} if self.router_hidden else opts
+
+
+@dataclass
+class RunnerSection:
+    """Task runner of the parallel expert phase: `threads`, `dask` (prefect-dask; LocalCluster, or
+    `address` of a running scheduler) or `ray` (prefect-ray, if installed)."""
+
+    kind: str = "threads"
+    workers: int = 2
+    threads_per_worker: int = 1
+    address: str | None = None
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    uri: str = "sqlite:///outputs/mlflow.db"
+    experiment: str = "nexus-${name}"
+    model_name: str = "nexus-${name}-moe"
+    """Registered model holding the Nexus MoE and its extended versions."""
+
+
+@dataclass
+class ExtensionSection:
+    """The extension flow and its scheduled deployment (inbox: one subfolder per new domain)."""
+
+    inbox: str = "${out_dir}/inbox"
+    cron: str | None = None
+    interval_seconds: int | None = None
+
+
+@dataclass
+class EvalSection:
+    split: str = "test"
+    batch_size: int = 8
+    max_tokens: int | None = None
+    """Per domain and model (None: the whole split)."""
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "default"
+    out_dir: str = "outputs/${name}"
+    seed_checkpoint: str | None = None
+    """An existing dense seed checkpoint; None: pretrain one (train.seed)."""
+    torch_threads: int = 0
+    """torch intra-op threads per training task (0: torch's default)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSection = field(default_factory=DataSection)
+    train: StagesConfig = field(default_factory=StagesConfig)
+    router: RouterSection = field(default_factory=RouterSection)
+    runner: RunnerSection = field(default_factory=RunnerSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    extension: ExtensionSection = field(default_factory=ExtensionSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=PipelineConfig)
+
+
+def compose(experiment: str | None = "demo", overrides: list[str] | tuple[str, ...] = (),
+            check: bool = True) -> PipelineConfig:
+    """Compose `conf/config.yaml` with `experiment=<experiment>` and `overrides`, then (`check`)
+    validate folders and cross-section constraints."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register()
+    args = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose("config", overrides=args)
+        cfg = OmegaConf.to_object(raw)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, Exception) as err:  # Hydra's override/composition errors
+        cause = err.__cause__ or err
+        raise ConfigError(f"invalid config ({', '.join(args) or 'no overrides'}): {err}"
+                          + (f" ({cause})" if cause is not err else "")) from err
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Checks that need the file system or several sections; raise before any training starts."""
+    for name, folder in cfg.data.folders.items():
+        check_domain_folder(folder, f"data.folders.{name}")
+    bad = sorted(set(cfg.router.routers) - {"nexus", "linear"})
+    if bad:
+        raise ConfigError(f"router.routers: unknown router(s) {bad}; choose from ['linear', 'nexus']")
+    if cfg.runner.kind not in ("threads", "dask", "ray"):
+        raise ConfigError(f"runner.kind must be threads|dask|ray, got {cfg.runner.kind!r}")
+    if cfg.seed_checkpoint and not (Path(cfg.seed_checkpoint) / "config.json").is_file():
+        raise ConfigError(f"seed_checkpoint: no checkpoint at {cfg.seed_checkpoint}")
+    if cfg.data.seq_len and cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    data = cfg.data.to_data_config(cfg.name, str(Path(cfg.out_dir) / "data"))  # DataConfig's own checks
+    experts = [d.name for d in data.domains if not d.held_out]
+    for router in cfg.router.routers:  # the MoE each router will get, built now rather than after training
+        try:
+            MoEConfig(expert_names=experts, router=router, **cfg.router.moe_options())
+        except ConfigError as err:
+            raise ConfigError(f"router section: {err}") from err
+
+
+def check_domain_folder(folder: str | None, key: str) -> Path:
+    """A new domain's folder must exist and hold at least one non-empty text/JSONL file."""
+    path = Path(folder or "")
+    if not folder or not path.is_dir():
+        raise ConfigError(f"{key}: data folder {folder!r} does not exist")
+    files = [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and p.stat().st_size > 0]
+    if not files:
+        raise ConfigError(f"{key}: domain folder {path} is empty (no non-empty {'/'.join(TEXT_SUFFIXES)} files)")
+    return path
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,152 @@
+"""`upcycle_pipeline`: [seed pretraining] -> dense experts in parallel -> domain embeddings ->
+upcycle into the Nexus MoE and the selected baselines -> MoE training -> evaluation -> summary.
+
+The expert phase is a subflow run on the task runner chosen by `runner.*` (threads, Dask, Ray).
+Everything else is a task over the library (see flows.tasks), cached on its inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.config import PipelineConfig, as_dict, compose
+from flows.runners import make_runner
+from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, train_stage
+from nexus.data.cache import fingerprint as hash_json
+
+
+def knob_overrides(**knobs: Any) -> list[str]:
+    """Typed flow parameters (the Prefect UI form) as Hydra overrides; None means 'keep'."""
+    keys = {"routers": "router.routers", "expert_steps": "train.expert.max_steps", "moe_steps": "train.moe.max_steps",
+            "seed_steps": "train.seed.max_steps", "finetune_steps": "train.extension.max_steps",
+            "out_dir": "out_dir", "runner": "runner.kind"}
+    out = []
+    for name, value in knobs.items():
+        if value is not None:
+            out.append(f"{keys[name]}={json.dumps(value) if isinstance(value, list) else value}")
+    return out
+
+
+def tracking_context(cfg: PipelineConfig, run_name: str):
+    """The MLflow parent run (yields its id), or a null context yielding None."""
+    if not cfg.tracking.enabled:
+        return nullcontext(None)
+    from flows.tracking import configure, pipeline_run
+
+    configure(cfg.tracking.uri)
+    return pipeline_run(cfg.tracking.experiment, run_name, config=as_dict(cfg))
+
+
+def states_of(futures: dict[str, Any]) -> dict[str, str]:
+    return {name: fut.state.name for name, fut in futures.items()}
+
+
+@flow(name="expert_phase")
+def expert_phase(data: dict, seed: str, train: dict, out_dir: str, torch_threads: int = 0,
+                 tracking: dict | None = None) -> dict:
+    """Phase 1: one expert per domain (from the seed) and one domain embedding per domain, all
+    submitted at once to the flow's task runner."""
+    domains = list(data["fingerprints"])
+    experts = {d: train_stage.submit("expert", d, train, data["dir"], {d: 1.0}, f"{out_dir}/experts/{d}",
+                                     hash_json([data["fingerprints"][d]]), init_checkpoint=seed,
+                                     val_domains=[d], torch_threads=torch_threads, tracking=tracking)
+               for d in domains}
+    embeds = {d: embed_domain.submit(data["dir"], data["config"]["embedding"], d, data["fingerprints"][d]) for d in domains}
+    return {"experts": {d: f.result() for d, f in experts.items()},
+            "embeddings": {d: f.result() for d, f in embeds.items()},
+            "states": {**{f"expert-{d}": f.state.name for d, f in experts.items()},
+                       **{f"embed-{d}": f.state.name for d, f in embeds.items()}}}
+
+
+@flow(name="upcycle_pipeline")
+def upcycle_pipeline(experiment: str = "demo", overrides: list[str] | None = None,
+                     routers: list[str] | None = None, expert_steps: int | None = None,
+                     moe_steps: int | None = None, out_dir: str | None = None) -> dict:
+    """Compose the experiment's config (`overrides`: Hydra `key=value`), then run the pipeline.
+    Returns the summary (also written to `<out_dir>/summary.json` and logged to MLflow)."""
+    cfg = compose(experiment, [*(overrides or []), *knob_overrides(
+        routers=routers, expert_steps=expert_steps, moe_steps=moe_steps, out_dir=out_dir)])
+    return run_pipeline(cfg)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    log = get_run_logger()
+    out = Path(cfg.out_dir).resolve()
+    start = time.time()
+    with tracking_context(cfg, "upcycle_pipeline") as parent:
+        track = {"uri": cfg.tracking.uri, "parent_run_id": parent,
+                 "register": {"nexus": cfg.tracking.model_name}} if parent else None
+        data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
+        domains = list(data["fingerprints"])
+        meta = {"data_dir": data["dir"], "experiment": cfg.name, "domains": domains}
+        futures: dict[str, Any] = {}
+        if cfg.seed_checkpoint:
+            seed = str(Path(cfg.seed_checkpoint).resolve())
+        else:
+            model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
+            seed_weights = _weights("seed", data, cfg.data.seed_domains)
+            futures["seed"] = train_stage.submit(
+                "seed", "seed", as_dict(cfg.train.seed), data["dir"], seed_weights, str(out / "seed"),
+                _fp(data, seed_weights), model=model, val_domains=list(seed_weights), torch_threads=cfg.torch_threads,
+                tracking=track)
+            seed = futures["seed"].result()["checkpoint"]
+        meta["seed_checkpoint"] = seed
+        log.info("seed: %s; training %d experts on runner %r", seed, len(domains), cfg.runner.kind)
+        phase = expert_phase.with_options(task_runner=make_runner(**as_dict(cfg.runner)))(
+            data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track)
+        experts = {d: r["checkpoint"] for d, r in phase["experts"].items()}
+
+        kinds = list(cfg.router.routers) + (["sparse"] if cfg.router.sparse_upcycling else [])
+        builds = {k: build_model.submit(k, str(out / "upcycled" / k), seed, experts, phase["embeddings"],
+                                        cfg.router.moe_options(), metadata=meta, tracking=track) for k in kinds}
+        if cfg.router.dense_merge:
+            builds["merge"] = build_model.submit("merge", str(out / "merged"), seed, experts, metadata=meta,
+                                                 tracking=track)
+        moe_weights = _weights("moe", data)
+        trained = {k: train_stage.submit("moe", k, as_dict(cfg.train.moe), data["dir"], moe_weights,
+                                         str(out / "moe" / k), _fp(data, moe_weights),
+                                         init_checkpoint=builds[k].result(), val_domains=domains, metadata=meta,
+                                         torch_threads=cfg.torch_threads, tracking=track) for k in kinds}
+        checkpoints = {"seed": seed, **{f"expert:{d}": p for d, p in experts.items()},
+                       **({"dense merge": builds["merge"].result()} if "merge" in builds else {}),
+                       **{f"moe:{k}": f.result()["checkpoint"] for k, f in trained.items()}}
+        futures.update({f"build-{k}": f for k, f in builds.items()}, **{f"moe-{k}": f for k, f in trained.items()})
+        futures["evaluate"] = evaluate_models.submit(checkpoints, {d: data["dir"] for d in domains},
+                                                     cfg.eval.split, cfg.eval.batch_size, cfg.eval.max_tokens,
+                                                     cfg.torch_threads)
+        results = futures["evaluate"].result()
+        summary = {"experiment": cfg.name, "out_dir": str(out), "domains": domains, "checkpoints": checkpoints,
+                   **results, "states": {**states_of(futures), **phase["states"]},
+                   "mlflow": {"tracking_uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment,
+                              "parent_run_id": parent, "model_name": cfg.tracking.model_name},
+                   "seconds": round(time.time() - start, 1)}
+        write_summary(summary, out / "summary.json", parent)
+    log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
+    return summary
+
+
+def _weights(stage: str, data: dict, domains: list[str] | None = None) -> dict[str, float]:
+    from nexus.data import MixtureConfig, stage_weights
+
+    domains = list(domains or data["fingerprints"])
+    return stage_weights(stage, data["token_counts"], domains, MixtureConfig(**data["config"]["mixture"]))
+
+
+def _fp(data: dict, weights: dict[str, float]) -> str:
+    return hash_json({d: data["fingerprints"][d] for d in sorted(weights)} | {"w": weights})
+
+
+def write_summary(summary: dict, path: Path, parent_run_id: str | None) -> None:
+    from nexus.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(summary, indent=1, default=str))
+    if parent_run_id:
+        from mlflow import MlflowClient
+
+        MlflowClient().log_artifact(parent_run_id, str(path))

@@ -1,0 +1,232 @@
+"""Prefect tasks: thin wrappers over nexus library calls, with retries and input-keyed caching.
+
+Expensive tasks are cached on their inputs (`input_key`): every parameter except the bookkeeping
+ones in `NOT_KEYED`, with checkpoint directories replaced by their weights' SHA-256 and data given by
+fingerprint, so a rerun (after a crash, or with one more domain) recomputes only what changed. The
+library stage functions are idempotent too (finished stages return at once, interrupted ones
+resume from `lightning/last.ckpt`). Parameters and results are plain JSON data (Dask-friendly).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from nexus.data.cache import fingerprint as hash_json
+
+NOT_KEYED = {"tracking", "parent_run_id"}
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _digest(value: Any) -> Any:
+    """Checkpoint directories -> their weights' SHA-256; embedding files -> their content hash."""
+    if isinstance(value, str) and (Path(value) / "config.json").is_file():
+        return json.loads((Path(value) / "config.json").read_text()).get("sha256", value)
+    if isinstance(value, str) and value.endswith(".safetensors") and Path(value).is_file():
+        return hashlib.sha256(Path(value).read_bytes()).hexdigest()
+    if isinstance(value, dict):
+        return {k: _digest(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_digest(v) for v in value]
+    return value
+
+
+def input_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Cache key: the task's name and its inputs' content (checkpoint digests, data fingerprints)."""
+    keyed = {k: v if k == "out_dir" else _digest(v) for k, v in parameters.items() if k not in NOT_KEYED}
+    return f"{context.task.name}-{hash_json(keyed)}"
+
+
+CACHED = {"retries": 1, "retry_delay_seconds": 2, "cache_key_fn": input_key, "persist_result": True}
+
+
+def _threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: dict[str, str] | None = None):
+    """An MLflow stage run under `tracking['parent_run_id']`, or a null context when tracking is off."""
+    from contextlib import nullcontext
+
+    if not tracking:
+        return nullcontext(None)
+    from flows.tracking import configure, stage_run
+
+    configure(tracking["uri"])
+    return stage_run(stage, config, parent_run_id=tracking["parent_run_id"], input_checkpoints=inputs,
+                     run_name=name)
+
+
+@task(retries=1, retry_delay_seconds=2)
+def prepare_data(data: dict, experiment: str, out_dir: str, keep: list[str] | None = None,
+                 extra: dict[str, str] | None = None, tokenizer_path: str | None = None) -> dict[str, Any]:
+    """Prepare the experiment's documents, tokenizer and packed splits (domain embeddings are
+    `embed_domain` tasks). A tokenizer is trained on `tokenizer_domains` first, then reused for every
+    domain, so adding a domain later does not change any other domain's tokens."""
+    from flows.config import DataSection
+    from nexus.data import prepare_experiment
+
+    section = DataSection(**data)
+    tokenizer = tokenizer_path or section.tokenizer_path
+    if not tokenizer and section.tokenizer_domains:
+        base = section.to_data_config(experiment, str(Path(out_dir) / "tokenizer-base"),
+                                      keep=list(section.tokenizer_domains))
+        base = _no_embeddings(base)
+        tokenizer = str(prepare_experiment(base, base.out_dir, progress=False).tokenizer_path)
+    cfg = _no_embeddings(section.to_data_config(experiment, str(Path(out_dir) / "main"), extra=extra, keep=keep,
+                                                tokenizer_path=tokenizer))
+    prepared = prepare_experiment(cfg, cfg.out_dir, progress=False)
+    return describe_data(prepared, cfg)
+
+
+def _no_embeddings(cfg):
+    import dataclasses
+
+    return dataclasses.replace(cfg, embedding=dataclasses.replace(cfg.embedding, enabled=False))
+
+
+def describe_data(prepared: Any, cfg: Any) -> dict[str, Any]:
+    """What later tasks need: directory, per-domain fingerprints (incl. tokenizer), sizes, config."""
+    import dataclasses
+
+    return {"dir": str(prepared.out_dir), "seq_len": prepared.seq_len, "vocab_size": len(prepared.load_tokenizer()),
+            "tokenizer": str(prepared.tokenizer_path),
+            "fingerprints": {d: hash_json([dom.fingerprint, prepared.tokenizer_fingerprint])
+                             for d, dom in prepared.domains.items()},
+            "token_counts": prepared.token_counts("train"), "config": json.loads(json.dumps(
+                dataclasses.asdict(cfg), default=str))}
+
+
+@task(task_run_name="embed-{domain}", **CACHED)
+def embed_domain(data_dir: str, embedding: dict, domain: str, data_fp: str) -> str:
+    """d_i for one domain, written next to the prepared data; returns its path."""
+    from nexus.data import EmbeddingConfig, open_prepared
+    from nexus.data.prepare import embed_prepared_domain
+
+    data = open_prepared(data_dir)
+    embed_prepared_domain(data, domain, EmbeddingConfig(**embedding))
+    return str(data.embedding_path(domain))
+
+
+def data_module(data_dir: str, weights: dict[str, float], train: Any, val_domains: list[str] | None = None,
+                extra_dirs: dict[str, str] | None = None):
+    """A MixtureDataModule over packed splits; `extra_dirs` maps domains prepared elsewhere."""
+    from nexus.data import open_prepared
+    from nexus.training import MixtureDataModule
+
+    dirs = {d: (extra_dirs or {}).get(d, data_dir) for d in {*weights, *(val_domains or weights)}}
+    opened = {p: open_prepared(p) for p in set(dirs.values())}
+
+    def split(domain: str, name: str):
+        return opened[dirs[domain]].packed(domain, name)
+
+    return MixtureDataModule({d: split(d, "train") for d in weights},
+                             {d: split(d, "validation") for d in (val_domains or weights)},
+                             weights, train.batch_size, train.max_steps, seed=train.seed)
+
+
+@task(task_run_name="{stage}-{name}", **CACHED)
+def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict[str, float], out_dir: str,
+                data_fp: str, init_checkpoint: str | None = None, model: dict | None = None,
+                val_domains: list[str] | None = None, extra_dirs: dict[str, str] | None = None,
+                metadata: dict | None = None, torch_threads: int = 0, tracking: dict | None = None) -> dict:
+    """One training stage (seed / expert / moe / extension) through `nexus.training`; returns
+    `{checkpoint, metrics, global_step, resumed_from_step, run_id, started, finished, pid}` (wall-clock
+    interval of this task body, imports included, and the process that ran it)."""
+    started = time.time()
+    from nexus.config import ModelConfig
+    from nexus.training import TrainConfig, train_dense, train_moe
+
+    _threads(torch_threads)
+    cfg = TrainConfig(**train)
+    dm = data_module(data_dir, weights, cfg, val_domains, extra_dirs)
+    tokenizer = Path(data_dir) / "tokenizer" / TOKENIZER_FILE
+    kwargs: dict[str, Any] = {"metadata": metadata, "extra_files": {TOKENIZER_FILE: tokenizer}}
+    if model is not None:
+        kwargs["model_config"] = ModelConfig.from_dict(model, f"{stage} model")
+    else:
+        kwargs["init_checkpoint"] = init_checkpoint
+    inputs = {"init": init_checkpoint} if init_checkpoint else None
+    with tracked(tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs) as run:
+        if run is not None:
+            run.log_data_module(dm, source=data_dir)
+            kwargs["loggers"] = [run.logger()]
+        fn = train_moe if stage in ("moe", "extension") else train_dense
+        result = fn(cfg, dm, out_dir, **kwargs)
+        if run is not None:
+            register = (tracking or {}).get("register", {}).get(name)
+            run.log_result(result, register_as=register)
+    return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "global_step": result.global_step,
+            "resumed_from_step": result.resumed_from_step, "run_id": run.run_id if run is not None else None,
+            "started": started, "finished": time.time(), "pid": os.getpid()}
+
+
+@task(task_run_name="build-{kind}", **CACHED)
+def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], embeddings: dict[str, str] | None = None,
+                moe_options: dict | None = None, lam: float | None = None, metadata: dict | None = None,
+                tracking: dict | None = None) -> str:
+    """Combine checkpoints (nexus.upcycle): kind `nexus`/`linear` (upcycle), `merge` (dense merge),
+    `sparse` (sparse upcycling of the seed), `extend` (`experts` = {"moe": path, <new domain>: path})."""
+    from nexus.checkpoint import load_checkpoint, save_checkpoint
+    from nexus.data import load_domain_embeddings
+    from nexus.upcycle import extend, merge_dense, sparse_upcycle, upcycle
+
+    opts = moe_options or {}
+    load = {name: load_checkpoint(path) for name, path in experts.items()}
+    names = [n for n in experts if n != "moe"]
+    emb = load_domain_embeddings(list(embeddings.values()), names)[1] if embeddings else None
+    if kind == "extend":
+        model = extend(load["moe"], load[names[0]], domain_embedding=emb[0] if emb is not None else None,
+                          name=names[0], lam=lam)
+    elif kind == "merge":
+        model = merge_dense(load_checkpoint(seed), [load[n] for n in names])
+    elif kind == "sparse":
+        model = sparse_upcycle(load_checkpoint(seed), len(names), **opts)
+    else:
+        model = upcycle(load_checkpoint(seed), [load[n] for n in names], domain_embeddings=emb,
+                           router=kind, expert_names=names, **opts)
+    inputs = {"seed": seed, **{f"expert:{n}": p for n, p in experts.items()}}
+    with tracked(tracking, "upcycle" if kind != "extend" else "extend", f"build-{kind}", {"kind": kind, **opts},
+                 inputs) as run:
+        path = save_checkpoint(model, out_dir, metadata={**(metadata or {}), "built": kind},
+                               extra_files={TOKENIZER_FILE: Path(seed) / TOKENIZER_FILE})
+        if run is not None:
+            run.log_checkpoint(path)
+    return str(path)
+
+
+@task(task_run_name="evaluate", **CACHED)
+def evaluate_models(checkpoints: dict[str, str], splits: dict[str, str], split: str = "test",
+                    batch_size: int = 8, max_tokens: int | None = None, torch_threads: int = 0) -> dict:
+    """Held-out perplexity per model and domain, and routing shares of every MoE.
+
+    `splits`: {domain: prepared data dir}. Returns {"perplexity": {model: {domain: ppl}},
+    "loss": ..., "routing": {model: {"experts", "domains", "top1_share" (domains x experts)}}}."""
+    from nexus.checkpoint import load_checkpoint
+    from nexus.data import open_prepared
+    from nexus.evaluation import analyze_routing, domain_perplexities
+
+    _threads(torch_threads)
+    opened = {p: open_prepared(p) for p in set(splits.values())}
+    tokens = {d: opened[p].packed(d, split).tokens for d, p in splits.items()}
+    tokens = {d: t[: max_tokens + 1] if max_tokens else t for d, t in tokens.items()}
+    tokenizer = next(iter(opened.values())).load_tokenizer()
+    out: dict[str, dict] = {"perplexity": {}, "loss": {}, "routing": {}}
+    for name, path in checkpoints.items():
+        model = load_checkpoint(path).eval()
+        ppl = domain_perplexities(model, tokens, tokenizer, batch_size=batch_size)
+        out["perplexity"][name] = {d: p.perplexity for d, p in ppl.items()}
+        out["loss"][name] = {d: p.loss for d, p in ppl.items()}
+        if model.config.is_moe:
+            routing = analyze_routing(model, tokens, batch_size=batch_size)
+            out["routing"][name] = {"experts": routing.experts, "domains": routing.domains,
+                                    "top1_share": routing.layer_mean("top1_share").tolist()}
+    return out

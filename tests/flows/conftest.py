@@ -1,0 +1,71 @@
+"""Fixtures for the flow tests: a session-wide Prefect test harness (real Prefect API on a temporary
+SQLite database), a temporary SQLite MLflow store, and the micro experiment's overrides.
+Fixtures only: nothing here is autouse, so plain MLflow tests (test_tracking.py) are unaffected."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+CORPORA = Path(__file__).resolve().parents[1] / "fixtures" / "corpora"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Real Prefect against a temporary database, with results stored under a temporary PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    settings = {PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}
+    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
+        yield home
+
+
+@pytest.fixture(scope="session")
+def micro_moe(prefect_harness, tmp_path_factory):
+    """The micro pipeline run once per session with a real SQLite MLflow store (registered model
+    `nexus-micro-moe` version 1: the Nexus MoE). Shared by test_pipeline and test_inbox; tests that
+    extend it must pin `moe=` or compare registry versions relative to what they find."""
+    import mlflow
+
+    from flows.pipeline import upcycle_pipeline
+
+    out = tmp_path_factory.mktemp("micro-moe")
+    uri = f"sqlite:///{out}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    overrides = micro_overrides(out, uri)
+    try:
+        yield out, uri, overrides, upcycle_pipeline("micro", overrides)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def registry_versions(uri: str, name: str = "nexus-micro-moe") -> list[int]:
+    from mlflow import MlflowClient
+
+    return sorted(int(v.version) for v in MlflowClient(uri).search_model_versions(f"name = '{name}'"))
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path):
+    """A fresh SQLite MLflow store; the previous tracking URI is restored afterwards."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+def micro_overrides(out_dir: Path, uri: str | None = None, *extra: str) -> list[str]:
+    """The micro experiment on the fixture corpora, writing under `out_dir`."""
+    tracking = [f"tracking.uri={uri}"] if uri else ["tracking.enabled=false"]
+    return [f"out_dir={out_dir}", f"data.corpora_dir={CORPORA}", f"data.cache_dir={out_dir}/cache",
+            "torch_threads=1", *tracking, *extra]

@@ -1,0 +1,88 @@
+"""Every conf/ file composes; invalid overrides fail at compose time naming the key or path."""
+from __future__ import annotations
+
+import pytest
+
+from flows.config import CONF_DIR, compose
+from flows.extend import extend_from_inbox, extend_with_expert
+from flows.pipeline import upcycle_pipeline
+from nexus.errors import ConfigError
+
+from .conftest import micro_overrides
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose(experiment, check=False)
+    assert cfg.name == experiment and cfg.model.d_model > 0
+    assert cfg.tracking.experiment == f"nexus-{experiment}"
+
+
+def test_paper_configs_document_the_paper():
+    cfg = compose("470m", check=False)
+    assert (cfg.router.top_k, cfg.router.load_balance_coef, cfg.data.vocab_size) == (1, 0.05, 256000)
+    assert cfg.train.moe.lr == 1e-3 and cfg.train.moe.warmup_frac == 0.1 and cfg.model.parallel_blocks
+
+
+def test_overrides_apply(tmp_path):
+    cfg = compose("micro", micro_overrides(tmp_path, None, "train.expert.max_steps=7", "router.routers=[nexus]"))
+    assert cfg.train.expert.max_steps == 7 and cfg.router.routers == ["nexus"]
+    assert cfg.data.to_data_config("x", str(tmp_path)).initial_domains == ["dictionary", "lore"]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.expert.max_stepz=3", "max_stepz"),
+    ("train.expert.max_steps=many", "train.expert.max_steps"),
+    ("model.d_model=33", "d_model"),
+    ("router.routers=[nexus,magic]", "magic"),
+    ("data.domains=[nope]", "nope"),
+    ("+data.folders.new=/does/not/exist", "/does/not/exist"),
+])
+def test_invalid_override_names_the_key(tmp_path, override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        compose("micro", micro_overrides(tmp_path, None, override))
+
+
+def test_empty_domain_folder_fails(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        compose("micro", micro_overrides(tmp_path, None, f"+data.folders.new={tmp_path / 'empty'}"))
+
+
+def test_flows_fail_before_training(prefect_harness, tmp_path):
+    """Invalid input fails the flow run itself; no stage output directory is created."""
+    with pytest.raises(ConfigError, match="max_stepz"):
+        upcycle_pipeline("micro", micro_overrides(tmp_path, None, "train.seed.max_stepz=1"))
+    with pytest.raises(ConfigError, match="missing-folder"):
+        extend_with_expert("micro", micro_overrides(tmp_path, None), domain="x",
+                           domain_folder=str(tmp_path / "missing-folder"))
+    with pytest.raises(ConfigError, match="train.extension.max_steps"):
+        extend_with_expert("micro", micro_overrides(tmp_path, None, "train.extension.max_steps=many"), domain="x")
+    with pytest.raises(ConfigError, match="cronn"):
+        extend_from_inbox("micro", micro_overrides(tmp_path, None, "extension.cronn=x"))
+    assert not (tmp_path / "seed").exists() and not (tmp_path / "extensions").exists()
+
+
+def test_inbox_with_an_empty_domain_folder_fails_before_training(micro_moe, tmp_path):
+    """Against the session's registered MoE: an empty new inbox folder fails the run, naming it,
+    before any extension stage starts (also when another new folder is valid)."""
+    out, _, overrides, _ = micro_moe
+    inbox = tmp_path / "inbox"
+    (inbox / "aaa-valid").mkdir(parents=True)
+    (inbox / "aaa-valid" / "a.txt").write_text("some text for a valid new domain folder\n" * 4)
+    (inbox / "zzz-empty").mkdir()
+    with pytest.raises(ConfigError, match="zzz-empty"):
+        extend_from_inbox("micro", overrides, inbox=str(inbox))
+    assert not (out / "extensions" / "aaa-valid").exists()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("router.dispatch=masks", "'sorted' or 'grouped_mm'"),
+    ("router.top_k=3", r"top_k=3 exceeds the number of experts \(2\)"),
+])
+def test_moe_options_are_checked_at_compose_time(override, match):
+    with pytest.raises(ConfigError, match=match):
+        compose("micro", [override])

@@ -1,0 +1,63 @@
+"""`upcycle_pipeline` then `extend_with_expert` on the micro experiment through real Prefect (test
+harness), real Lightning and a real SQLite MLflow store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.extend import extend_with_expert
+from flows.tracking import walk_lineage
+from nexus.checkpoint import read_checkpoint_config
+
+from .conftest import registry_versions
+
+
+@pytest.fixture(scope="module")
+def runs(micro_moe):
+    """The session's micro pipeline, then its Nexus MoE (registered version 1) extended with `code`."""
+    import mlflow
+
+    out, uri, overrides, summary = micro_moe
+    previous = mlflow.get_tracking_uri()
+    before = registry_versions(uri)
+    try:
+        extended = extend_with_expert("micro", overrides, moe="models:/nexus-micro-moe/1", domain="code")
+        yield out, uri, summary, extended, before
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_pipeline_states_and_checkpoints(runs):
+    out, _, summary, _, _ = runs
+    assert set(summary["states"]) >= {"seed", "expert-dictionary", "expert-lore", "embed-lore", "build-nexus",
+                                      "build-linear", "build-merge", "moe-nexus", "moe-linear", "evaluate"}
+    assert all(s == "Completed" for s in summary["states"].values()), summary["states"]
+    for name, path in summary["checkpoints"].items():
+        assert (Path(path) / "model.safetensors").is_file(), name
+    moe = read_checkpoint_config(summary["checkpoints"]["moe:nexus"])["model"]["moe"]
+    assert moe["expert_names"] == ["dictionary", "lore"] and moe["router"] == "nexus"
+    assert set(summary["perplexity"]) == set(summary["checkpoints"])
+    assert summary["routing"]["moe:nexus"]["experts"] == ["dictionary", "lore"]
+    assert (out / "summary.json").is_file()
+
+
+def test_extension_and_mlflow_records(runs):
+    _, uri, summary, extended, before = runs
+    client = MlflowClient(uri)
+    assert read_checkpoint_config(extended["extended"])["model"]["moe"]["expert_names"] == [
+        "dictionary", "lore", "code"]
+    assert set(extended["perplexity"]) == {"before", "expert:code", "after"}
+    assert "code" in extended["perplexity"]["after"]
+    versions = client.search_model_versions("name = 'nexus-micro-moe'")
+    assert before[0] == 1 and extended["moe_version"] == "1"
+    new = max(before) + 1  # the session's MoE is shared (test_inbox may extend it too)
+    assert new in {int(v.version) for v in versions} and extended["registered_version"] == str(new)
+    # lineage: extended MoE -> (MoE -> experts -> seed) and the code expert -> seed
+    ext_run = next(v for v in versions if str(v.version) == str(new)).run_id
+    stages = [n.stage for n in walk_lineage(ext_run, client).walk()]
+    assert stages[0] == "extension" and {"extend", "moe", "upcycle", "expert", "seed"} <= set(stages)
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert "summary.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]

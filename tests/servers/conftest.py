@@ -1,0 +1,119 @@
+"""Real servers on 127.0.0.1 for the integration tests: started as background processes in their
+own process groups, health-checked over HTTP, and always stopped by PID (even on failure)."""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Background:
+    """A process started with `start`; `stop()` kills its whole process group."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL, as a machine failure would: no clean-up handlers run."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+class Processes:
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir, self.env, self.started = log_dir, env, []
+
+    def start(self, name: str, *cmd: str) -> Background:
+        log = self.log_dir / f"{name}.log"
+        with open(log, "ab") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                    cwd=self.log_dir, start_new_session=True)
+        bg = Background(name, proc, log)
+        self.started.append(bg)
+        return bg
+
+    def wait_http(self, bg: Background, url: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if bg.proc.poll() is not None:
+                raise RuntimeError(f"{bg.name} exited with {bg.proc.returncode}:\n{bg.tail()}")
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{bg.name} did not answer {url} within {timeout} s:\n{bg.tail()}")
+
+    def stop_all(self) -> None:
+        for bg in reversed(self.started):
+            bg.stop()
+
+
+@dataclass
+class Stack:
+    prefect_url: str
+    mlflow_url: str
+    env: dict[str, str]
+    procs: Processes
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    """A Prefect server and an MLflow server (SQLite stores, served artifacts) on free loopback ports."""
+    root = tmp_path_factory.mktemp("stack")
+    p_port, m_port = free_port(), free_port()
+    prefect_url, mlflow_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{m_port}"
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": f"{prefect_url}/api",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"{prefect_url}/api",
+           "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    procs = Processes(root, env)
+    atexit.register(procs.stop_all)  # also when pytest itself is terminated
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        prefect = procs.start("prefect-server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                              "--port", str(p_port))
+        mlflow = procs.start("mlflow-server", str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(m_port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1")
+        procs.wait_http(prefect, f"{prefect_url}/api/health")
+        procs.wait_http(mlflow, f"{mlflow_url}/health")
+        yield Stack(prefect_url, mlflow_url, env, procs, root)
+    finally:
+        procs.stop_all()
+        signal.signal(signal.SIGTERM, previous)
