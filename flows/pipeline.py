@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig, as_dict, compose
+from flows.report import write_pipeline_report
 from flows.runners import make_runner
 from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, train_stage
 from nexus.data.cache import fingerprint as hash_json
@@ -127,6 +128,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                               "parent_run_id": parent, "model_name": cfg.tracking.model_name},
                    "seconds": round(time.time() - start, 1)}
         write_summary(summary, out / "summary.json", parent)
+        write_pipeline_report(summary)
     log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
     return summary
 

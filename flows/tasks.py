@@ -8,7 +8,9 @@ resume from `lightning/last.ckpt`). Parameters and results are plain JSON data (
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -37,9 +39,15 @@ def _digest(value: Any) -> Any:
 
 
 def input_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache key: the task's name and its inputs' content (checkpoint digests, data fingerprints)."""
+    """Cache key: the task's name, its source code (a changed task reruns) and its inputs' content
+    (checkpoint digests, data fingerprints)."""
     keyed = {k: v if k == "out_dir" else _digest(v) for k, v in parameters.items() if k not in NOT_KEYED}
-    return f"{context.task.name}-{hash_json(keyed)}"
+    return f"{context.task.name}-{hash_json([_source(context.task.fn), keyed])}"
+
+
+@functools.cache
+def _source(fn: Any) -> str:
+    return inspect.getsource(fn)
 
 
 CACHED = {"retries": 1, "retry_delay_seconds": 2, "cache_key_fn": input_key, "persist_result": True}
@@ -209,24 +217,31 @@ def evaluate_models(checkpoints: dict[str, str], splits: dict[str, str], split: 
     """Held-out perplexity per model and domain, and routing shares of every MoE.
 
     `splits`: {domain: prepared data dir}. Returns {"perplexity": {model: {domain: ppl}},
-    "loss": ..., "routing": {model: {"experts", "domains", "top1_share" (domains x experts)}}}."""
+    "loss": ..., "metrics": {model: {domain: Perplexity.to_dict()}}, "routing": {model: {"experts",
+    "domains", "top1_share" (domains x experts)}}, "routing_analysis": {model: RoutingAnalysis.to_dict()},
+    "embeddings": {Nexus model: EmbeddingGeometry.to_dict()}}."""
     from nexus.checkpoint import load_checkpoint
     from nexus.data import open_prepared
-    from nexus.evaluation import analyze_routing, domain_perplexities
+    from nexus.evaluation import analyze_routing, domain_perplexities, embedding_geometry
 
     _threads(torch_threads)
     opened = {p: open_prepared(p) for p in set(splits.values())}
     tokens = {d: opened[p].packed(d, split).tokens for d, p in splits.items()}
     tokens = {d: t[: max_tokens + 1] if max_tokens else t for d, t in tokens.items()}
     tokenizer = next(iter(opened.values())).load_tokenizer()
-    out: dict[str, dict] = {"perplexity": {}, "loss": {}, "routing": {}}
+    out: dict[str, dict] = {"perplexity": {}, "loss": {}, "metrics": {}, "routing": {}, "routing_analysis": {},
+                            "embeddings": {}}
     for name, path in checkpoints.items():
         model = load_checkpoint(path).eval()
         ppl = domain_perplexities(model, tokens, tokenizer, batch_size=batch_size)
         out["perplexity"][name] = {d: p.perplexity for d, p in ppl.items()}
         out["loss"][name] = {d: p.loss for d, p in ppl.items()}
+        out["metrics"][name] = {d: p.to_dict() for d, p in ppl.items()}
         if model.config.is_moe:
             routing = analyze_routing(model, tokens, batch_size=batch_size)
             out["routing"][name] = {"experts": routing.experts, "domains": routing.domains,
                                     "top1_share": routing.layer_mean("top1_share").tolist()}
+            out["routing_analysis"][name] = routing.to_dict()
+        if model.domain_embeddings is not None:
+            out["embeddings"][name] = embedding_geometry(model).to_dict()
     return out

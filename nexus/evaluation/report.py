@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ from nexus.evaluation.embeddings import EmbeddingGeometry
 from nexus.evaluation.routing import METRICS, RoutingAnalysis
 
 Block = tuple  # ("h2", text) | ("p", text) | ("table", rows) | ("img", relative path, caption)
+
+
+def _slug(name: str) -> str:
+    """A model name as a file-name part: `moe:nexus (after)` -> `moe-nexus-after`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
 def _fmt(value: Any) -> str:
@@ -92,12 +98,12 @@ def _routing_blocks(routing: Mapping[str, Any], figures: Path) -> list[Block]:
         analysis = data if isinstance(data, RoutingAnalysis) else RoutingAnalysis.from_dict(data)
         blocks.append(("h3", f"`{model}`"))
         for metric, label in METRICS.items():
-            png = plot_routing(analysis, figures / f"routing_{model}_{metric}.png", metric, f"{model}: {label}")
+            png = plot_routing(analysis, figures / f"routing_{_slug(model)}_{metric}.png", metric, f"{model}: {label}")
             blocks += [("p", (f"{label.capitalize()} per expert (columns) for each domain's held-out tokens "
                              "(rows), averaged over layers.")),
                        ("table", [[_fmt(c) for c in row] for row in analysis.table(metric)]),
                        ("img", f"figures/{png.name}", f"{model}: {label}")]
-        png = plot_routing_layers(analysis, figures / f"routing_{model}_layers.png", "top1_share", model)
+        png = plot_routing_layers(analysis, figures / f"routing_{_slug(model)}_layers.png", "top1_share", model)
         blocks.append(("img", f"figures/{png.name}", f"{model}: top-1 share per layer"))
     return blocks
 
@@ -108,7 +114,7 @@ def _embedding_blocks(embeddings: Mapping[str, Any], figures: Path) -> list[Bloc
     blocks: list[Block] = [("h2", "Domain and expert embeddings")]
     for model, data in embeddings.items():
         geometry = data if isinstance(data, EmbeddingGeometry) else EmbeddingGeometry.from_dict(data)
-        png = plot_embedding_similarity(geometry, figures / f"embeddings_{model}.png", f"{model}: cosine similarity")
+        png = plot_embedding_similarity(geometry, figures / f"embeddings_{_slug(model)}.png", f"{model}: cosine similarity")
         off = geometry.mean_off_diagonal()
         blocks += [("p", (f"`{model}`: mean off-diagonal cosine similarity, domains {off['domain']:.3f}, "
                          f"experts (block {geometry.layer}) {off['expert']:.3f}.")),

@@ -61,3 +61,18 @@ def test_extension_and_mlflow_records(runs):
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert "summary.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+
+
+def test_report_has_tables_and_figures_and_is_logged(runs):
+    out, uri, summary, extended, _ = runs
+    from flows.report import write_pipeline_report
+
+    paths = write_pipeline_report(summary, extended)
+    markdown = paths["markdown"].read_text()
+    assert "moe:nexus" in markdown and "moe:linear" in markdown and "dictionary" in markdown
+    assert "Extension" in markdown and "expert:code" in markdown
+    figures = sorted(p.name for p in (out / "report" / "figures").glob("*.png"))
+    assert "routing_moe-nexus_top1_share.png" in figures and "routing_moe-nexus-code_top1_share.png" in figures and "embeddings_moe-nexus.png" in figures
+    assert all((out / "report" / "figures" / f).stat().st_size > 10_000 for f in figures)
+    logged = [a.path for a in MlflowClient(uri).list_artifacts(summary["mlflow"]["parent_run_id"], "report")]
+    assert "report/report.md" in logged or any(p.endswith(".md") for p in logged), logged

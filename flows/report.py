@@ -1,0 +1,35 @@
+"""The comparison report of a pipeline run (and its extension): Markdown, HTML and PNG figures under
+`<out_dir>/report/`, logged to the run's parent MLflow run as artifacts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_pipeline_report(summary: dict, extension: dict | None = None) -> dict[str, Path]:
+    """Render `summary` (from upcycle_pipeline) and optionally `extension` (from extend_with_expert)."""
+    from nexus.evaluation import write_report
+
+    results = {
+        "title": f"Nexus: {summary['experiment']}",
+        "metadata": {"output directory": summary["out_dir"], "domains": ", ".join(summary["domains"]),
+                     "pipeline seconds": summary["seconds"], "MLflow parent run": summary["mlflow"]["parent_run_id"]},
+        "perplexity": summary["metrics"],
+        "baselines": {"linear": "moe:linear", "seed": "seed"},
+        "routing": summary["routing_analysis"],
+        "embeddings": summary["embeddings"],
+    }
+    if extension is not None:
+        results["extension"] = {
+            "perplexity": extension["metrics"], "baselines": {"before": "before"},
+            "note": f"`before`: the MoE; `expert:{extension['domain']}`: the new dense expert; `after`: the "
+                    f"extended MoE after its finetune (registered version {extension['registered_version']}).",
+        }
+        results["routing"] = {**results["routing"],
+                              f"moe:nexus+{extension['domain']}": extension["routing_analysis"]["after"]}
+    paths = write_report(results, Path(summary["out_dir"]) / "report")
+    parent = summary["mlflow"]["parent_run_id"]
+    if parent:
+        from mlflow import MlflowClient
+
+        MlflowClient().log_artifacts(parent, str(Path(summary["out_dir"]) / "report"), "report")
+    return paths
