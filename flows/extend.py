@@ -55,6 +55,17 @@ def extend_with_expert(experiment: str = "demo", overrides: list[str] | None = N
     return run_extension(cfg, moe, domain, domain_folder)
 
 
+def check_embedder(cfg: PipelineConfig, moe: dict, domain: str) -> None:
+    """A Nexus router reads domain embeddings of one size: fail before training the new expert if the
+    configured embedder produces another (e.g. a different model than the MoE was built with)."""
+    if moe["router"] != "nexus":
+        return
+    from nexus.data import check_embedding_dim, load_embedder
+
+    embedder = load_embedder(cfg.data.embedding_model)
+    check_embedding_dim([0.0] * embedder.dim, moe["domain_embed_dim"], domain, f"embedder {embedder.name}")
+
+
 def run_extension(cfg: PipelineConfig, moe_ref: str | None, domain: str, folder: str | None) -> dict:
     log = get_run_logger()
     out = Path(cfg.out_dir).resolve() / "extensions" / domain
@@ -64,6 +75,7 @@ def run_extension(cfg: PipelineConfig, moe_ref: str | None, domain: str, folder:
         meta, names = info["metadata"], info["model"]["moe"]["expert_names"]
         if domain in names:
             raise ConfigError(f"domain {domain!r}: the MoE already has an expert of that name ({names})")
+        check_embedder(cfg, info["model"]["moe"], domain)
         track = {"uri": cfg.tracking.uri, "parent_run_id": parent,
                  "register": {f"extended-{domain}": cfg.tracking.model_name}} if parent else None
         new = prepare_data.submit(as_dict(cfg.data), f"{cfg.name}-{domain}", str(out / "data"),

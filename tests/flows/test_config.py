@@ -86,3 +86,15 @@ def test_inbox_with_an_empty_domain_folder_fails_before_training(micro_moe, tmp_
 def test_moe_options_are_checked_at_compose_time(override, match):
     with pytest.raises(ConfigError, match=match):
         compose("micro", [override])
+
+
+def test_extension_refuses_an_embedder_of_another_dimension_before_training():
+    """The packaged embedder gives 384-d vectors; a router built for 16-d embeddings must refuse it."""
+    from flows.extend import check_embedder
+    from nexus.errors import DataError
+
+    cfg = compose("micro", [])
+    check_embedder(cfg, {"router": "nexus", "domain_embed_dim": 384}, "code")  # matches: no error
+    check_embedder(cfg, {"router": "linear", "domain_embed_dim": 16}, "code")  # no embeddings used
+    with pytest.raises(DataError, match=r"domain 'code': embedding embedder .* has dimension 384, but the router expects 16"):
+        check_embedder(cfg, {"router": "nexus", "domain_embed_dim": 16}, "code")
