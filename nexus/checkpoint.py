@@ -81,6 +81,19 @@ def check_state_shapes(found: dict[str, torch.Tensor], expected: dict[str, torch
             wrong and f"wrong shapes {wrong[:5]}"])))
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a `CheckpointError` naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed, format-checked config.json of a checkpoint directory."""
     path = Path(path)
@@ -89,11 +102,8 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: not a checkpoint (no {CONFIG})")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{cfg_file}: corrupt JSON ({err})") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
+    data = read_json(cfg_file)
+    if data.get("format") != FORMAT or "model" not in data:
         raise CheckpointError(f"{cfg_file}: not a {FORMAT} config (missing 'format'/'model')")
     if data.get("version", 0) > VERSION:
         raise CheckpointError(f"{cfg_file}: checkpoint version {data['version']} is newer than supported ({VERSION})")

@@ -9,14 +9,13 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from nexus.checkpoint import read_json
 from nexus.errors import CheckpointError, NexusError
 from nexus.io import atomic_directory  # noqa: F401  (re-exported for hf_export)
 
@@ -110,18 +109,6 @@ def hf_to_dense(hf_state: dict[str, torch.Tensor], names: list[str],
         w_in, w_out = ffn_from_hf(hf_state, block_prefix(i) + "mlp.")
         out[f"blocks.{i}.ffn.w_in.weight"], out[f"blocks.{i}.ffn.w_out.weight"] = w_in, w_out
     return out
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def weight_files(hf_dir: Path) -> list[Path]:
