@@ -2,7 +2,7 @@
 `extend_from_inbox`, the scheduled flow that extends the latest registered MoE with every new
 domain folder found in an inbox.
 
-Steps: train the new dense expert from the seed -> embed the new domain -> `nexus.upcycle.extend`
+Steps: train the new dense expert from the seed -> embed the new domain -> `nexus.upcycling.extend`
 -> finetune on the new/previous 50/50 mix -> evaluate before/after -> register the extended MoE as
 the registered model's next version.
 """

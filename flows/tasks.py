@@ -181,11 +181,11 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
 def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], embeddings: dict[str, str] | None = None,
                 moe_options: dict | None = None, lam: float | None = None, metadata: dict | None = None,
                 tracking: dict | None = None) -> str:
-    """Combine checkpoints (nexus.upcycle): kind `nexus`/`linear` (upcycle), `merge` (dense merge),
+    """Combine checkpoints (nexus.upcycling): kind `nexus`/`linear` (upcycle), `merge` (dense merge),
     `sparse` (sparse upcycling of the seed), `extend` (`experts` = {"moe": path, <new domain>: path})."""
     from nexus.checkpoint import load_checkpoint, save_checkpoint
     from nexus.data import load_domain_embeddings
-    from nexus.upcycle import extend, merge_dense, sparse_upcycle, upcycle
+    from nexus.upcycling import extend, merge_dense, sparse_upcycle, upcycle
 
     opts = moe_options or {}
     load = {name: load_checkpoint(path) for name, path in experts.items()}

@@ -14,8 +14,8 @@ _EXPORTS = {
     "ModelConfig": "nexus.config", "MoEConfig": "nexus.config",
     "Transformer": "nexus.model", "parameter_counts": "nexus.model",
     "load_checkpoint": "nexus.checkpoint", "save_checkpoint": "nexus.checkpoint",
-    "upcycle": "nexus.upcycle", "merge_dense": "nexus.upcycle", "sparse_upcycle": "nexus.upcycle",
-    "extend": "nexus.upcycle", "remove_expert": "nexus.upcycle",
+    "upcycle": "nexus.upcycling", "merge_dense": "nexus.upcycling", "sparse_upcycle": "nexus.upcycling",
+    "extend": "nexus.upcycling", "remove_expert": "nexus.upcycling",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -39,7 +39,9 @@ def test_unknown_keys_are_named_with_their_source():
 
 def test_package_exports_resolve_lazily():
     import nexus
+    import nexus.upcycling  # importing the submodule must not shadow the function of the same package
 
-    assert nexus.upcycle.__module__ == "nexus.upcycle" and nexus.ModelConfig is ModelConfig
+    assert callable(nexus.upcycle) and nexus.upcycle.__module__ == "nexus.upcycling"
+    assert nexus.ModelConfig is ModelConfig
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         nexus.nope  # noqa: B018

@@ -38,7 +38,7 @@ from nexus.interop.hf_format import (
     tokenizer_files,
 )
 from nexus.model.transformer import Transformer
-from nexus.upcycle import check_configs_compatible
+from nexus.upcycling import check_configs_compatible
 
 _IGNORED_TENSORS = ".rotary_emb.inv_freq"  # a buffer some older transformers versions saved
 

@@ -6,7 +6,7 @@ from nexus.config import tiny
 from nexus.errors import IncompatibleModelsError
 from nexus.model import parameter_counts
 from nexus.model.transformer import Transformer
-from nexus.upcycle import extend, is_ffn_key, merge_dense, non_ffn_keys, remove_expert, sparse_upcycle, upcycle
+from nexus.upcycling import extend, is_ffn_key, merge_dense, non_ffn_keys, remove_expert, sparse_upcycle, upcycle
 
 M = 12  # domain embedding dimension in these tests
 
@@ -159,3 +159,20 @@ def test_compatibility_ignores_init_settings_and_resolves_kv_heads():
     seed = dense()
     moe = upcycle(seed, [dense(n_kv_heads=4), dense(init_std=0.01)], domain_embeddings=torch.randn(2, M))
     assert moe.config.moe.n_experts == 2
+
+
+def test_fresh_router_initialisation_is_deterministic_and_leaves_global_rng_alone(family):
+    seed, experts, D = family
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = upcycle(seed, experts, router="linear")
+    after = torch.rand(1)
+    b = upcycle(seed, experts, router="linear")
+    assert torch.equal(before, after)  # the caller's random stream is untouched
+    assert torch.equal(a.blocks[0].ffn.router.weight, b.blocks[0].ffn.router.weight)
+    c = upcycle(seed, experts, router="linear", init_seed=1)
+    assert not torch.equal(a.blocks[0].ffn.router.weight, c.blocks[0].ffn.router.weight)
+    new = dense()
+    assert torch.equal(extend(a, new).state_dict()["blocks.0.ffn.router.weight"],
+                       extend(b, new).state_dict()["blocks.0.ffn.router.weight"])

@@ -82,13 +82,15 @@ def upcycle(
     domain_embeddings: torch.Tensor | None = None,
     router: str = "nexus",
     expert_names: Sequence[str] | None = None,
+    init_seed: int = 0,
     **moe_options,
 ) -> Transformer:
     """Combine a seed and n dense experts into one MoE (paper §3, "Upcycling").
 
     Per block: shared expert = the seed's FFN; routed experts = the experts' FFNs (in order);
-    every non-FFN parameter `φ_moe = (1/n) Σ_i φ_i`. The router is freshly initialised; a Nexus
-    router additionally stores `domain_embeddings` (n, m), one row per expert."""
+    every non-FFN parameter `φ_moe = (1/n) Σ_i φ_i`. The router is freshly initialised (from
+    `init_seed`: the same inputs always give the same MoE); a Nexus router additionally stores
+    `domain_embeddings` (n, m), one row per expert."""
     if not experts:
         raise IncompatibleModelsError("upcycle needs at least one dense expert (got n=0)")
     if seed.config.is_moe:
@@ -100,8 +102,7 @@ def upcycle(
     if router == "nexus":
         domain_embeddings = _check_domain_embeddings(domain_embeddings, len(experts))
         moe_options.setdefault("domain_embed_dim", domain_embeddings.shape[1])
-    moe = Transformer(seed.config.with_moe(expert_names=names, router=router, **moe_options))
-    moe.to(device=seed.tok_emb.weight.device, dtype=seed.tok_emb.weight.dtype)
+    moe = _new_model(seed.config.with_moe(expert_names=names, router=router, **moe_options), seed, init_seed)
 
     state = moe.state_dict()
     seed_state = seed.state_dict()
@@ -131,8 +132,7 @@ def merge_dense(seed: Transformer, experts: Sequence[Transformer], weights: Sequ
     if w.shape != (len(models),) or (w < 0).any() or w.sum() <= 0:
         raise IncompatibleModelsError(f"merge weights must be {len(models)} non-negative values (seed first)")
     w = w / w.sum()
-    merged = Transformer(seed.config)
-    merged.to(device=seed.tok_emb.weight.device, dtype=seed.tok_emb.weight.dtype)
+    merged = _new_model(seed.config, seed, 0)  # every tensor is overwritten below
     states = [m.state_dict() for m in models]
     for key, tensor in merged.state_dict().items():
         tensor.copy_(sum(wi * s[key].float() for wi, s in zip(w.tolist(), states)))
@@ -141,21 +141,28 @@ def merge_dense(seed: Transformer, experts: Sequence[Transformer], weights: Sequ
 
 @torch.no_grad()
 def sparse_upcycle(dense: Transformer, n_experts: int, top_k: int = 1, shared_expert: bool = False,
-                   **moe_options) -> Transformer:
+                   init_seed: int = 0, **moe_options) -> Transformer:
     """Sparse upcycling (Komatsuzaki et al., 2023): every routed expert starts as a copy of the dense
     FFN, all other weights are kept, and a linear router is initialised from scratch."""
     if n_experts < 1:
         raise IncompatibleModelsError(f"sparse_upcycle needs n_experts >= 1, got {n_experts}")
     names = [f"expert_{i}" for i in range(n_experts)]
-    moe = upcycle(dense, [dense] * n_experts, router="linear", expert_names=names, top_k=top_k,
-                  shared_expert=shared_expert, **moe_options)
-    return moe
+    return upcycle(dense, [dense] * n_experts, router="linear", expert_names=names, top_k=top_k,
+                   shared_expert=shared_expert, init_seed=init_seed, **moe_options)
 
 
-def _resized_moe(moe: Transformer, names: list[str]) -> Transformer:
+def _new_model(config: ModelConfig, like: Transformer, init_seed: int) -> Transformer:
+    """A model for `config` on `like`'s device and dtype. Its initial values (kept only where nothing
+    is copied in: the router) come from `init_seed`, without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = Transformer(config)
+    return model.to(device=like.tok_emb.weight.device, dtype=like.tok_emb.weight.dtype)
+
+
+def _resized_moe(moe: Transformer, names: list[str], init_seed: int = 0) -> Transformer:
     cfg = dataclasses.replace(moe.config, moe=dataclasses.replace(moe.config.moe, expert_names=names))
-    out = Transformer(cfg)
-    return out.to(device=moe.tok_emb.weight.device, dtype=moe.tok_emb.weight.dtype)
+    return _new_model(cfg, moe, init_seed)
 
 
 def _check_moe(moe: Transformer) -> MoEConfig:
@@ -171,13 +178,14 @@ def extend(
     domain_embedding: torch.Tensor | None = None,
     name: str | None = None,
     lam: float | None = None,
+    init_seed: int = 0,
 ) -> Transformer:
     """Append one dense expert to a trained MoE (paper §3, "Efficient adaptation to new domains").
 
     The new expert's FFN is appended to every block's routed experts; old experts, the shared
     expert and the Nexus projection are untouched (the router needs no restart: `e_new = P_r(d_new)`).
     Non-FFN parameters become `φ_f = (1 − λ) · φ_moe + λ · φ_new` with `λ = 1/(n+1)` by default.
-    A linear router gets a freshly initialised row for the new expert."""
+    A linear router gets a freshly initialised row for the new expert (from `init_seed`)."""
     mcfg = _check_moe(moe)
     n = mcfg.n_experts
     name = name if name is not None else f"expert_{n}"
@@ -190,7 +198,7 @@ def extend(
     if not 0.0 <= lam <= 1.0:
         raise IncompatibleModelsError(f"lambda must be in [0, 1], got {lam}")
 
-    out = _resized_moe(moe, [*mcfg.expert_names, name])
+    out = _resized_moe(moe, [*mcfg.expert_names, name], init_seed)
     state, old, new = out.state_dict(), moe.state_dict(), new_expert.state_dict()
     for key in non_ffn_keys(moe):
         state[key].copy_(((1 - lam) * old[key].float() + lam * new[key].float()).to(old[key].dtype))
