@@ -8,7 +8,7 @@ from nexus.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_checkpoint_c
 from nexus.config import tiny
 from nexus.errors import CheckpointError
 from nexus.model.transformer import Transformer
-from nexus.upcycle import upcycle
+from nexus.upcycling import upcycle
 
 
 def _same(a: Transformer, b: Transformer) -> None:

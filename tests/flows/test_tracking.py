@@ -25,7 +25,7 @@ from nexus.checkpoint import load_checkpoint, save_checkpoint
 from nexus.config import tiny
 from nexus.training import MixtureDataModule, TrainConfig, train_dense, train_moe
 from nexus.training.synthetic import synthetic_splits
-from nexus.upcycle import upcycle
+from nexus.upcycling import upcycle
 
 DOMAINS = ["a", "b"]
 CFG = TrainConfig(max_steps=4, batch_size=4, val_every_n_steps=2, limit_val_batches=1, log_every_n_steps=1,

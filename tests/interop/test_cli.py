@@ -6,7 +6,7 @@ import torch
 from nexus.checkpoint import load_checkpoint, save_checkpoint
 from nexus.cli import main
 from nexus.interop import tokenizer_files
-from nexus.upcycle import upcycle
+from nexus.upcycling import upcycle
 from tests.interop import make_llama, max_diff, perturbed, tokens
 
 

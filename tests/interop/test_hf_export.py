@@ -16,7 +16,7 @@ from nexus.interop import (
     tokenizer_files,
 )
 from nexus.model.transformer import Transformer
-from nexus.upcycle import merge_dense, upcycle
+from nexus.upcycling import merge_dense, upcycle
 from tests.interop import make_llama, max_diff, perturbed, tokens
 
 N_EXPERTS = 3

@@ -4,7 +4,7 @@ import torch
 
 from nexus.config import tiny
 from nexus.model.transformer import Transformer, causal_lm_loss
-from nexus.upcycle import upcycle
+from nexus.upcycling import upcycle
 
 
 @pytest.mark.parametrize("parallel", [True, False])
