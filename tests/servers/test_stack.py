@@ -111,8 +111,11 @@ def test_triggered_deployment_runs_on_the_worker_and_lands_in_mlflow(stack, depl
         pytest.skip("chromium is not installed: UI check skipped (apt-get install chromium)")
     prefect_dom = render(f"{stack.prefect_url}/runs/flow-run/{run_id}", "prefect-flow-run", tmp_path)
     assert run["name"] in prefect_dom and "upcycle_pipeline" in prefect_dom
-    mlflow_dom = render(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}", "mlflow-experiment", tmp_path)
-    assert "nexus-micro" in mlflow_dom and any(r.info.run_name in mlflow_dom for r in runs)
+    mlflow_dom = render(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs", "mlflow-experiment",
+                        tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the table lists these first
+    assert "nexus-micro" in mlflow_dom and parents and all(r.info.run_name in mlflow_dom for r in parents)
+    assert f"<strong>{len(runs)}</strong> matching runs" in mlflow_dom  # every stage run, nested in its pipeline run
     for name in ("prefect-flow-run", "mlflow-experiment"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 20_000  # a rendered page, not a blank one
 
