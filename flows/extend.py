@@ -77,7 +77,8 @@ def run_extension(cfg: PipelineConfig, moe_ref: str | None, domain: str, folder:
             raise ConfigError(f"domain {domain!r}: the MoE already has an expert of that name ({names})")
         check_embedder(cfg, info["model"]["moe"], domain)
         track = {"uri": cfg.tracking.uri, "parent_run_id": parent,
-                 "register": {f"extended-{domain}": cfg.tracking.model_name}} if parent else None
+                 "register": {f"extended-{domain}": cfg.tracking.model_name,
+                              domain: f"nexus-{cfg.name}-expert-{domain}"}} if parent else None
         new = prepare_data.submit(as_dict(cfg.data), f"{cfg.name}-{domain}", str(out / "data"),
                                   keep=[] if folder else [domain], extra={domain: folder} if folder else None,
                                   tokenizer_path=str(Path(moe) / TOKENIZER_FILE)).result()

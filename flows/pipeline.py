@@ -85,6 +85,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                  "register": {"nexus": cfg.tracking.model_name}} if parent else None
         data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
         domains = list(data["fingerprints"])
+        if track:
+            track["register"] = registry_names(cfg, domains)
         meta = {"data_dir": data["dir"], "experiment": cfg.name, "domains": domains}
         futures: dict[str, Any] = {}
         if cfg.seed_checkpoint:
@@ -131,6 +133,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         write_pipeline_report(summary)
     log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
     return summary
+
+
+def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
+    """Registered model name per stage: the Nexus MoE line is `tracking.model_name` (an extension
+    registers its next version); the seed, each expert, the linear MoE and the merge get their own."""
+    base = f"nexus-{cfg.name}"
+    return {"nexus": cfg.tracking.model_name, "linear": f"{base}-moe-linear", "seed": f"{base}-seed",
+            "build-merge": f"{base}-merged", **{d: f"{base}-expert-{d}" for d in domains}}
 
 
 def _weights(stage: str, data: dict, domains: list[str] | None = None) -> dict[str, float]:

@@ -207,7 +207,7 @@ def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], emb
         path = save_checkpoint(model, out_dir, metadata={**(metadata or {}), "built": kind},
                                extra_files={TOKENIZER_FILE: Path(seed) / TOKENIZER_FILE})
         if run is not None:
-            run.log_checkpoint(path)
+            run.log_checkpoint(path, register_as=(tracking or {}).get("register", {}).get(f"build-{kind}"))
     return str(path)
 
 

@@ -76,3 +76,10 @@ def test_report_has_tables_and_figures_and_is_logged(runs):
     assert all((out / "report" / "figures" / f).stat().st_size > 10_000 for f in figures)
     logged = [a.path for a in MlflowClient(uri).list_artifacts(summary["mlflow"]["parent_run_id"], "report")]
     assert "report/report.md" in logged or any(p.endswith(".md") for p in logged), logged
+
+
+def test_every_final_model_is_registered(runs):
+    _, uri, summary, _, _ = runs
+    names = {m.name for m in MlflowClient(uri).search_registered_models()}
+    assert {"nexus-micro-moe", "nexus-micro-moe-linear", "nexus-micro-seed", "nexus-micro-merged",
+            "nexus-micro-expert-dictionary", "nexus-micro-expert-lore", "nexus-micro-expert-code"} <= names, names
