@@ -221,8 +221,11 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"router.routers: unknown router(s) {bad}; choose from ['linear', 'nexus']")
     if cfg.runner.kind not in ("threads", "dask", "ray"):
         raise ConfigError(f"runner.kind must be threads|dask|ray, got {cfg.runner.kind!r}")
-    if cfg.seed_checkpoint and not (Path(cfg.seed_checkpoint) / "config.json").is_file():
-        raise ConfigError(f"seed_checkpoint: no checkpoint at {cfg.seed_checkpoint}")
+    if cfg.seed_checkpoint:
+        check_seed_checkpoint(cfg.seed_checkpoint)
+    if cfg.eval.split not in ("train", "validation", "test"):
+        raise ConfigError(f"eval.split must be train|validation|test, got {cfg.eval.split!r}")
+    check_writable_dir(cfg.out_dir, "out_dir")
     if cfg.data.seq_len and cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     data = cfg.data.to_data_config(cfg.name, str(Path(cfg.out_dir) / "data"))  # DataConfig's own checks
@@ -232,6 +235,34 @@ def validate(cfg: PipelineConfig) -> None:
             MoEConfig(expert_names=experts, router=router, **cfg.router.moe_options())
         except ConfigError as err:
             raise ConfigError(f"router section: {err}") from err
+
+
+def check_seed_checkpoint(path: str) -> None:
+    """A given seed must load (weights verified), be dense, and carry its tokenizer."""
+    from nexus.checkpoint import load_model_config, read_checkpoint_config
+    from nexus.errors import CheckpointError
+
+    try:
+        read_checkpoint_config(path)
+        if load_model_config(path).is_moe:
+            raise ConfigError(f"seed_checkpoint: {path} is an MoE checkpoint; the seed must be a dense model")
+        from nexus.checkpoint import load_checkpoint
+
+        load_checkpoint(path)  # checks the SHA-256 and every tensor's shape
+    except CheckpointError as err:
+        raise ConfigError(f"seed_checkpoint: {err}") from err
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise ConfigError(f"seed_checkpoint: {path} has no tokenizer.json (experts must share the seed's tokenizer)")
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ConfigError(f"{key}: {path} is not a writable directory ({err})") from err
 
 
 def check_domain_folder(folder: str | None, key: str) -> Path:

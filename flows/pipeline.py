@@ -20,6 +20,7 @@ from flows.report import write_pipeline_report
 from flows.runners import make_runner
 from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, train_stage
 from nexus.data.cache import fingerprint as hash_json
+from nexus.errors import ConfigError
 
 
 def knob_overrides(**knobs: Any) -> list[str]:
@@ -85,6 +86,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                  "register": {"nexus": cfg.tracking.model_name}} if parent else None
         data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
         domains = list(data["fingerprints"])
+        check_inputs_against_data(cfg, data)
         if track:
             track["register"] = registry_names(cfg, domains)
         meta = {"data_dir": data["dir"], "experiment": cfg.name, "domains": domains}
@@ -133,6 +135,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         write_pipeline_report(summary)
     log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
     return summary
+
+
+def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
+    """Before any training: a given seed must use the data's tokenizer, and the embedder must load."""
+    from nexus.data import load_embedder
+
+    if cfg.seed_checkpoint:
+        seed_tok = Path(cfg.seed_checkpoint) / "tokenizer.json"
+        if seed_tok.read_bytes() != Path(data["tokenizer"]).read_bytes():
+            raise ConfigError(f"seed_checkpoint: {seed_tok} differs from the data's tokenizer {data['tokenizer']}")
+        vocab = json.loads((Path(cfg.seed_checkpoint) / "config.json").read_text())["model"]["vocab_size"]
+        if vocab != data["vocab_size"]:
+            raise ConfigError(f"seed_checkpoint: vocab_size {vocab} differs from the data's tokenizer ({data['vocab_size']})")
+    if "nexus" in cfg.router.routers:
+        load_embedder(cfg.data.embedding_model)  # DataError naming the embedder if it cannot load
 
 
 def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:

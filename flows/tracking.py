@@ -42,6 +42,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_ARTIFACT = "checkpoint"
 TAG_STAGE, TAG_SHA, TAG_PARENTS, TAG_INPUTS = ("nexus.stage", "nexus.checkpoint_sha256", "nexus.parent_runs",
                                                "nexus.inputs")
+_URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 _SECRET = re.compile(r"passw|secret|credential|api_?key|access_?key|private_?key|auth(?!or)|(^|[._])token$",
                      re.IGNORECASE)
 
@@ -62,11 +63,17 @@ def _artifact_location(name: str) -> str | None:
 
 
 def get_or_create_experiment(name: str) -> str:
+    """The experiment's id; two pipelines creating it at once both get the one that won the race."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(re.sub(r"\W", "_", name)))
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(re.sub(r"\W", "_", name)))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def resolved(config: Any) -> Any:
@@ -77,7 +84,9 @@ def resolved(config: Any) -> Any:
         return {str(k): "***" if _SECRET.search(str(k)) else resolved(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [resolved(v) for v in config]
-    return config if isinstance(config, (str, int, float, bool, type(None))) else str(config)
+    if isinstance(config, str):
+        return _URI_PASSWORD.sub(r"\1***@", config)  # postgresql://user:secret@host -> user:***@host
+    return config if isinstance(config, (int, float, bool, type(None))) else _URI_PASSWORD.sub(r"\1***@", str(config))
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Checkpoints: round trip, atomic writes, and clear reports of corrupt or mismatched files."""
 import json
+import os
 
 import pytest
 import torch
@@ -103,3 +104,24 @@ def test_weights_that_do_not_match_the_config_are_named(tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"wrong shapes \['blocks.0.ffn.w_in.weight: file \(128, 32\) vs config \(64, 32\)"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_leftovers_of_a_killed_writer_are_cleaned_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that no longer runs
+    model = Transformer(tiny())
+    save_checkpoint(model, tmp_path / "ckpt")
+    (tmp_path / f".ckpt.tmp-{dead}-abc").mkdir()  # killed while writing
+    (tmp_path / f".ckpt.tmp-{os.getpid()}-live").mkdir()  # a live writer's (this process): kept
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".ckpt.tmp-{os.getpid()}-live", "ckpt"]
+    # killed between the renames: the checkpoint was moved aside and the new one never arrived
+    (tmp_path / "ckpt").rename(tmp_path / f".ckpt.old-{dead}-abc")
+    save_checkpoint(Transformer(tiny()), tmp_path / "other")  # unrelated writes leave it alone
+    from nexus.io import recover
+
+    recover(tmp_path / "ckpt")
+    _same(model, load_checkpoint(tmp_path / "ckpt"))

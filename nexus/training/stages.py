@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,19 @@ class StageResult:
     resumed_from_step: int | None
     """The step the run resumed at; None for a fresh run or an already finished stage."""
     fingerprint: str
+
+
+def _readable_resume_checkpoint(ckpt: Path) -> bool:
+    """A resume checkpoint cut short by a crash is moved aside (`.corrupt`) and the stage restarts from
+    step 0 (deterministic, so it ends where an uninterrupted run would) instead of failing on it."""
+    try:
+        torch.load(ckpt, map_location="cpu", weights_only=True)
+        return True
+    except Exception as err:  # noqa: BLE001 - torch/zip/pickle raise many types for a damaged file
+        warnings.warn(f"{ckpt}: unreadable resume checkpoint ({type(err).__name__}: {err}); moved to "
+                      f"{ckpt.name}.corrupt, the stage restarts from step 0", stacklevel=2)
+        os.replace(ckpt, ckpt.with_name(ckpt.name + ".corrupt"))
+        return False
 
 
 def train_dense(config: TrainConfig, data: MixtureDataModule, out_dir: str | os.PathLike, *,
@@ -149,7 +163,7 @@ def _run_stage(kind: str, config: TrainConfig, data: MixtureDataModule, out_dir:
     module = CausalLMModule(_build_model(kind, init_checkpoint, model_config), config, data.domain_names)
     trainer = build_trainer(config, out_dir, loggers, callbacks)
     last = out_dir / LIGHTNING_DIR / LAST_CKPT
-    resuming = last.is_file()
+    resuming = last.is_file() and _readable_resume_checkpoint(last)
     # weights_only=True: the checkpoint holds only tensors and plain containers (see module doc).
     trainer.fit(module, datamodule=data, ckpt_path=last if resuming else None, weights_only=True)
     resumed = module.start_step if resuming else None

@@ -80,7 +80,7 @@ CASES: list[Case] = [
     ("missing-corpora", lambda t: [f"data.corpora_dir={t}/no-corpora"], ("no-corpora",)),
 ]
 
-# Inputs that are caught only after training has started (or not at all): strict xfails.
+# Inputs checked against the file system, the prepared data or the embedder (still before training).
 LATE: list[Case] = [
     ("appended-unknown-key", lambda t: ["+model.n_wings=2"], ("n_wings",)),
     ("corrupt-seed-checkpoint", lambda t: [f"seed_checkpoint={_checkpoint(t, 'flipped', corrupt=True)}"],
@@ -93,18 +93,9 @@ LATE: list[Case] = [
     ("unknown-eval-split", lambda t: ["eval.split=holdout"], ("eval.split", "holdout")),
     ("out-dir-is-a-file", lambda t: [], ("out_dir",)),
 ]
-LATE_REASONS = {
+LATE_REASONS = {  # still caught late: strict xfails
     "appended-unknown-key": "flows.config.compose: a key appended with `+` to a typed section is silently dropped "
                             "by OmegaConf.to_object; the pipeline runs without it",
-    "corrupt-seed-checkpoint": "flows.config.validate only checks seed_checkpoint/config.json exists; the "
-                               "weights are first verified by the expert stage after experts/*/stage.json is written",
-    "moe-as-seed": "an MoE seed is rejected by train_dense only after experts/*/stage.json is written",
-    "seed-vocab-mismatch": "no check that the seed's vocab_size/tokenizer match the prepared data's tokenizer",
-    "seed-without-tokenizer": "no check of the seed's tokenizer.json (identity with the data tokenizer)",
-    "unknown-embedding-model": "prepare_data disables embeddings; the embedder is first loaded by embed_domain, "
-                               "concurrently with expert training",
-    "unknown-eval-split": "eval.split is not validated; evaluate_models fails after all training",
-    "out-dir-is-a-file": "out_dir is not checked for writability; the error is a bare OSError not naming out_dir",
 }
 
 
@@ -131,9 +122,10 @@ def test_bad_input_fails_fast(harness, tmp_path, case):
     _check(tmp_path, make, words)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=LATE_REASONS[c[0]]))
-                                  for c in LATE], ids=[c[0] for c in LATE])
-def test_bad_input_caught_late(harness, tmp_path, case):
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason=LATE_REASONS[c[0]])]
+                                               if c[0] in LATE_REASONS else []) for c in LATE],
+                         ids=[c[0] for c in LATE])
+def test_bad_input_checked_before_training(harness, tmp_path, case):
     name, make, words = case
     _check(tmp_path, make, words, out_as_file=name == "out-dir-is-a-file")
 
@@ -152,11 +144,11 @@ def test_errors_reach_the_cli_as_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="flows/cli.py: `run` parses `overrides` (nargs='*') before "
-                   "--experiment, so `nexus run pipeline --experiment micro k=v` is rejected by argparse")
 def test_cli_experiment_after_flow():
     """The documented form `nexus run pipeline --experiment micro key=value ...` parses."""
-    from nexus.cli import build_parser
+    from nexus.cli import parse_args
 
-    args = build_parser("run").parse_args(["run", "pipeline", "--experiment", "micro", "out_dir=x", "a.b=1"])
+    args = parse_args(["run", "pipeline", "--experiment", "micro", "out_dir=x", "a.b=1"])
     assert args.experiment == "micro" and args.overrides == ["out_dir=x", "a.b=1"]
+    with pytest.raises(SystemExit):
+        parse_args(["run", "pipeline", "--experiment", "micro", "--bogus"])

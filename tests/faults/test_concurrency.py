@@ -63,9 +63,6 @@ def test_two_pipelines_share_store_and_root(tmp_path, api_url):
     assert temp_leftovers(root) == []
 
 
-@pytest.mark.xfail(strict=True, reason="flows.tracking.get_or_create_experiment is check-then-create: when "
-                   "another process creates the experiment in between, create_experiment raises "
-                   "RESOURCE_ALREADY_EXISTS and the pipeline dies")
 def test_experiment_creation_race(tmp_path, monkeypatch):
     """Replays the interleaving: this process looks the experiment up (absent), the other process
     creates it, this process creates it."""
@@ -77,8 +74,14 @@ def test_experiment_creation_race(tmp_path, monkeypatch):
     try:
         tracking.configure(f"sqlite:///{tmp_path}/mlflow.db")
         other = MlflowClient().create_experiment("nexus-race")
-        monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lambda self, name: None)
-        assert tracking.get_or_create_experiment("nexus-race") == other
+        real, calls = MlflowClient.get_experiment_by_name, []
+
+        def absent_at_first_look(self, name):  # the other process creates it right after our look-up
+            calls.append(name)
+            return None if len(calls) == 1 else real(self, name)
+
+        monkeypatch.setattr(MlflowClient, "get_experiment_by_name", absent_at_first_look)
+        assert tracking.get_or_create_experiment("nexus-race") == other and len(calls) == 2
     finally:
         mlflow.set_tracking_uri(previous)
 

@@ -90,8 +90,6 @@ def test_kill_during_checkpoint_write(killed_in_write):
     assert summary["states"]["expert-lore"] == "Completed" and (out / "experts" / "lore" / "model").is_dir()
 
 
-@pytest.mark.xfail(strict=True, reason="nexus.io.atomic_directory never removes the temporary directory of a "
-                   "killed writer: experts/lore/.model.tmp-* stays after the successful rerun")
 def test_no_temp_leftovers_after_kill_during_write(killed_in_write):
     out, _ = killed_in_write
     assert temp_leftovers(out) == []

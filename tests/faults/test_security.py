@@ -110,8 +110,6 @@ def test_secret_never_reaches_mlflow_params(tmp_path):
     assert params["lr"] == "1" and "hunter2" not in " ".join(params.values())
 
 
-@pytest.mark.xfail(strict=True, reason="flows.tracking.resolved redacts by key only: a password inside a "
-                   "URI value (tracking.uri=postgresql://user:pw@host/db) is logged as a param in clear")
 def test_password_in_uri_value_is_redacted():
     from flows.tracking import flatten, resolved
 
