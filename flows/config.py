@@ -201,15 +201,24 @@ def compose(experiment: str | None = "demo", overrides: list[str] | tuple[str, .
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             raw = hydra_compose("config", overrides=args)
         cfg = OmegaConf.to_object(raw)
+        dropped = sorted(_leaf_keys(OmegaConf.to_container(raw)) - _leaf_keys(as_dict(cfg)))
     except ConfigError:
         raise
     except (OmegaConfBaseException, Exception) as err:  # Hydra's override/composition errors
         cause = err.__cause__ or err
         raise ConfigError(f"invalid config ({', '.join(args) or 'no overrides'}): {err}"
                           + (f" ({cause})" if cause is not err else "")) from err
+    if dropped:  # `+section.key=...` on a typed section: OmegaConf keeps it in the tree, the dataclass drops it
+        raise ConfigError(f"unknown key(s) {dropped}: not fields of the config (see conf/ and flows/config.py)")
     if check:
         validate(cfg)
     return cfg
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix}
+    return set().union(*(_leaf_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in tree.items()))
 
 
 def validate(cfg: PipelineConfig) -> None:

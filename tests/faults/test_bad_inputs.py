@@ -93,10 +93,7 @@ LATE: list[Case] = [
     ("unknown-eval-split", lambda t: ["eval.split=holdout"], ("eval.split", "holdout")),
     ("out-dir-is-a-file", lambda t: [], ("out_dir",)),
 ]
-LATE_REASONS = {  # still caught late: strict xfails
-    "appended-unknown-key": "flows.config.compose: a key appended with `+` to a typed section is silently dropped "
-                            "by OmegaConf.to_object; the pipeline runs without it",
-}
+LATE_REASONS: dict[str, str] = {}  # inputs still caught late (strict xfails): none left
 
 
 def _check(tmp_path: Path, make: Callable[[Path], list[str]], words: tuple[str, ...], out_as_file: bool = False):
