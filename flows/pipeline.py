@@ -42,7 +42,8 @@ def tracking_context(cfg: PipelineConfig, run_name: str):
     from flows.tracking import configure, pipeline_run
 
     configure(cfg.tracking.uri)
-    return pipeline_run(cfg.tracking.experiment, run_name, config=as_dict(cfg))
+    return pipeline_run(cfg.tracking.experiment, run_name, config=as_dict(cfg),
+                        attempt_key=f"{run_name}@{Path(cfg.out_dir).resolve()}")
 
 
 def states_of(futures: dict[str, Any]) -> dict[str, str]:

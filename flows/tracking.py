@@ -40,6 +40,7 @@ from nexus.checkpoint import WEIGHTS, read_checkpoint_config
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_ARTIFACT = "checkpoint"
+TAG_ATTEMPT, TAG_PREVIOUS = "nexus.attempt_key", "nexus.previous_attempt"
 TAG_STAGE, TAG_SHA, TAG_PARENTS, TAG_INPUTS = ("nexus.stage", "nexus.checkpoint_sha256", "nexus.parent_runs",
                                                "nexus.inputs")
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
@@ -107,15 +108,40 @@ def _log_params(client: MlflowClient, run_id: str, config: Any) -> None:
 
 @contextmanager
 def pipeline_run(experiment: str, run_name: str = "pipeline", config: Any = None,
-                 tags: Mapping[str, str] | None = None) -> Iterator[str]:
-    """The parent run of one pipeline invocation; yields its run id. Ends FAILED on an exception."""
+                 tags: Mapping[str, str] | None = None, attempt_key: str | None = None) -> Iterator[str]:
+    """The parent run of one pipeline invocation; yields its run id. Ends FAILED on an exception.
+
+    Runs with the same `attempt_key` (e.g. flow + output directory) are attempts at the same work:
+    an earlier attempt that did not finish is linked (`nexus.previous_attempt`), and if its process
+    was killed (runs left RUNNING) it and its stage runs are marked FAILED first."""
     client = MlflowClient()
-    run = client.create_run(get_or_create_experiment(experiment),
-                            tags={MLFLOW_RUN_NAME: run_name, TAG_STAGE: "pipeline", **(tags or {})})
+    experiment_id = get_or_create_experiment(experiment)
+    extra = {}
+    if attempt_key is not None:
+        extra[TAG_ATTEMPT] = attempt_key
+        previous = _close_previous_attempt(client, experiment_id, attempt_key)
+        if previous:
+            extra[TAG_PREVIOUS] = previous
+    run = client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: run_name, TAG_STAGE: "pipeline", **extra,
+                                                 **(tags or {})})
     with _terminated(client, run.info.run_id):
         if config is not None:
             _log_params(client, run.info.run_id, config)
         yield run.info.run_id
+
+
+def _close_previous_attempt(client: MlflowClient, experiment_id: str, key: str) -> str | None:
+    """The latest earlier attempt's run id if it did not finish; RUNNING leftovers become FAILED."""
+    quoted = key.replace("'", "\\'")
+    earlier = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_ATTEMPT}` = '{quoted}'",
+                                 order_by=["attributes.start_time DESC"], max_results=50)
+    failed = RunStatus.to_string(RunStatus.FAILED)
+    for run in (r for r in earlier if r.info.status == "RUNNING"):  # killed: nothing ended it
+        children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        for child in (c for c in children if c.info.status == "RUNNING"):
+            client.set_terminated(child.info.run_id, failed)
+        client.set_terminated(run.info.run_id, failed)
+    return earlier[0].info.run_id if earlier and earlier[0].info.status != "FINISHED" else None
 
 
 @contextmanager
