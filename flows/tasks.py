@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import task
 
+from nexus.checkpoint import sha256_file
 from nexus.data.cache import fingerprint as hash_json
 
 NOT_KEYED = {"tracking", "parent_run_id"}
@@ -26,9 +27,9 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def _digest(value: Any) -> Any:
-    """Checkpoint directories -> their weights' SHA-256; embedding files -> their content hash."""
-    if isinstance(value, str) and (Path(value) / "config.json").is_file():
-        return json.loads((Path(value) / "config.json").read_text()).get("sha256", value)
+    """Checkpoint directories -> their weights file's SHA-256; embedding files -> their content hash."""
+    if isinstance(value, str) and (Path(value) / "model.safetensors").is_file():
+        return sha256_file(Path(value) / "model.safetensors")  # the file, not the recorded hash: damage shows
     if isinstance(value, str) and value.endswith(".safetensors") and Path(value).is_file():
         return hashlib.sha256(Path(value).read_bytes()).hexdigest()
     if isinstance(value, dict):

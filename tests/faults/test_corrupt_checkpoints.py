@@ -73,9 +73,6 @@ def test_corrupt_expert_config_is_rebuilt(finished, tmp_path):
     assert stage_digests(out)["experts/lore/model"] == finished[1]["experts/lore/model"]
 
 
-@pytest.mark.xfail(strict=True, reason="Prefect's cache (key = inputs) returns the expert's path without "
-                   "checking its output; build_model's key uses the SHA-256 recorded in config.json, not the "
-                   "file, so every downstream task is Cached and the run 'succeeds' over corrupt weights")
 def test_corrupt_expert_under_warm_cache(harness, tmp_path):
     out = tmp_path / "out"
     _pipeline(out)
