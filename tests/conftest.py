@@ -17,3 +17,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Real Prefect against a temporary database, with results stored under a temporary PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    settings = {PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}
+    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
+        yield home

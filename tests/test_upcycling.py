@@ -6,7 +6,15 @@ from nexus.config import tiny
 from nexus.errors import IncompatibleModelsError
 from nexus.model import parameter_counts
 from nexus.model.transformer import Transformer
-from nexus.upcycling import extend, is_ffn_key, merge_dense, non_ffn_keys, remove_expert, sparse_upcycle, upcycle
+from nexus.upcycling import (
+    extend,
+    is_ffn_key,
+    merge_dense,
+    non_ffn_keys,
+    remove_expert,
+    sparse_upcycle,
+    upcycle,
+)
 
 M = 12  # domain embedding dimension in these tests
 

@@ -1,5 +1,5 @@
 """Fixtures for the fault-injection suite: the micro pipeline as a real subprocess (killable with
-SIGKILL), digests of its final checkpoints, temp-file detection, and a Prefect harness for the
+SIGKILL), digests of its final checkpoints, temp-file detection, and a Prefect test harness for the
 in-process bad-input tests.
 
 The subprocess is `python -c DRIVER <nexus.cli args>`: `nexus.cli.main` plus an optional fault hook
@@ -169,8 +169,8 @@ def stage_dirs(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def api_url(harness) -> str:
-    """The harness's Prefect API, shared by the pipeline subprocesses (each keeps its own PREFECT_HOME,
+def api_url(prefect_harness) -> str:
+    """The test harness's Prefect API, shared by the pipeline subprocesses (each keeps its own PREFECT_HOME,
     i.e. its own result/cache storage)."""
     from prefect.settings import PREFECT_API_URL
 
@@ -186,13 +186,3 @@ def reference(tmp_path_factory, api_url):
     return base / "out", final_digest(base / "out"), stage_digests(base / "out")
 
 
-@pytest.fixture(scope="session")
-def harness(tmp_path_factory):
-    """Real Prefect against a temporary database (for in-process `upcycle_pipeline` calls)."""
-    home = tmp_path_factory.mktemp("faults-prefect-home")
-    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    settings = {PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}
-    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
-        yield home

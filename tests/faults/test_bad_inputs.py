@@ -114,7 +114,7 @@ def _check(tmp_path: Path, make: Callable[[Path], list[str]], words: tuple[str, 
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_fails_fast(harness, tmp_path, case):
+def test_bad_input_fails_fast(prefect_harness, tmp_path, case):
     _, make, words = case
     _check(tmp_path, make, words)
 
@@ -122,7 +122,7 @@ def test_bad_input_fails_fast(harness, tmp_path, case):
 @pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason=LATE_REASONS[c[0]])]
                                                if c[0] in LATE_REASONS else []) for c in LATE],
                          ids=[c[0] for c in LATE])
-def test_bad_input_checked_before_training(harness, tmp_path, case):
+def test_bad_input_checked_before_training(prefect_harness, tmp_path, case):
     name, make, words = case
     _check(tmp_path, make, words, out_as_file=name == "out-dir-is-a-file")
 

@@ -93,7 +93,7 @@ def _moe_seed(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def crashed(harness, tmp_path):
+def crashed(prefect_harness, tmp_path):
     """A tracked pipeline whose expert stages crash inside Lightning (a strategy no Trainer knows)."""
     import mlflow
 

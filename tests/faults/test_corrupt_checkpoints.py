@@ -1,5 +1,5 @@
 """Corrupt checkpoints between two pipeline runs: the rerun must report the corruption (naming the
-file) or rebuild the checkpoint, never silently use it. Runs in-process on the Prefect harness; each
+file) or rebuild the checkpoint, never silently use it. Runs in-process on the Prefect prefect_harness; each
 test works on a copy of one finished micro run (a new out_dir, so Prefect's cache is cold unless the
 test says otherwise)."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _pipeline(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished(harness, tmp_path_factory):
+def finished(prefect_harness, tmp_path_factory):
     out = tmp_path_factory.mktemp("corrupt-base") / "out"
     _pipeline(out)
     return out, stage_digests(out)
@@ -73,7 +73,7 @@ def test_corrupt_expert_config_is_rebuilt(finished, tmp_path):
     assert stage_digests(out)["experts/lore/model"] == finished[1]["experts/lore/model"]
 
 
-def test_corrupt_expert_under_warm_cache(harness, tmp_path):
+def test_corrupt_expert_under_warm_cache(prefect_harness, tmp_path):
     out = tmp_path / "out"
     _pipeline(out)
     _flip(out / LORE / "model.safetensors")

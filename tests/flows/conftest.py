@@ -16,18 +16,6 @@ CORPORA = Path(__file__).resolve().parents[1] / "fixtures" / "corpora"
 
 
 @pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """Real Prefect against a temporary database, with results stored under a temporary PREFECT_HOME."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    settings = {PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}
-    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
-        yield home
-
-
-@pytest.fixture(scope="session")
 def micro_moe(prefect_harness, tmp_path_factory):
     """The micro pipeline run once per session with a real SQLite MLflow store (registered model
     `nexus-micro-moe` version 1: the Nexus MoE). Shared by test_pipeline and test_inbox; tests that

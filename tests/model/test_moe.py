@@ -104,7 +104,7 @@ def test_aux_loss_weights_and_z_loss():
 def test_blocked_expert_kernel_equals_reference_across_blocks(monkeypatch, top_k):
     """Experts spanning several row blocks (and an expert with no rows) give the reference output
     and gradients; `y.sum()` (a zero-stride upstream gradient) is accepted."""
-    import nexus.model.moe as moe
+    from nexus.model import moe
 
     monkeypatch.setattr(moe, "BLOCK_ROWS", 3)
     layer = make_layer("linear", top_k=top_k, n=4)

@@ -3,6 +3,7 @@ own process groups, health-checked over HTTP, and always stopped by PID (even on
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -34,17 +35,31 @@ class Background:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        """SIGTERM the group (servers and workers shut down cleanly), then SIGKILL whatever is left,
+        descendants in other sessions (flow-run processes) included."""
+        import psutil
+
+        if self.proc.poll() is not None:
+            return
+        family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        _, alive = psutil.wait_procs(family, timeout=20)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        self.proc.wait(timeout=10)
 
     def kill(self) -> None:
-        """SIGKILL, as a machine failure would: no clean-up handlers run."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL the process and every descendant, as a machine failure would: no clean-up handlers
+        run. Descendants are collected by parent pid because Prefect starts each flow-run process in a
+        session of its own, which a process-group kill would not reach."""
+        import psutil
+
+        family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(family, timeout=10)
         self.proc.wait(timeout=10)
 
     def tail(self, n: int = 3000) -> str:
