@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_train_step import build_models, model_configs, train_step
-from benchmarks.common import measure, parser, print_table, setup, write_results
+from benchmarks.common import parser, print_table, setup, write_results
 
 
 def synthetic_docs(n_docs: int, words_per_doc: int, seed: int = 0) -> list[str]:

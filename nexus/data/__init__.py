@@ -43,7 +43,7 @@ __all__ = [
                                "EmbeddingConfig",
                                "MixtureConfig",
                                "MixtureSampler",
-                               "PackedSplit",
+                               "PackedSplit", "embed_prepared_domain",
                                "PackingConfig",
                                "PreparedData",
                                "SentenceTransformerEmbedder",

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nexus.io import atomic_directory, atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+from nexus.io import atomic_directory
 
 FINGERPRINT_FILE = "_fingerprint"
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from nexus.data.cache import atomic_write
+from nexus.io import atomic_write
 from nexus.data.config import EmbeddingConfig
 from nexus.errors import DataError
 

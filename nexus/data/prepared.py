@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nexus.data.cache import atomic_write_text
+from nexus.io import atomic_write_text
 from nexus.data.documents import SPLITS
 from nexus.data.embeddings import SUFFIX, cosine_similarity, load_domain_embeddings
 from nexus.data.packing import PackedSplit

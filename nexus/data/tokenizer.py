@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from nexus.data.cache import atomic_write
+from nexus.io import atomic_write
 from nexus.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"

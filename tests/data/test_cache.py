@@ -1,7 +1,8 @@
 """Fingerprints and atomic cache entries."""
 import pytest
 
-from nexus.data.cache import atomic_write_text, cached_dir, fingerprint, read_fingerprint
+from nexus.data.cache import cached_dir, fingerprint, read_fingerprint
+from nexus.io import atomic_write_text
 
 
 def test_fingerprint_ignores_key_order_but_not_values():

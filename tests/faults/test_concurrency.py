@@ -86,12 +86,6 @@ def test_experiment_creation_race(tmp_path, monkeypatch):
         mlflow.set_tracking_uri(previous)
 
 
-def _moe_seed(tmp_path: Path) -> Path:
-    from .test_bad_inputs import _checkpoint
-
-    return _checkpoint(tmp_path, "moe-seed", moe=True)
-
-
 @pytest.fixture
 def crashed(prefect_harness, tmp_path):
     """A tracked pipeline whose expert stages crash inside Lightning (a strategy no Trainer knows)."""
