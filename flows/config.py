@@ -110,6 +110,11 @@ class RouterSection:
     routers: list[str] = field(default_factory=lambda: ["nexus", "linear"])
     dense_merge: bool = True
     sparse_upcycling: bool = False
+    continued_seed: bool = False
+    """Baseline: the seed trained on the MoE's data mix for as many tokens as the experts and one
+    MoE consumed together (data-matched continued pretraining)."""
+    init_seed: int = 0
+    """Seed of the freshly initialised router weights (upcycling, and a linear router's new row)."""
     top_k: int = 1
     shared_expert: bool = True
     load_balance_coef: float = 0.05

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig, as_dict, check_domain_folder, compose
-from flows.pipeline import knob_overrides, states_of, tracking_context, write_summary
+from flows.pipeline import knob_overrides, registry_names, states_of, tracking_context, write_summary
 from flows.tasks import TOKENIZER_FILE, build_model, embed_domain, evaluate_models, prepare_data, train_stage
 from nexus.checkpoint import read_checkpoint_config
 from nexus.data.cache import fingerprint as hash_json
@@ -45,14 +45,16 @@ def resolve_moe(ref: str | None, cfg: PipelineConfig, dest: Path) -> tuple[str, 
 @flow(name="extend_with_expert")
 def extend_with_expert(experiment: str = "demo", overrides: list[str] | None = None, moe: str | None = None,
                        domain: str = "code", domain_folder: str | None = None,
-                       finetune_steps: int | None = None, expert_steps: int | None = None) -> dict:
+                       finetune_steps: int | None = None, expert_steps: int | None = None,
+                       tag: str | None = None) -> dict:
     """Extend `moe` (path / `models:/name/version` / None: the latest registered) with `domain`, read
-    from `domain_folder` (text/JSONL files) or, without a folder, from the experiment's preset."""
+    from `domain_folder` (text/JSONL files) or, without a folder, from the experiment's preset.
+    `tag`: a name for this extension's outputs (`extensions/<domain>/<tag>/`)."""
     cfg = compose(experiment, [*(overrides or []), *knob_overrides(finetune_steps=finetune_steps,
                                                                     expert_steps=expert_steps)])
     if domain_folder:
         check_domain_folder(domain_folder, "domain_folder")
-    return run_extension(cfg, moe, domain, domain_folder)
+    return run_extension(cfg, moe, domain, domain_folder, tag)
 
 
 def check_embedder(cfg: PipelineConfig, moe: dict, domain: str) -> None:
@@ -66,32 +68,38 @@ def check_embedder(cfg: PipelineConfig, moe: dict, domain: str) -> None:
     check_embedding_dim([0.0] * embedder.dim, moe["domain_embed_dim"], domain, f"embedder {embedder.name}")
 
 
-def run_extension(cfg: PipelineConfig, moe_ref: str | None, domain: str, folder: str | None) -> dict:
+def run_extension(cfg: PipelineConfig, moe_ref: str | None, domain: str, folder: str | None,
+                  tag: str | None = None) -> dict:
+    """`tag` names this extension's own folder under `extensions/<domain>/` (several extensions of one
+    domain, e.g. other MoEs or budgets, share the new expert and its data)."""
     log = get_run_logger()
-    out = Path(cfg.out_dir).resolve() / "extensions" / domain
-    with tracking_context(cfg, f"extend_with_expert:{domain}") as parent:
+    shared = Path(cfg.out_dir).resolve() / "extensions" / domain
+    out = shared / tag if tag else shared
+    with tracking_context(cfg, f"extend_with_expert:{domain}" + (f":{tag}" if tag else "")) as parent:
         moe, version = resolve_moe(moe_ref, cfg, out / "input")
         info = read_checkpoint_config(moe)
         meta, names = info["metadata"], info["model"]["moe"]["expert_names"]
         if domain in names:
             raise ConfigError(f"domain {domain!r}: the MoE already has an expert of that name ({names})")
         check_embedder(cfg, info["model"]["moe"], domain)
+        registered_as = registry_names(cfg, [domain])[info["model"]["moe"]["router"]]
         track = {"uri": cfg.tracking.uri, "parent_run_id": parent,
-                 "register": {f"extended-{domain}": cfg.tracking.model_name,
-                              domain: f"nexus-{cfg.name}-expert-{domain}"}} if parent else None
-        new = prepare_data.submit(as_dict(cfg.data), f"{cfg.name}-{domain}", str(out / "data"),
+                 "register": {f"extended-{domain}": registered_as, domain: f"nexus-{cfg.name}-expert-{domain}"}
+                 } if parent else None
+        new = prepare_data.submit(as_dict(cfg.data), f"{cfg.name}-{domain}", str(shared / "data"),
                                   keep=[] if folder else [domain], extra={domain: folder} if folder else None,
                                   tokenizer_path=str(Path(moe) / TOKENIZER_FILE)).result()
         fp = new["fingerprints"][domain]
         futures = {"expert": train_stage.submit(
-            "expert", domain, as_dict(cfg.train.expert), new["dir"], {domain: 1.0}, str(out / "expert"),
+            "expert", domain, as_dict(cfg.train.expert), new["dir"], {domain: 1.0}, str(shared / "expert"),
             hash_json([fp]), init_checkpoint=meta["seed_checkpoint"], val_domains=[domain],
             torch_threads=cfg.torch_threads, tracking=track),
             "embed": embed_domain.submit(new["dir"], new["config"]["embedding"], domain, fp)}
         expert = futures["expert"].result()["checkpoint"]
         futures["build-extend"] = build_model.submit(
             "extend", str(out / "extended"), meta["seed_checkpoint"], {"moe": moe, domain: expert},
-            {domain: futures["embed"].result()}, metadata={**meta, "domains": [*names, domain]}, tracking=track)
+            {domain: futures["embed"].result()}, metadata={**meta, "domains": [*names, domain]},
+            init_seed=cfg.router.init_seed, tracking=track)
         weights = _extension_weights(meta["data_dir"], names, new, domain)
         futures["finetune"] = train_stage.submit(
             "extension", f"extended-{domain}", as_dict(cfg.train.extension), meta["data_dir"], weights,
@@ -100,11 +108,12 @@ def run_extension(cfg: PipelineConfig, moe_ref: str | None, domain: str, folder:
             metadata={**meta, "domains": [*names, domain]}, torch_threads=cfg.torch_threads, tracking=track)
         extended = futures["finetune"].result()["checkpoint"]
         futures["evaluate"] = evaluate_models.submit(
-            {"before": moe, f"expert:{domain}": expert, "after": extended},
+            {"before": moe, f"expert:{domain}": expert, "appended": futures["build-extend"].result(), "after": extended},
             {**{d: meta["data_dir"] for d in names}, domain: new["dir"]}, cfg.eval.split, cfg.eval.batch_size,
             cfg.eval.max_tokens, cfg.torch_threads)
-        registered = _latest_version(cfg) if parent else None
-        summary = {"domain": domain, "moe": moe, "moe_version": version, "extended": extended,
+        registered = _latest_version(registered_as) if parent else None
+        summary = {"domain": domain, "tag": tag, "router": info["model"]["moe"]["router"], "moe": moe,
+                   "moe_version": version, "extended": extended, "finetune_steps": cfg.train.extension.max_steps,
                    "registered_version": registered, **futures["evaluate"].result(), "states": states_of(futures)}
         write_summary(summary, out / "summary.json", parent)
     log.info("extended %s with %r -> %s (registered version %s)", moe, domain, extended, registered)
@@ -119,10 +128,10 @@ def _extension_weights(data_dir: str, previous: list[str], new: dict, domain: st
     return stage_weights("extension", counts, previous, MixtureConfig(**new["config"]["mixture"]), domain=domain)
 
 
-def _latest_version(cfg: PipelineConfig) -> str | None:
+def _latest_version(name: str) -> str | None:
     from mlflow import MlflowClient
 
-    versions = MlflowClient().search_model_versions(f"name = '{cfg.tracking.model_name}'")
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
     return str(max(int(v.version) for v in versions)) if versions else None
 
 

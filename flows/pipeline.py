@@ -104,22 +104,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             seed = futures["seed"].result()["checkpoint"]
         meta["seed_checkpoint"] = seed
         log.info("seed: %s; training %d experts on runner %r", seed, len(domains), cfg.runner.kind)
+        if cfg.router.continued_seed:
+            futures["seed-continued"] = continued_seed(cfg, data, seed, out, meta, track)
         phase = expert_phase.with_options(task_runner=make_runner(**as_dict(cfg.runner)))(
             data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track)
         experts = {d: r["checkpoint"] for d, r in phase["experts"].items()}
 
-        kinds = list(cfg.router.routers) + (["sparse"] if cfg.router.sparse_upcycling else [])
-        builds = {k: build_model.submit(k, str(out / "upcycled" / k), seed, experts, phase["embeddings"],
-                                        cfg.router.moe_options(), metadata=meta, tracking=track) for k in kinds}
-        if cfg.router.dense_merge:
-            builds["merge"] = build_model.submit("merge", str(out / "merged"), seed, experts, metadata=meta,
-                                                 tracking=track)
-        moe_weights = _weights("moe", data)
-        trained = {k: train_stage.submit("moe", k, as_dict(cfg.train.moe), data["dir"], moe_weights,
-                                         str(out / "moe" / k), _fp(data, moe_weights),
-                                         init_checkpoint=builds[k].result(), val_domains=domains, metadata=meta,
-                                         torch_threads=cfg.torch_threads, tracking=track) for k in kinds}
+        builds, trained = moe_phase(cfg, data, seed, experts, phase["embeddings"], out, meta, track)
         checkpoints = {"seed": seed, **{f"expert:{d}": p for d, p in experts.items()},
+                       **({"seed continued": futures["seed-continued"].result()["checkpoint"]}
+                          if "seed-continued" in futures else {}),
                        **({"dense merge": builds["merge"].result()} if "merge" in builds else {}),
                        **{f"moe:{k}": f.result()["checkpoint"] for k, f in trained.items()}}
         futures.update({f"build-{k}": f for k, f in builds.items()}, **{f"moe-{k}": f for k, f in trained.items()})
@@ -136,6 +130,38 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         write_pipeline_report(summary)
     log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
     return summary
+
+
+def moe_phase(cfg: PipelineConfig, data: dict, seed: str, experts: dict[str, str], embeddings: dict[str, str],
+              out: Path, meta: dict, track: dict | None, weights: dict[str, float] | None = None) -> tuple[dict, dict]:
+    """Phase 2: upcycle (one MoE per router, plus the sparse-upcycling and dense-merge baselines), then
+    train every MoE on the mix (`weights`, default: the data config's MoE mix). Returns the futures
+    (builds, trained MoEs), keyed by kind."""
+    kinds = list(cfg.router.routers) + (["sparse"] if cfg.router.sparse_upcycling else [])
+    builds = {k: build_model.submit(k, str(out / "upcycled" / k), seed, experts, embeddings, cfg.router.moe_options(),
+                                    metadata=meta, init_seed=cfg.router.init_seed, tracking=track) for k in kinds}
+    if cfg.router.dense_merge:
+        builds["merge"] = build_model.submit("merge", str(out / "merged"), seed, experts, metadata=meta,
+                                             tracking=track)
+    weights = weights or _weights("moe", data)
+    trained = {k: train_stage.submit("moe", k, as_dict(cfg.train.moe), data["dir"], weights, str(out / "moe" / k),
+                                     _fp(data, weights), init_checkpoint=builds[k].result(),
+                                     val_domains=list(data["fingerprints"]), metadata=meta,
+                                     torch_threads=cfg.torch_threads, tracking=track) for k in kinds}
+    return builds, trained
+
+
+def continued_seed(cfg: PipelineConfig, data: dict, seed: str, out: Path, meta: dict, track: dict | None):
+    """The data-matched dense baseline: the seed trained further on the MoE mix (train.moe settings)
+    for as many tokens as the experts and one MoE consumed together."""
+    tokens = len(data["fingerprints"]) * cfg.train.expert.max_steps * cfg.train.expert.batch_size \
+        + cfg.train.moe.max_steps * cfg.train.moe.batch_size
+    train = dataclasses.replace(cfg.train.moe, max_steps=-(-tokens // cfg.train.moe.batch_size))
+    weights = _weights("moe", data)
+    return train_stage.submit("seed", "seed-continued", as_dict(train), data["dir"], weights,
+                              str(out / "seed-continued"), _fp(data, weights), init_checkpoint=seed,
+                              val_domains=list(data["fingerprints"]), metadata=meta,
+                              torch_threads=cfg.torch_threads, tracking=track)
 
 
 def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
@@ -158,6 +184,7 @@ def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
     registers its next version); the seed, each expert, the linear MoE and the merge get their own."""
     base = f"nexus-{cfg.name}"
     return {"nexus": cfg.tracking.model_name, "linear": f"{base}-moe-linear", "seed": f"{base}-seed",
+            "seed-continued": f"{base}-seed-continued",
             "build-merge": f"{base}-merged", **{d: f"{base}-expert-{d}" for d in domains}}
 
 

@@ -21,8 +21,9 @@ def write_pipeline_report(summary: dict, extension: dict | None = None) -> dict[
     if extension is not None:
         results["extension"] = {
             "perplexity": extension["metrics"], "baselines": {"before": "before"},
-            "note": f"`before`: the MoE; `expert:{extension['domain']}`: the new dense expert; `after`: the "
-                    f"extended MoE after its finetune (registered version {extension['registered_version']}).",
+            "note": f"`before`: the MoE; `expert:{extension['domain']}`: the new dense expert; `appended`: the MoE "
+                    "with the new expert appended, before finetuning; `after`: the extended MoE after its "
+                    f"finetune (registered version {extension['registered_version']}).",
         }
         results["routing"] = {**results["routing"],
                               f"moe:nexus+{extension['domain']}": extension["routing_analysis"]["after"]}

@@ -181,7 +181,7 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
 @task(task_run_name="build-{kind}", **CACHED)
 def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], embeddings: dict[str, str] | None = None,
                 moe_options: dict | None = None, lam: float | None = None, metadata: dict | None = None,
-                tracking: dict | None = None) -> str:
+                init_seed: int = 0, tracking: dict | None = None) -> str:
     """Combine checkpoints (nexus.upcycling): kind `nexus`/`linear` (upcycle), `merge` (dense merge),
     `sparse` (sparse upcycling of the seed), `extend` (`experts` = {"moe": path, <new domain>: path})."""
     from nexus.checkpoint import load_checkpoint, save_checkpoint
@@ -194,16 +194,17 @@ def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], emb
     emb = load_domain_embeddings(list(embeddings.values()), names)[1] if embeddings else None
     if kind == "extend":
         model = extend(load["moe"], load[names[0]], domain_embedding=emb[0] if emb is not None else None,
-                          name=names[0], lam=lam)
+                       name=names[0], lam=lam, init_seed=init_seed)
     elif kind == "merge":
         model = merge_dense(load_checkpoint(seed), [load[n] for n in names])
     elif kind == "sparse":
-        model = sparse_upcycle(load_checkpoint(seed), len(names), **opts)
+        model = sparse_upcycle(load_checkpoint(seed), len(names), init_seed=init_seed, **opts)
     else:
         model = upcycle(load_checkpoint(seed), [load[n] for n in names], domain_embeddings=emb,
-                           router=kind, expert_names=names, **opts)
+                        router=kind, expert_names=names, init_seed=init_seed, **opts)
     inputs = {"seed": seed, **{f"expert:{n}": p for n, p in experts.items()}}
-    with tracked(tracking, "upcycle" if kind != "extend" else "extend", f"build-{kind}", {"kind": kind, **opts},
+    with tracked(tracking, "upcycle" if kind != "extend" else "extend", f"build-{kind}",
+                 {"kind": kind, "init_seed": init_seed, **opts},
                  inputs) as run:
         path = save_checkpoint(model, out_dir, metadata={**(metadata or {}), "built": kind},
                                extra_files={TOKENIZER_FILE: Path(seed) / TOKENIZER_FILE})

@@ -4,7 +4,8 @@
   the layer-averaged routing metric (the paper's Figures 4/5);
 - `plot_routing_layers`: the same heatmap for every MoE layer;
 - `plot_embedding_similarity`: domain vs projected expert embedding cosine similarities (Figure 8);
-- `plot_perplexity`: held-out perplexity per domain, one bar per model.
+- `plot_perplexity`: held-out perplexity per domain, one bar per model;
+- `plot_curves`: mean ± spread curves, one panel per quantity (e.g. perplexity vs finetuning budget).
 """
 from __future__ import annotations
 
@@ -111,4 +112,23 @@ def plot_perplexity(table: Mapping[str, Mapping[str, float]], path: str | Path,
     _grouped_bars(ax, values, domains, models)
     ax.set(xlabel="held-out domain", ylabel=ylabel, title=title)
     ax.legend(title="model", fontsize=9, title_fontsize=10)
+    return _save(fig, path)
+
+
+def plot_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]],
+                path: str | Path, xlabel: str, ylabels: Mapping[str, str], title: str = "",
+                references: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """panels: {panel title: {series: (x, mean, spread)}}: one line with error bars per series;
+    `references`: {panel title: {label: y}} drawn as dashed horizontal lines."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, (x, mean, spread) in series.items():
+            ax.errorbar(x, mean, yerr=spread, marker="o", capsize=4, label=label)
+        for i, (label, y) in enumerate((references or {}).get(name, {}).items()):
+            ax.axhline(y, linestyle="--", color=f"C{len(series) + i}", label=label)
+        ax.set(title=name, xlabel=xlabel, ylabel=ylabels[name])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
