@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps demo test test-all bench clean
+.PHONY: install system-deps demo test test-all bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test-all: install system-deps
 
 bench: install
 	$(PY) -m benchmarks
+
+# The paper's experiment at CPU scale (docs/results.md); e.g. `make reproduce ARGS="--seeds 0"`.
+reproduce: install
+	$(PY) -m flows.reproduce $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

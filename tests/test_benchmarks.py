@@ -13,3 +13,24 @@ def test_benchmark_smoke(module, tmp_path):
     (result,) = tmp_path.glob("*-smoke.json")
     payload = json.loads(result.read_text())
     assert payload["machine"]["torch"] and payload["rows"]
+
+
+def test_interval_arithmetic_of_the_pipeline_benchmark():
+    from benchmarks.bench_pipeline import intersect, length, union
+
+    assert union([(3, 4), (0, 2), (1, 2.5)]) == [(0, 2.5), (3, 4)]
+    assert length([(0, 2), (1, 3), (5, 6)]) == 4
+    assert intersect([(0, 3), (5, 8)], [(2, 6)]) == [(2, 3), (5, 6)]
+
+
+def test_pipeline_benchmark_splits_wall_time_into_compute_and_the_rest(prefect_harness, tmp_path):
+    from benchmarks import bench_pipeline
+
+    summary = bench_pipeline.main(["--smoke", "--out", str(tmp_path)])
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "bench_pipeline-smoke.json").read_text())["rows"]}
+    assert rows["training"]["calls"] == 5  # seed, 2 experts, 2 MoEs (micro: nexus + linear)
+    assert rows["evaluation"]["calls"] >= 1 and rows["data preparation"]["calls"] >= 1
+    assert all(r["union_s"] <= r["sum_s"] + 0.1 for r in rows.values())
+    assert 0 < summary["compute_s"] < summary["wall_s"]
+    assert abs(summary["compute_s"] + summary["other_s"] - summary["wall_s"]) < 0.2
+    assert rows["training"]["peak_rss_mb"] > 100
