@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig, as_dict, check_domain_folder, compose
 from flows.pipeline import knob_overrides, registry_names, states_of, tracking_context, write_summary
-from flows.tasks import TOKENIZER_FILE, build_model, embed_domain, evaluate_models, prepare_data, train_stage
+from flows.tasks import TOKENIZER_FILE, build_model, embed_domain, evaluate_models, prepare_data, submit, train_stage
 from nexus.checkpoint import read_checkpoint_config
 from nexus.data.cache import fingerprint as hash_json
 from nexus.errors import ConfigError
@@ -90,18 +90,18 @@ def run_extension(cfg: PipelineConfig, moe_ref: str | None, domain: str, folder:
                                   keep=[] if folder else [domain], extra={domain: folder} if folder else None,
                                   tokenizer_path=str(Path(moe) / TOKENIZER_FILE)).result()
         fp = new["fingerprints"][domain]
-        futures = {"expert": train_stage.submit(
+        futures = {"expert": submit(train_stage,
             "expert", domain, as_dict(cfg.train.expert), new["dir"], {domain: 1.0}, str(shared / "expert"),
             hash_json([fp]), init_checkpoint=meta["seed_checkpoint"], val_domains=[domain],
             torch_threads=cfg.torch_threads, tracking=track),
-            "embed": embed_domain.submit(new["dir"], new["config"]["embedding"], domain, fp)}
+            "embed": submit(embed_domain, new["dir"], new["config"]["embedding"], domain, fp)}
         expert = futures["expert"].result()["checkpoint"]
-        futures["build-extend"] = build_model.submit(
+        futures["build-extend"] = submit(build_model,
             "extend", str(out / "extended"), meta["seed_checkpoint"], {"moe": moe, domain: expert},
             {domain: futures["embed"].result()}, metadata={**meta, "domains": [*names, domain]},
             init_seed=cfg.router.init_seed, tracking=track)
         weights = _extension_weights(meta["data_dir"], names, new, domain)
-        futures["finetune"] = train_stage.submit(
+        futures["finetune"] = submit(train_stage,
             "extension", f"extended-{domain}", as_dict(cfg.train.extension), meta["data_dir"], weights,
             str(out / "finetuned"), hash_json([fp, weights]), init_checkpoint=futures["build-extend"].result(),
             val_domains=[*names, domain], extra_dirs={domain: new["dir"]},

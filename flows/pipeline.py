@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from flows.config import PipelineConfig, as_dict, compose
 from flows.report import write_pipeline_report
 from flows.runners import make_runner
-from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, train_stage
+from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, submit, train_stage
 from nexus.data.cache import fingerprint as hash_json
 from nexus.errors import ConfigError
 
@@ -56,11 +56,11 @@ def expert_phase(data: dict, seed: str, train: dict, out_dir: str, torch_threads
     """Phase 1: one expert per domain (from the seed) and one domain embedding per domain, all
     submitted at once to the flow's task runner."""
     domains = list(data["fingerprints"])
-    experts = {d: train_stage.submit("expert", d, train, data["dir"], {d: 1.0}, f"{out_dir}/experts/{d}",
+    experts = {d: submit(train_stage, "expert", d, train, data["dir"], {d: 1.0}, f"{out_dir}/experts/{d}",
                                      hash_json([data["fingerprints"][d]]), init_checkpoint=seed,
                                      val_domains=[d], torch_threads=torch_threads, tracking=tracking)
                for d in domains}
-    embeds = {d: embed_domain.submit(data["dir"], data["config"]["embedding"], d, data["fingerprints"][d]) for d in domains}
+    embeds = {d: submit(embed_domain, data["dir"], data["config"]["embedding"], d, data["fingerprints"][d]) for d in domains}
     return {"experts": {d: f.result() for d, f in experts.items()},
             "embeddings": {d: f.result() for d, f in embeds.items()},
             "states": {**{f"expert-{d}": f.state.name for d, f in experts.items()},
@@ -97,7 +97,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         else:
             model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
             seed_weights = _weights("seed", data, cfg.data.seed_domains)
-            futures["seed"] = train_stage.submit(
+            futures["seed"] = submit(train_stage,
                 "seed", "seed", as_dict(cfg.train.seed), data["dir"], seed_weights, str(out / "seed"),
                 _fp(data, seed_weights), model=model, val_domains=list(seed_weights), torch_threads=cfg.torch_threads,
                 tracking=track)
@@ -138,13 +138,13 @@ def moe_phase(cfg: PipelineConfig, data: dict, seed: str, experts: dict[str, str
     train every MoE on the mix (`weights`, default: the data config's MoE mix). Returns the futures
     (builds, trained MoEs), keyed by kind."""
     kinds = list(cfg.router.routers) + (["sparse"] if cfg.router.sparse_upcycling else [])
-    builds = {k: build_model.submit(k, str(out / "upcycled" / k), seed, experts, embeddings, cfg.router.moe_options(),
+    builds = {k: submit(build_model, k, str(out / "upcycled" / k), seed, experts, embeddings, cfg.router.moe_options(),
                                     metadata=meta, init_seed=cfg.router.init_seed, tracking=track) for k in kinds}
     if cfg.router.dense_merge:
-        builds["merge"] = build_model.submit("merge", str(out / "merged"), seed, experts, metadata=meta,
+        builds["merge"] = submit(build_model, "merge", str(out / "merged"), seed, experts, metadata=meta,
                                              tracking=track)
     weights = weights or _weights("moe", data)
-    trained = {k: train_stage.submit("moe", k, as_dict(cfg.train.moe), data["dir"], weights, str(out / "moe" / k),
+    trained = {k: submit(train_stage, "moe", k, as_dict(cfg.train.moe), data["dir"], weights, str(out / "moe" / k),
                                      _fp(data, weights), init_checkpoint=builds[k].result(),
                                      val_domains=list(data["fingerprints"]), metadata=meta,
                                      torch_threads=cfg.torch_threads, tracking=track) for k in kinds}
@@ -158,7 +158,7 @@ def continued_seed(cfg: PipelineConfig, data: dict, seed: str, out: Path, meta: 
         + cfg.train.moe.max_steps * cfg.train.moe.batch_size
     train = dataclasses.replace(cfg.train.moe, max_steps=-(-tokens // cfg.train.moe.batch_size))
     weights = _weights("moe", data)
-    return train_stage.submit("seed", "seed-continued", as_dict(train), data["dir"], weights,
+    return submit(train_stage, "seed", "seed-continued", as_dict(train), data["dir"], weights,
                               str(out / "seed-continued"), _fp(data, weights), init_checkpoint=seed,
                               val_domains=list(data["fingerprints"]), metadata=meta,
                               torch_threads=cfg.torch_threads, tracking=track)

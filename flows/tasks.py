@@ -53,6 +53,19 @@ def _source(fn: Any) -> str:
 
 CACHED = {"retries": 1, "retry_delay_seconds": 2, "cache_key_fn": input_key, "persist_result": True}
 
+OUTPUTS = {"train_stage": lambda p: Path(p["out_dir"]), "build_model": lambda p: Path(p["out_dir"]),
+           "embed_domain": lambda p: Path(p["data_dir"]) / "embeddings"}
+"""Where each cached task writes: a cached result is a path into it."""
+
+
+def submit(task_: Any, *args: Any, **kwargs: Any) -> Any:
+    """`task_.submit(...)`, but a task whose output folder is gone (deleted by hand, or a new disk)
+    runs again instead of returning its cached path to nothing."""
+    output = OUTPUTS.get(task_.name)
+    if output is not None and not output(inspect.signature(task_.fn).bind(*args, **kwargs).arguments).exists():
+        task_ = task_.with_options(refresh_cache=True)
+    return task_.submit(*args, **kwargs)
+
 
 def _threads(n: int) -> None:
     if n:

@@ -87,6 +87,19 @@ def test_corrupt_expert_under_warm_cache(prefect_harness, tmp_path):
     load_checkpoint(out / LORE)  # rebuilt, so it verifies
 
 
+def test_deleted_outputs_under_warm_cache(prefect_harness, tmp_path):
+    """Outputs deleted by hand after a run: the cached tasks that made them run again rather than
+    return paths to nothing."""
+    out = tmp_path / "out"
+    _pipeline(out)
+    first = stage_digests(out)
+    shutil.rmtree(out / "experts" / "lore")
+    shutil.rmtree(out / "upcycled")
+    shutil.rmtree(out / "data" / "main" / "embeddings")
+    _pipeline(out)
+    assert stage_digests(out) == first
+
+
 def test_corrupt_resume_checkpoint(finished, tmp_path):
     """An interrupted expert (model/ absent) whose Lightning last.ckpt was cut short by the crash."""
     out = _copy(finished, tmp_path)
