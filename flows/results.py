@@ -187,10 +187,11 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     before = {panel: {} for panel in curves}
     for router in rep.routers:
         old = [average(p, rep.domains) for p in rep.extension(router, rep.budgets[0], "before")]
-        before["initial domains (average)"][f"moe:{router} before extension"] = mean_std(old)[0]
+        before["initial domains (average)"][router] = mean_std(old)[0]
     paths["extension"] = plot_curves(curves, fig / "extension_curves.png", "finetuning tokens (thousands)",
                                      {p: "held-out perplexity" for p in curves},
-                                     f"Extension with `{rep.new}`: mean ± std over seeds {seeds}", before)
+                                     f"Extension with `{rep.new}`: mean ± std over seeds {seeds}", before,
+                                     "{} MoE before the extension")
     for router in rep.routers:
         paths[f"routing_{router}"] = plot_routing(
             RoutingAnalysis.from_dict(first["pipeline"]["routing_analysis"][f"moe:{router}"]),
@@ -205,6 +206,7 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
             "Domain embeddings d_i vs expert embeddings e_i (cosine)")
 
     lines = [f"# Results: `{results['experiment']}`, seeds {seeds}", "",
+             f"Regenerate: `{command(results)}`.", "",
              f"Wall time {results.get('seconds', 0) / 60:.1f} min; per replicate "
              + ", ".join(f"seed {s}: {r['seconds'] / 60:.1f} min" for s, r in results["replicates"].items()) + ".",
              "Every cell: mean ± standard deviation over the seeds. Perplexity on the held-out test split.", "",
@@ -224,5 +226,32 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     return paths
 
 
+def command(results: Mapping[str, Any]) -> str:
+    """The `python -m flows.reproduce` command line that produces `results`."""
+    ablations = " ".join(map(str, results["ablations"])) if results["ablations"] else ""
+    return " ".join(["python -m flows.reproduce", f"--experiment {results['experiment']}",
+                     "--seeds", *map(str, results["seeds"]), "--budgets", *map(str, results["budgets"]),
+                     f"--ablation-seeds {ablations}".rstrip(), *results["overrides"]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.results RESULTS_JSON [OUT_DIR]`: rewrite the tables and figures of a run."""
+    import json
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m flows.results RESULTS_JSON [OUT_DIR]", file=sys.stderr)
+        return 2
+    source = Path(args[0])
+    paths = write_results(json.loads(source.read_text()), args[1] if len(args) > 1 else source.parent / "results")
+    print(paths["markdown"])
+    return 0
+
+
 def mean_std_row(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {k: mean_std(r[k] for r in rows)[0] for k in rows[0]}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

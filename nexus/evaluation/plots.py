@@ -117,15 +117,16 @@ def plot_perplexity(table: Mapping[str, Mapping[str, float]], path: str | Path,
 
 def plot_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]],
                 path: str | Path, xlabel: str, ylabels: Mapping[str, str], title: str = "",
-                references: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+                references: Mapping[str, Mapping[str, float]] | None = None, reference_label: str = "{} (reference)") -> Path:
     """panels: {panel title: {series: (x, mean, spread)}}: one line with error bars per series;
-    `references`: {panel title: {label: y}} drawn as dashed horizontal lines."""
+    `references`: {panel title: {series: y}}, a dashed horizontal line in that series' colour,
+    labelled `reference_label.format(series)`."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (name, series) in zip(axes[0], panels.items()):
-        for label, (x, mean, spread) in series.items():
-            ax.errorbar(x, mean, yerr=spread, marker="o", capsize=4, label=label)
-        for i, (label, y) in enumerate((references or {}).get(name, {}).items()):
-            ax.axhline(y, linestyle="--", color=f"C{len(series) + i}", label=label)
+        for i, (label, (x, mean, spread)) in enumerate(series.items()):
+            ax.errorbar(x, mean, yerr=spread, marker="o", capsize=4, label=label, color=f"C{i}")
+            if label in (references or {}).get(name, {}):
+                ax.axhline(references[name][label], linestyle="--", color=f"C{i}", label=reference_label.format(label))
         ax.set(title=name, xlabel=xlabel, ylabel=ylabels[name])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
