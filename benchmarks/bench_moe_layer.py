@@ -98,8 +98,12 @@ def gemm_peak(tokens: int, d: int, hidden: int) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--ffn-mult", type=float, default=1.0, help="expert hidden f = ffn_mult · d_model")
+    p.add_argument("--profile", nargs=4, type=int, metavar=("D_MODEL", "TOKENS", "N", "K"),
+                   help="instead of the sweep: torch.profiler table of our layer and the dense-equivalent at one shape")
     args = p.parse_args(argv)
     setup(args)
+    if args.profile:
+        return profile(*args.profile, args.ffn_mult)
     sweep = SMOKE if args.smoke else QUICK if args.quick else FULL
     rows: list[dict] = []
     for d in sweep["d_model"]:
@@ -144,6 +148,28 @@ def main(argv: list[str] | None = None) -> dict:
                          rows, summary)
     print(f"summary: {summary}\nwrote {path}")
     return summary
+
+
+def profile(d: int, tokens: int, n: int, k: int, ffn_mult: float = 1.0, steps: int = 5) -> dict:
+    """Where the time goes: self CPU time per op over `steps` fwd+bwd calls, ours vs dense-equivalent."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    f = int(ffn_mult * d)
+    x, grad_y = torch.randn(tokens, d, requires_grad=True), torch.randn(tokens, d)
+    layer = MoELayer(d, f, MoEConfig(expert_names=[f"e{i}" for i in range(n)], router="linear", top_k=k))
+    out = {}
+    for name, module in {"nexus": layer, "dense": FeedForward(d, (1 + k) * f)}.items():
+        run = fwd_bwd(module, x, grad_y)
+        run()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                run()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        print(f"\n## {name}: d_model {d}, {tokens} tokens, {n} experts, top-{k}\n{table}")
+        out[name] = sum(e.self_cpu_time_total for e in prof.key_averages()) / steps / 1e3
+    print(f"ms per fwd+bwd: {out}; MoE / dense time: {out['nexus'] / out['dense']:.3f}")
+    return out
 
 
 def summarize(rows: list[dict]) -> dict:
