@@ -48,8 +48,9 @@ def test_extension_and_mlflow_records(runs):
     client = MlflowClient(uri)
     assert read_checkpoint_config(extended["extended"])["model"]["moe"]["expert_names"] == [
         "dictionary", "lore", "code"]
-    assert set(extended["perplexity"]) == {"before", "expert:code", "after"}
+    assert set(extended["perplexity"]) == {"before", "expert:code", "appended", "after"}  # appended: no finetune
     assert "code" in extended["perplexity"]["after"]
+    assert extended["routing"]["appended"]["experts"] == ["dictionary", "lore", "code"]
     versions = client.search_model_versions("name = 'nexus-micro-moe'")
     assert before[0] == 1 and extended["moe_version"] == "1"
     new = max(before) + 1  # the session's MoE is shared (test_inbox may extend it too)
