@@ -107,7 +107,7 @@ def extension_rows(rep: Replicates) -> tuple[list[str], dict]:
             stats = [mean_std(value(p) for p in per_seed) for _, per_seed in points]
             curves[panel][router] = (x, [m for m, _ in stats], [s for _, s in stats])
     header = ["router", "finetune steps", "tokens", f"`{rep.new}` ppl", "initial domains avg ppl",
-              "initial domains vs before extension"]
+              "initial domains: gain over the MoE before the extension"]
     return _table(header, rows), curves
 
 
@@ -135,9 +135,10 @@ def routing_table(rep: Replicates) -> list[str]:
         shares = [RoutingAnalysis.from_dict(run["pipeline"]["routing_analysis"][f"moe:{router}"]).own_expert_share()
                   for run in rep.runs]
         rows.append([f"`moe:{router}`", *(fmt((s[d] for s in shares), 2) for d in rep.domains), "–"])
-        for steps in rep.budgets:
-            ext = [RoutingAnalysis.from_dict(run["extensions"][f"{router}/{steps}"]["routing_analysis"]["after"])
-                   .own_expert_share() for run in rep.runs]
+        for steps in [0, *rep.budgets]:
+            key, model = (f"{router}/{rep.budgets[0]}", "appended") if steps == 0 else (f"{router}/{steps}", "after")
+            ext = [RoutingAnalysis.from_dict(run["extensions"][key]["routing_analysis"][model]).own_expert_share()
+                   for run in rep.runs]
             rows.append([f"`moe:{router}` + `{rep.new}`, {steps} steps", *(fmt((s[d] for s in ext), 2) for d in rep.domains),
                          fmt((s[rep.new] for s in ext), 2)])
     return _table(["model", *rep.domains, rep.new], rows)
