@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(f"pipeline `{result['experiment']}`: wall {result['wall_s']} s, model compute {result['compute_s']} s, "
                 f"everything else {result['other_s']} s ({100 * result['other_fraction']:.1f} %, target <= 10 %), "
                 f"peak RSS {result['peak_rss_mb']} MB", rows, ["stage", "calls", "sum_s", "union_s", "peak_rss_mb"])
-    path = write_results("bench_pipeline", args, {"experiment": result["experiment"], "quick": args.quick}, rows, result)
+    path = write_results("pipeline", args, {"experiment": result["experiment"], "quick": args.quick}, rows, result)
     print(f"-> {path}")
     return result
 

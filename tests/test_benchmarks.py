@@ -27,7 +27,7 @@ def test_pipeline_benchmark_splits_wall_time_into_compute_and_the_rest(prefect_h
     from benchmarks import bench_pipeline
 
     summary = bench_pipeline.main(["--smoke", "--out", str(tmp_path)])
-    rows = {r["stage"]: r for r in json.loads((tmp_path / "bench_pipeline-smoke.json").read_text())["rows"]}
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "pipeline-smoke.json").read_text())["rows"]}
     assert rows["training"]["calls"] == 5  # seed, 2 experts, 2 MoEs (micro: nexus + linear)
     assert rows["evaluation"]["calls"] >= 1 and rows["data preparation"]["calls"] >= 1
     assert all(r["union_s"] <= r["sum_s"] + 0.1 for r in rows.values())
