@@ -65,9 +65,6 @@ class Replicates:
             out.append({**row, "average": average(row, self.domains)})
         return out
 
-    def over_seeds(self, fn: Callable[[dict], float]) -> list[float]:
-        return [fn(run) for run in self.runs]
-
     def extension(self, router: str, steps: int, model: str = "after") -> list[dict[str, float]]:
         return [run["extensions"][f"{router}/{steps}"]["perplexity"][model] for run in self.runs]
 
@@ -117,8 +114,7 @@ def extension_gains(rep: Replicates) -> list[str]:
     rows = []
     for steps in ["appended", *rep.budgets]:
         model, budget = ("appended", rep.budgets[0]) if steps == "appended" else ("after", steps)
-        pairs = zip(rep.extension("nexus", budget, model), rep.extension("linear", budget, model))
-        pairs = list(pairs)
+        pairs = list(zip(rep.extension("nexus", budget, model), rep.extension("linear", budget, model)))
         rows.append([steps if steps != "appended" else "0 (appended)",
                      fmt((gain(n[rep.new], lin[rep.new]) for n, lin in pairs), 1, True),
                      fmt((gain(average(n, rep.domains), average(lin, rep.domains)) for n, lin in pairs), 1, True)])
