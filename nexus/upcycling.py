@@ -153,10 +153,11 @@ def sparse_upcycle(dense: Transformer, n_experts: int, top_k: int = 1, shared_ex
 
 def _new_model(config: ModelConfig, like: Transformer, init_seed: int) -> Transformer:
     """A model for `config` on `like`'s device and dtype. Its initial values (kept only where nothing
-    is copied in: the router) come from `init_seed`, without touching the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
+    is copied in: the router) come from `init_seed` through a private generator, so builds running
+    in parallel threads (the flows' upcycling tasks) stay deterministic."""
+    with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG: leave it as it was
         model = Transformer(config)
+    model.reinit_(torch.Generator().manual_seed(init_seed))
     return model.to(device=like.tok_emb.weight.device, dtype=like.tok_emb.weight.dtype)
 
 

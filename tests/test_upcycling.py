@@ -184,3 +184,28 @@ def test_fresh_router_initialisation_is_deterministic_and_leaves_global_rng_alon
     new = dense()
     assert torch.equal(extend(a, new).state_dict()["blocks.0.ffn.router.weight"],
                        extend(b, new).state_dict()["blocks.0.ffn.router.weight"])
+
+
+def test_router_initialisation_is_deterministic_under_threads(family):
+    """The flows build MoEs in parallel threads while other threads use torch's global RNG."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    seed, experts, D = family
+    reference = upcycle(seed, experts, domain_embeddings=D, router="nexus").state_dict()
+    stop = threading.Event()
+
+    def draw() -> None:  # another stage consuming (and seeding) the global generator meanwhile
+        while not stop.is_set():
+            torch.manual_seed(7)
+            torch.randn(64, 64)
+
+    with ThreadPoolExecutor(4) as pool:
+        noise = [pool.submit(draw) for _ in range(2)]
+        built = [pool.submit(upcycle, seed, experts, domain_embeddings=D, router="nexus") for _ in range(6)]
+        states = [f.result().state_dict() for f in built]
+        stop.set()
+        [f.result() for f in noise]
+    for state in states:
+        for key, tensor in reference.items():
+            assert torch.equal(state[key], tensor), key

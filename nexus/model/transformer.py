@@ -114,6 +114,10 @@ class ModelOutput:
     """Per MoE layer: which experts each token went to, with what probabilities."""
 
 
+RESIDUAL_PROJECTIONS = ("attn.wo.weight", "ffn.w_out.weight", "shared.w_out.weight", "experts.w_out")
+"""Parameters initialised with std `init_std / sqrt(2 · n_layers)` (GPT-2)."""
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -132,8 +136,19 @@ class Transformer(nn.Module):
             self.domain_embeddings = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith(("attn.wo.weight", "ffn.w_out.weight", "shared.w_out.weight", "experts.w_out")):
+            if name.endswith(RESIDUAL_PROJECTIONS):
                 nn.init.normal_(p, std=config.init_std / math.sqrt(2 * config.n_layers))
+
+    @torch.no_grad()
+    def reinit_(self, generator: torch.Generator) -> Transformer:
+        """Draw every weight matrix again from `generator`, with `__init__`'s distributions (normal,
+        `init_std`, residual projections scaled by depth). Seeded initialisation through a private
+        generator cannot race with other threads on the global random state."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = math.sqrt(2 * self.config.n_layers) if name.endswith(RESIDUAL_PROJECTIONS) else 1.0
+                p.normal_(0.0, self.config.init_std / scale, generator=generator)
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
