@@ -133,17 +133,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def moe_phase(cfg: PipelineConfig, data: dict, seed: str, experts: dict[str, str], embeddings: dict[str, str],
-              out: Path, meta: dict, track: dict | None, weights: dict[str, float] | None = None) -> tuple[dict, dict]:
+              out: Path, meta: dict, track: dict | None) -> tuple[dict, dict]:
     """Phase 2: upcycle (one MoE per router, plus the sparse-upcycling and dense-merge baselines), then
-    train every MoE on the mix (`weights`, default: the data config's MoE mix). Returns the futures
-    (builds, trained MoEs), keyed by kind."""
+    train every MoE on the data config's MoE mix. Returns the futures (builds, trained MoEs), keyed by kind."""
     kinds = list(cfg.router.routers) + (["sparse"] if cfg.router.sparse_upcycling else [])
     builds = {k: submit(build_model, k, str(out / "upcycled" / k), seed, experts, embeddings, cfg.router.moe_options(),
                                     metadata=meta, init_seed=cfg.router.init_seed, tracking=track) for k in kinds}
     if cfg.router.dense_merge:
         builds["merge"] = submit(build_model, "merge", str(out / "merged"), seed, experts, metadata=meta,
                                              tracking=track)
-    weights = weights or _weights("moe", data)
+    weights = _weights("moe", data)
     trained = {k: submit(train_stage, "moe", k, as_dict(cfg.train.moe), data["dir"], weights, str(out / "moe" / k),
                                      _fp(data, weights), init_checkpoint=builds[k].result(),
                                      val_domains=list(data["fingerprints"]), metadata=meta,
