@@ -7,7 +7,8 @@ expert from one seed):
    load-balancing factor), dense merge, the data-matched continued seed;
 2. `extend_with_expert` with the held-out domain, for both routers, at each finetuning budget;
 3. (`ablation_seeds`) the paper's two ablations of the MoE stage: load-balancing factor 0.0005
-   (default 0.05) and uniform instead of size-proportional domain sampling.
+   (default 0.05) and uniform instead of size-proportional domain sampling; and the extension's
+   finetuning mix (new-domain share 0.25 and 0.75 instead of 0.5) at the middle budget.
 
 Everything lands in `<out_dir>/results.json` (written after every replicate), then
 `flows.results.write_results` turns it into `<out_dir>/results/results.md` and its figures.
@@ -31,6 +32,7 @@ from flows.pipeline import moe_phase, tracking_context, upcycle_pipeline
 from flows.tasks import evaluate_models, prepare_data
 
 ABLATIONS = {"load-balance 0.0005": ["router.load_balance_coef=0.0005"], "uniform sampling": ["data.weighting=uniform"]}
+EXTENSION_ABLATIONS = {f"new share {share}": [f"data.extension_new_share={share}"] for share in (0.25, 0.75)}
 
 
 def replicate_overrides(seed: int, out_dir: Path, seed_model: str | None) -> list[str]:
@@ -82,7 +84,7 @@ def reproduce_paper(experiment: str = "small", overrides: list[str] | None = Non
     base = compose(experiment, overrides)
     root = Path(base.out_dir).resolve()
     results: dict = {"experiment": experiment, "overrides": overrides, "seeds": seeds, "budgets": budgets,
-                     "domain": domain, "replicates": {}, "ablations": {},
+                     "domain": domain, "replicates": {}, "ablations": {}, "extension_ablations": {},
                      "tokens_per_step": base.train.extension.batch_size * (base.data.seq_len or base.model.max_seq_len)}
     start, seed_model = time.time(), None
     for seed in seeds:
@@ -92,15 +94,22 @@ def reproduce_paper(experiment: str = "small", overrides: list[str] | None = Non
         seed_model = seed_model or pipeline["checkpoints"]["seed"]
         routers = [k.removeprefix("moe:") for k in pipeline["checkpoints"] if k.startswith("moe:")]
         # the extensions run one after another: give each the whole machine (0: torch's default threads)
-        extensions = {f"{router}/{steps}": extend_with_expert(
-            experiment, [*run, "torch_threads=0"], moe=pipeline["checkpoints"][f"moe:{router}"], domain=domain,
-            finetune_steps=steps, tag=f"{router}-{steps}") for router in routers for steps in budgets}
+        def extend(router: str, steps: int, extra: tuple[str, ...] = (), suffix: str = "") -> dict:
+            return extend_with_expert(experiment, [*run, "torch_threads=0", *extra], domain=domain,
+                                      moe=pipeline["checkpoints"][f"moe:{router}"], finetune_steps=steps,
+                                      tag=f"{router}-{steps}{suffix}")
+
+        extensions = {f"{router}/{steps}": extend(router, steps) for router in routers for steps in budgets}
         results["replicates"][str(seed)] = {"pipeline": pipeline, "extensions": extensions,
                                             "seconds": round(time.time() - began, 1)}
         if seed in ablation_seeds:
             results["ablations"][str(seed)] = {
                 name: moe_ablation(experiment, [*run, *extra], name, pipeline["checkpoints"])
                 for name, extra in ABLATIONS.items()}
+            mid = budgets[len(budgets) // 2]
+            results["extension_ablations"][str(seed)] = {
+                name: {router: extend(router, mid, tuple(extra), "-" + name.replace(" ", "-")) for router in routers}
+                for name, extra in EXTENSION_ABLATIONS.items()}
         results["seconds"] = round(time.time() - start, 1)
         atomic_write_text(root / "results.json", json.dumps(results, indent=1, default=str))
         log.info("replicate %d done in %.0f s", seed, time.time() - began)

@@ -167,6 +167,31 @@ def ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
                    "linear own-domain share"], rows)
 
 
+def extension_ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
+    """The finetuning mix at the middle budget: the replicate's default (new share 0.5) vs the ablations."""
+    ablations = results.get("extension_ablations", {})
+    seeds = list(ablations)
+    if not seeds:
+        return []
+    mid = rep.budgets[len(rep.budgets) // 2]
+    variants: dict[str, Callable[[str, str], dict]] = {
+        "new share 0.5 (default)": lambda s, router: results["replicates"][s]["extensions"][f"{router}/{mid}"]}
+    for name in ablations[seeds[0]]:
+        variants[name] = lambda s, router, name=name: ablations[s][name][router]
+    rows = []
+    for name, source in variants.items():
+        row = [name]
+        for router in rep.routers:
+            after = [source(s, router)["perplexity"]["after"] for s in seeds]
+            before = [average(source(s, router)["perplexity"]["before"], rep.domains) for s in seeds]
+            old = [average(p, rep.domains) for p in after]
+            row += [fmt(p[rep.new] for p in after), fmt(old), fmt((gain(o, b) for o, b in zip(old, before)), 1, True)]
+        rows.append(row)
+    header = ["finetuning mix", *(f"{r}: {c}" for r in rep.routers for c in
+                                  (f"`{rep.new}` ppl", "initial avg ppl", "initial vs before"))]
+    return _table(header, rows)
+
+
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write `results.md` and `figures/*.png` for a `reproduce_paper` result; returns their paths."""
     from nexus.evaluation.embeddings import EmbeddingGeometry
@@ -218,6 +243,10 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     ablations = ablation_table(results, rep)
     if ablations:
         lines += ["", f"## Ablations of the MoE stage (seeds {', '.join(results['ablations'])})", "", *ablations]
+    mixes = extension_ablation_table(results, rep)
+    if mixes:
+        lines += ["", f"## Ablation of the extension's finetuning mix ({rep.budgets[len(rep.budgets) // 2]} steps, "
+                  f"seeds {', '.join(results['extension_ablations'])})", "", *mixes]
     paths["markdown"] = out / "results.md"
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
     return paths

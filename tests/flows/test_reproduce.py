@@ -69,12 +69,26 @@ def test_ablations_change_only_the_moe_stage(reproduction):
     assert uniform != results["replicates"]["1"]["pipeline"]["perplexity"]["moe:nexus"]
 
 
+def test_finetuning_mix_ablation_changes_only_the_extension_mix(reproduction):
+    _, results = reproduction
+    assert list(results["extension_ablations"]) == ["1"]
+    mixes = results["extension_ablations"]["1"]
+    assert set(mixes) == {"new share 0.25", "new share 0.75"}
+    default = results["replicates"]["1"]["extensions"]["nexus/3"]  # the middle of budgets [2, 3]
+    for mix in mixes.values():
+        assert set(mix) == {"nexus", "linear"}
+        assert mix["nexus"]["finetune_steps"] == 3 and mix["nexus"]["tag"] != default["tag"]
+        assert mix["nexus"]["perplexity"]["appended"] == default["perplexity"]["appended"]  # same MoE + expert
+        assert mix["nexus"]["perplexity"]["after"] != default["perplexity"]["after"]
+    assert mixes["new share 0.25"]["nexus"]["perplexity"]["after"] != mixes["new share 0.75"]["nexus"]["perplexity"]["after"]
+
+
 def test_results_document_reports_the_runs(reproduction):
     out, results = reproduction
     text = (out / "results" / "results.md").read_text()
     nexus = [sum(r["pipeline"]["perplexity"]["moe:nexus"].values()) / 2 for r in results["replicates"].values()]
     assert f"| `moe:nexus` | " in text and fmt(nexus) in text
-    for section in ("Relative gain", "Extension with `code`", "Routing", "Ablations"):
+    for section in ("Relative gain", "Extension with `code`", "Routing", "Ablations", "finetuning mix"):
         assert section in text
     figures = sorted(p.name for p in (out / "results" / "figures").glob("*.png"))
     assert {"extension_curves.png", "embeddings.png", "routing_nexus_extended.png", "perplexity.png"} <= set(figures)
