@@ -222,10 +222,13 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
         paths[f"routing_{router}_extended"] = plot_routing(
             RoutingAnalysis.from_dict(ext), fig / f"routing_{router}_extended.png",
             title=f"moe:{router} + {rep.new}, {rep.budgets[-1]} finetune steps: top-1 routing share")
-    if "moe:nexus" in first["pipeline"].get("embeddings", {}):
+    # Fig. 8 with the new domain: the Nexus MoE right after `rep.new`'s expert is appended
+    appended = first["extensions"].get(f"nexus/{rep.budgets[0]}", {}).get("embeddings", {}).get("appended")
+    if appended:
         paths["embeddings"] = plot_embedding_similarity(
-            EmbeddingGeometry.from_dict(first["pipeline"]["embeddings"]["moe:nexus"]), fig / "embeddings.png",
-            "Domain embeddings d_i vs expert embeddings e_i (cosine)")
+            EmbeddingGeometry.from_dict(appended), fig / "embeddings.png",
+            f"Domain embeddings d_i vs expert embeddings e_i (cosine): moe:nexus + {rep.new}, "
+            f"appended (seed {results['seeds'][0]})")
 
     lines = [f"# Results: `{results['experiment']}`, seeds {seeds}", "",
              f"Regenerate: `{command(results)}`.", "",

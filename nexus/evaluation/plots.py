@@ -31,10 +31,10 @@ def _heatmap(fig, ax, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[st
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    threshold = vmin + 0.6 * (vmax - vmin)
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
-                color="white" if value > threshold else "black")
+        red, green, blue, _ = image.cmap(image.norm(value))
+        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # text colour from the cell's luminance
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, color="white" if dark else "black")
     fig.colorbar(image, ax=ax, label=cbar_label, fraction=0.046, pad=0.04)
 
 
