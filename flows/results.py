@@ -53,6 +53,7 @@ class Replicates:
         self.models = [m for m in MODELS if m in first["perplexity"]]
         self.routers = [m.removeprefix("moe:") for m in self.models if m.startswith("moe:")]
         self.budgets: list[int] = list(results["budgets"])
+        self.mid_budget = self.budgets[len(self.budgets) // 2]  # where the finetuning-mix ablation runs
         self.new: str = results["domain"]
 
     def ppl(self, model: str) -> list[dict[str, float]]:
@@ -173,9 +174,8 @@ def extension_ablation_table(results: Mapping[str, Any], rep: Replicates) -> lis
     seeds = list(ablations)
     if not seeds:
         return []
-    mid = rep.budgets[len(rep.budgets) // 2]
     variants: dict[str, Callable[[str, str], dict]] = {
-        "new share 0.5 (default)": lambda s, router: results["replicates"][s]["extensions"][f"{router}/{mid}"]}
+        "new share 0.5 (default)": lambda s, router: results["replicates"][s]["extensions"][f"{router}/{rep.mid_budget}"]}
     for name in ablations[seeds[0]]:
         variants[name] = lambda s, router, name=name: ablations[s][name][router]
     rows = []
@@ -248,7 +248,7 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
         lines += ["", f"## Ablations of the MoE stage (seeds {', '.join(results['ablations'])})", "", *ablations]
     mixes = extension_ablation_table(results, rep)
     if mixes:
-        lines += ["", f"## Ablation of the extension's finetuning mix ({rep.budgets[len(rep.budgets) // 2]} steps, "
+        lines += ["", f"## Ablation of the extension's finetuning mix ({rep.mid_budget} steps, "
                   f"seeds {', '.join(results['extension_ablations'])})", "", *mixes]
     paths["markdown"] = out / "results.md"
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
