@@ -94,10 +94,10 @@ def reproduce_paper(experiment: str = "small", overrides: list[str] | None = Non
         seed_model = seed_model or pipeline["checkpoints"]["seed"]
         routers = [k.removeprefix("moe:") for k in pipeline["checkpoints"] if k.startswith("moe:")]
         # the extensions run one after another: give each the whole machine (0: torch's default threads)
-        def extend(router: str, steps: int, extra: tuple[str, ...] = (), suffix: str = "") -> dict:
-            return extend_with_expert(experiment, [*run, "torch_threads=0", *extra], domain=domain,
-                                      moe=pipeline["checkpoints"][f"moe:{router}"], finetune_steps=steps,
-                                      tag=f"{router}-{steps}{suffix}")
+        def extend(router: str, steps: int, extra: list[str] | None = None, suffix: str = "",
+                   run: list[str] = run, moe: dict = pipeline["checkpoints"]) -> dict:
+            return extend_with_expert(experiment, [*run, "torch_threads=0", *(extra or [])], domain=domain,
+                                      moe=moe[f"moe:{router}"], finetune_steps=steps, tag=f"{router}-{steps}{suffix}")
 
         extensions = {f"{router}/{steps}": extend(router, steps) for router in routers for steps in budgets}
         results["replicates"][str(seed)] = {"pipeline": pipeline, "extensions": extensions,
@@ -108,7 +108,7 @@ def reproduce_paper(experiment: str = "small", overrides: list[str] | None = Non
                 for name, extra in ABLATIONS.items()}
             mid = budgets[len(budgets) // 2]
             results["extension_ablations"][str(seed)] = {
-                name: {router: extend(router, mid, tuple(extra), "-" + name.replace(" ", "-")) for router in routers}
+                name: {router: extend(router, mid, extra, "-" + name.replace(" ", "-")) for router in routers}
                 for name, extra in EXTENSION_ABLATIONS.items()}
         results["seconds"] = round(time.time() - start, 1)
         atomic_write_text(root / "results.json", json.dumps(results, indent=1, default=str))

@@ -248,8 +248,9 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
         lines += ["", f"## Ablations of the MoE stage (seeds {', '.join(results['ablations'])})", "", *ablations]
     mixes = extension_ablation_table(results, rep)
     if mixes:
-        lines += ["", f"## Ablation of the extension's finetuning mix ({rep.mid_budget} steps, "
-                  f"seeds {', '.join(results['extension_ablations'])})", "", *mixes]
+        seeds_run = ", ".join(results["extension_ablations"])
+        lines += ["", f"## Ablation of the extension's finetuning mix ({rep.mid_budget} steps, seeds {seeds_run})",
+                  "", *mixes]
     paths["markdown"] = out / "results.md"
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
     return paths

@@ -87,7 +87,7 @@ def test_results_document_reports_the_runs(reproduction):
     out, results = reproduction
     text = (out / "results" / "results.md").read_text()
     nexus = [sum(r["pipeline"]["perplexity"]["moe:nexus"].values()) / 2 for r in results["replicates"].values()]
-    assert f"| `moe:nexus` | " in text and fmt(nexus) in text
+    assert "| `moe:nexus` | " in text and fmt(nexus) in text
     for section in ("Relative gain", "Extension with `code`", "Routing", "Ablations", "finetuning mix"):
         assert section in text
     figures = sorted(p.name for p in (out / "results" / "figures").glob("*.png"))
