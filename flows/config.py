@@ -120,7 +120,7 @@ class RouterSection:
     load_balance_coef: float = 0.05
     router_hidden: int | None = None
     dispatch: str = "sorted"
-    """`sorted` (per-expert GEMMs, any device) or `grouped_mm` (one grouped GEMM, CUDA)."""
+    """`sorted` (blocked per-expert GEMMs, fastest on CPU) or `grouped_mm` (grouped GEMMs, sync-free: GPUs)."""
 
     def moe_options(self) -> dict[str, Any]:
         opts = {"top_k": self.top_k, "shared_expert": self.shared_expert, "load_balance_coef": self.load_balance_coef,

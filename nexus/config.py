@@ -36,7 +36,8 @@ class MoEConfig:
     """Router z-loss factor (ST-MoE); 0 disables it."""
     dispatch: str = "sorted"
     """`sorted`: sort tokens by expert, one matmul per expert on a contiguous slice (any device).
-    `grouped_mm`: one `torch._grouped_mm` call over all experts (CUDA)."""
+    `grouped_mm`: one `torch._grouped_mm` call per projection over all experts, in the autocast dtype,
+    with no host sync (the GPU path; torch >= 2.13 also runs it on CPU)."""
 
     @property
     def n_experts(self) -> int:
