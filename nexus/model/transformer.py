@@ -106,12 +106,14 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
-    """(B, T, vocab)"""
+    logits: torch.Tensor | None
+    """(B, T, vocab); None when `forward(..., logits=False)` (the loss then comes from `hidden`)."""
     aux_loss: torch.Tensor
     """Weighted sum of the MoE auxiliary losses over layers (0 for dense models)."""
     routing: list[RoutingInfo] = field(default_factory=list)
     """Per MoE layer: which experts each token went to, with what probabilities."""
+    hidden: torch.Tensor | None = None
+    """(B, T, d_model) the normalised final hidden states, the LM head's input."""
 
 
 RESIDUAL_PROJECTIONS = ("attn.wo.weight", "ffn.w_out.weight", "shared.w_out.weight", "experts.w_out")
@@ -156,8 +158,9 @@ class Transformer(nn.Module):
         elif hasattr(module, "reset_parameters") and not isinstance(module, Transformer):
             module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor) -> ModelOutput:
-        """idx: (B, T) token ids, T <= max_seq_len."""
+    def forward(self, idx: torch.Tensor, logits: bool = True) -> ModelOutput:
+        """idx: (B, T) token ids, T <= max_seq_len. `logits=False` skips the LM head (training computes
+        the loss from `hidden` in chunks, never holding (B, T, vocab) logits)."""
         if idx.shape[-1] > self.config.max_seq_len:
             raise ValueError(f"sequence length {idx.shape[-1]} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.tok_emb(idx)
@@ -166,9 +169,9 @@ class Transformer(nn.Module):
             x, info = block(x, self.rope, self.domain_embeddings)
             if info is not None:
                 routing.append(info)
-        logits = self.lm_head(self.norm(x))
-        aux = sum((r.aux_loss for r in routing), start=logits.new_zeros(()))
-        return ModelOutput(logits=logits, aux_loss=aux, routing=routing)
+        hidden = self.norm(x)
+        aux = sum((r.aux_loss for r in routing), start=hidden.new_zeros(()))
+        return ModelOutput(self.lm_head(hidden) if logits else None, aux, routing, hidden)
 
     def precompute_routers(self) -> None:
         """Freeze every Nexus router's `E = P_r(D)` into a plain matrix for inference; see NexusRouter."""

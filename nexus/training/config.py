@@ -9,8 +9,14 @@ import torch
 
 from nexus.errors import ConfigError
 
-RUNTIME_ONLY = ("progress_bar", "num_workers", "log_every_n_steps", "checkpoint_every_n_steps")
+RUNTIME_ONLY = ("progress_bar", "num_workers", "log_every_n_steps", "checkpoint_every_n_steps",
+                "loss_chunk_tokens", "activation_checkpointing")
+IDENTITY_IF_SET = {"grad_accum_steps": 1, "save_dtype": "float32"}
+"""Fields added later: part of a stage's identity only when not at their default, so the stages
+trained before they existed keep their fingerprints."""
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+STRATEGIES = ("auto", "ddp", "fsdp")
+SAVE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -20,7 +26,10 @@ class TrainConfig:
 
     max_steps: int = 1000
     batch_size: int = 8
-    """Sequences per optimizer step and device."""
+    """Sequences per optimizer step and device (the global batch is batch_size × devices)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step: each holds batch_size / grad_accum_steps sequences, so
+    accumulation changes the memory a step needs, not the batch it trains on."""
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     """The cosine decays from `lr` to `min_lr_ratio · lr`."""
@@ -39,8 +48,19 @@ class TrainConfig:
     seed: int = 0
     accelerator: str = "auto"
     devices: int | str = "auto"
+    """Devices (processes) of this stage: a number, or "auto" = 1 (never "all GPUs": the pipeline
+    places stages on GPUs, see docs/flows.md). More than one runs the stage as its own processes
+    (`nexus.training.launch`)."""
     strategy: str = "auto"
-    """"auto", "ddp", "fsdp", ...: distributed training is a config switch."""
+    """"auto" (one device), "ddp" or "fsdp" (FSDP2: parameters, gradients and optimizer state
+    sharded over the devices; the final checkpoint is the full model)."""
+    loss_chunk_tokens: int = 0
+    """Cross-entropy `loss_chunk_tokens` tokens at a time (`nexus.training.loss`), never holding the
+    (tokens, vocab) logits; 0: the whole micro-batch at once."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward instead of keeping its activations."""
+    save_dtype: str = "float32"
+    """dtype of the final checkpoint's weights ("bfloat16" halves it; training keeps fp32 weights)."""
     num_workers: int = 0
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
@@ -49,7 +69,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
-        for key in ("max_steps", "batch_size", "val_every_n_steps", "limit_val_batches",
+        for key in ("max_steps", "batch_size", "grad_accum_steps", "val_every_n_steps", "limit_val_batches",
                     "log_every_n_steps", "checkpoint_every_n_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -63,6 +83,25 @@ class TrainConfig:
             raise ConfigError("train.grad_clip, weight_decay and num_workers must be >= 0")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
+                              f"train.grad_accum_steps={self.grad_accum_steps}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"train.strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.devices != "auto" and (not isinstance(self.devices, int) or self.devices < 1):
+            raise ConfigError(f"train.devices must be a number >= 1 or 'auto', got {self.devices!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ConfigError(f"train.save_dtype {self.save_dtype!r} is not one of {SAVE_DTYPES}")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"train.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.devices == "auto" else int(self.devices)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
 
     @property
     def warmup_steps(self) -> int:
@@ -80,4 +119,5 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields that change the trained model (a resumed run may change the others)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RUNTIME_ONLY and not (k in IDENTITY_IF_SET and v == IDENTITY_IF_SET[k])}

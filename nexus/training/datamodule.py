@@ -48,17 +48,19 @@ class MixtureBatchSampler(Sampler[list[int]]):
     The mixture state before each yielded batch is kept until that step is checkpointed, so
     `state_at(step)` is exact however many batches the DataLoader has prefetched. Under data
     parallelism every rank draws the same global batch of `batch_size · world_size` and keeps the
-    rows `rank::world_size`, so one (rank 0's) state resumes every rank."""
+    rows `rank::world_size`, so one (rank 0's) state resumes every rank. With gradient accumulation
+    a step's rows are yielded as `micro_batches` consecutive micro-batches (steps stay the unit of
+    the state), so the rows of a step do not depend on the number of micro-batches."""
 
     def __init__(self, sizes: Mapping[str, int], weights: Mapping[str, float], batch_size: int, total_steps: int,
                  seed: int = 0, start_step: int = 0, state: Mapping[str, Any] | None = None,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, micro_batches: int = 1) -> None:
         self.mixture = MixtureSampler(sizes, weights, seed)
         if state is not None:
             self.mixture.load_state_dict(state)
         self.offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist()))
         self.batch_size, self.total_steps, self.start_step = batch_size, total_steps, start_step
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.micro_batches = rank, world_size, micro_batches
         self._next_step = start_step
         self._states: dict[int, dict[str, Any]] = {}
 
@@ -67,10 +69,13 @@ class MixtureBatchSampler(Sampler[list[int]]):
             self._states[self._next_step] = self.mixture.state_dict()
             self._next_step += 1
             draws = self.mixture.take(self.batch_size * self.world_size)[self.rank::self.world_size]
-            yield [self.offsets[d] + i for d, i in draws]
+            rows = [self.offsets[d] + i for d, i in draws]
+            micro = self.batch_size // self.micro_batches
+            for m in range(self.micro_batches):
+                yield rows[m * micro:(m + 1) * micro]
 
     def __len__(self) -> int:
-        return max(0, self.total_steps - self.start_step)
+        return max(0, self.total_steps - self.start_step) * self.micro_batches
 
     def state_at(self, step: int) -> dict[str, Any]:
         """The mixture state before batch `step` was drawn (forgets earlier steps)."""
@@ -116,6 +121,8 @@ class MixtureDataModule(L.LightningDataModule):
             {split: getattr(ds, "fingerprint", None) for split, ds in
              [*((f"train/{d}", train[d]) for d in train), *((f"val/{d}", val[d]) for d in val)]})
         self.start_step, self.start_state = 0, None
+        self.micro_batches = 1
+        """Micro-batches per step (gradient accumulation); the stage sets it from its TrainConfig."""
         self.train_sampler: MixtureBatchSampler | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -127,12 +134,14 @@ class MixtureDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         self.train_sampler = MixtureBatchSampler(
             {d: len(ds) for d, ds in self.train_sets.items()}, self.weights, self.batch_size, self.max_steps,
-            self.seed, self.start_step, self.start_state, rank, world)
+            self.seed, self.start_step, self.start_state, rank, world, self.micro_batches)
         return DataLoader(ConcatDataset(list(self.train_sets.values())), batch_sampler=self.train_sampler,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
+        # batch_size, not the micro-batch: `limit_val_batches` then covers the same sequences (no
+        # activations are kept for a backward, so a validation batch needs far less memory)
         return [DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
                 for ds in self.val_sets.values()]
 
@@ -146,3 +155,18 @@ class MixtureDataModule(L.LightningDataModule):
             raise DataError("the Lightning checkpoint was written for other data "
                             f"({state.get('fingerprint')} != {self.fingerprint}); use a new output directory")
         self.start_step, self.start_state = int(state["step"]), state["sampler"]
+
+
+def packed_data_module(data_dir: str, weights: Mapping[str, float], batch_size: int, max_steps: int, seed: int = 0,
+                       val_domains: list[str] | None = None, extra_dirs: Mapping[str, str] | None = None,
+                       num_workers: int = 0) -> MixtureDataModule:
+    """A MixtureDataModule over the packed splits of prepared data (`nexus.data.open_prepared`):
+    train on `weights`' domains, validate on `val_domains` (default: the same); `extra_dirs` maps
+    domains prepared in another directory (an extension's new domain)."""
+    from nexus.data import open_prepared
+
+    dirs = {d: (extra_dirs or {}).get(d, data_dir) for d in {*weights, *(val_domains or weights)}}
+    opened = {p: open_prepared(p) for p in set(dirs.values())}
+    return MixtureDataModule({d: opened[dirs[d]].packed(d, "train") for d in weights},
+                             {d: opened[dirs[d]].packed(d, "validation") for d in (val_domains or weights)},
+                             weights, batch_size, max_steps, seed=seed, num_workers=num_workers)

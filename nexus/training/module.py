@@ -4,22 +4,31 @@
 
 The module receives a built `Transformer`; it never constructs one. Batches are
 `(tokens: (B, T+1) int64, domain_ids: (B,) int64)`; inputs and shifted targets come from one slice.
-Validation accumulates token-weighted loss per domain and, for an MoE, routing counts per
-(layer, domain, expert), reduced over ranks once per validation epoch.
+The cross-entropy is computed from the final hidden states `loss_chunk_tokens` at a time
+(`nexus.training.loss`), so the (tokens, vocab) logits never exist. Under data parallelism the
+load-balancing loss uses the expert counts summed over ranks (one all-reduce per step), so a
+DDP step computes what one process with the global batch would. Validation accumulates
+token-weighted loss per domain and, for an MoE, routing counts per (layer, domain, expert),
+reduced over ranks once per validation epoch.
+
+`configure_model` applies, in this order, activation checkpointing (per block), FSDP2 sharding
+(per block, then the root; under `strategy: fsdp`) and `torch.compile`.
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
-from nexus.model.transformer import Transformer, causal_lm_loss
+from nexus.model.moe import load_balance_loss
+from nexus.model.transformer import Block, ModelOutput, Transformer
 from nexus.training.config import TrainConfig
+from nexus.training.loss import chunked_cross_entropy
 from nexus.training.routing_stats import routing_counts, share_metrics
 from nexus.training.schedule import warmup_cosine_scheduler
 
@@ -35,33 +44,64 @@ class CausalLMModule(L.LightningModule):
         self.last_val_step = -1
         self.start_step = 0
         """The global step `fit` started at: > 0 when it resumed from a Lightning checkpoint."""
-        self._compiled = False
+        self._configured = False
 
     def configure_model(self) -> None:
-        if self.config.compile and not self._compiled:
+        if self._configured:  # Lightning calls it again for every fit/validate
+            return
+        self._configured = True
+        if self.config.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                apply_activation_checkpointing,
+            )
+
+            # the wrapper's state-dict hooks keep parameter names those of the checkpoint
+            apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, Block))
+        if self.config.strategy == "fsdp" and self.config.num_devices > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+        if self.config.compile:
             self.model.compile()  # in place: parameter names stay those of the checkpoint
-            self._compiled = True
 
     def forward(self, idx: torch.Tensor):
         return self.model(idx)
+
+    def lm_loss(self, out: ModelOutput, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy from the final hidden states, `loss_chunk_tokens` at a time."""
+        return chunked_cross_entropy(out.hidden, self.model.lm_head.weight, targets, self.config.loss_chunk_tokens,
+                                     reduction)
+
+    def aux_loss(self, out: ModelOutput) -> torch.Tensor:
+        """The MoE auxiliary loss; with several ranks, load balancing over the global batch's counts."""
+        if not out.routing or self.trainer.world_size == 1:
+            return out.aux_loss
+        moe = self.model.config.moe
+        counts = self.trainer.strategy.reduce(torch.stack([r.counts for r in out.routing]), reduce_op="sum")
+        return sum(moe.load_balance_coef * load_balance_loss(r.probs, r.expert_index, c) + moe.z_loss_coef * r.z_loss
+                   for r, c in zip(out.routing, counts))
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tokens, _ = batch
         x, y = tokens[:, :-1], tokens[:, 1:]
-        out = self.model(x)
-        lm_loss = causal_lm_loss(out.logits, y)
+        out = self.model(x, logits=False)
+        lm_loss = self.lm_loss(out, y)
+        aux_loss = self.aux_loss(out)
         # Only on the steps the Trainer sends to loggers: each self.log call costs milliseconds.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss", lm_loss, prog_bar=True)
             metrics = {"train/lr": self.lr_schedulers().get_last_lr()[0]}
             if out.routing:
                 n = len(out.routing)
-                metrics.update({"train/aux_loss": out.aux_loss,
+                metrics.update({"train/aux_loss": aux_loss,
                                 "train/load_balance_loss": sum(r.load_balance_loss for r in out.routing) / n,
                                 "train/z_loss": sum(r.z_loss for r in out.routing) / n})
             self.log_dict(metrics)
-        return lm_loss + out.aux_loss
+        return lm_loss + aux_loss
 
     def on_train_start(self) -> None:
         self.start_step = self.trainer.global_step
@@ -87,9 +127,9 @@ class CausalLMModule(L.LightningModule):
                         dataloader_idx: int = 0) -> None:
         tokens, domains = batch
         x, y = tokens[:, :-1], tokens[:, 1:]
-        out = self.model(x)
-        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="none")
-        self._val_loss.index_add_(0, domains, nll.view_as(y).sum(1).double())
+        out = self.model(x, logits=False)
+        nll = self.lm_loss(out, y, reduction="none")
+        self._val_loss.index_add_(0, domains, nll.sum(1).double())
         self._val_tokens.index_add_(0, domains, torch.full_like(domains, y.shape[1]).double())
         if out.routing:
             token_domains = domains.repeat_interleave(x.shape[1])
@@ -111,8 +151,10 @@ class CausalLMModule(L.LightningModule):
             counts = reduce(self._val_routing, reduce_op="sum")
             metrics.update(share_metrics(counts, self.domain_names, self.expert_names))
         if metrics and not self.trainer.sanity_checking:
-            self.log_dict(metrics)
-            self.log("val_loss", metrics.get("val/loss", float("nan")), prog_bar=True, logger=False)
+            with warnings.catch_warnings():  # reduced over ranks above: Lightning's sync_dist hint does not apply
+                warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+                self.log_dict(metrics)
+                self.log("val_loss", metrics.get("val/loss", float("nan")), prog_bar=True, logger=False)
         self.last_val_step = self.trainer.global_step
 
 

@@ -11,6 +11,11 @@ An output directory holds
 Rerunning with the same arguments returns the finished model at once, or resumes from
 `lightning/last.ckpt` (loaded with `weights_only=True`, no arbitrary unpickling). Different
 arguments in a used directory raise `ConfigError` instead of silently mixing two runs.
+
+Several devices (`devices > 1`) need one process per device: run the stage through
+`nexus.training.launch` (torchrun), never by re-executing the calling program. Under FSDP the final
+checkpoint is the full model gathered to rank 0; `lightning/` (the resume checkpoint) is deleted
+only after the final checkpoint has been written and loads back.
 """
 from __future__ import annotations
 
@@ -129,15 +134,29 @@ def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v.numel() == 1}
 
 
+def _strategy(config: TrainConfig) -> Any:
+    if config.num_devices == 1:
+        return "auto"
+    if config.strategy == "fsdp":  # FSDP2 (`fully_shard`, applied in CausalLMModule.configure_model); CPU too
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=config.num_devices, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
+    return "ddp"
+
+
 def build_trainer(config: TrainConfig, out_dir: Path, loggers: Sequence[Logger] = (),
                   callbacks: Sequence[Callback] = ()) -> L.Trainer:
-    """The Trainer every stage uses: resume checkpoints in `out_dir/lightning`, step-based validation."""
+    """The Trainer every stage uses: resume checkpoints in `out_dir/lightning`, step-based validation,
+    `grad_accum_steps` micro-batches per optimizer step."""
     ckpt = ModelCheckpoint(dirpath=out_dir / LIGHTNING_DIR, every_n_train_steps=config.checkpoint_every_n_steps,
                            save_top_k=0, save_last=True, save_on_train_epoch_end=False)
+    accumulate = config.grad_accum_steps
     return L.Trainer(
-        max_steps=config.max_steps, accelerator=config.accelerator, devices=config.devices,
-        strategy=config.strategy, precision=config.resolved_precision(),  # type: ignore[arg-type]
-        gradient_clip_val=config.grad_clip or None, val_check_interval=config.val_every_n_steps,
+        max_steps=config.max_steps, accelerator=config.accelerator, devices=config.num_devices,
+        strategy=_strategy(config), precision=config.resolved_precision(),  # type: ignore[arg-type]
+        accumulate_grad_batches=accumulate, gradient_clip_val=config.grad_clip or None,
+        val_check_interval=config.val_every_n_steps * accumulate,  # counted in micro-batches
         check_val_every_n_epoch=None, limit_val_batches=config.limit_val_batches, num_sanity_val_steps=0,
         log_every_n_steps=config.log_every_n_steps, callbacks=[TokenThroughput(), *callbacks, ckpt], logger=list(loggers) or False,
         default_root_dir=out_dir, enable_progress_bar=config.progress_bar, enable_model_summary=False,
@@ -160,6 +179,7 @@ def _run_stage(kind: str, config: TrainConfig, data: MixtureDataModule, out_dir:
     L.seed_everything(config.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
+    data.micro_batches = config.grad_accum_steps
     module = CausalLMModule(_build_model(kind, init_checkpoint, model_config), config, data.domain_names)
     trainer = build_trainer(config, out_dir, loggers, callbacks)
     last = out_dir / LIGHTNING_DIR / LAST_CKPT
@@ -172,11 +192,36 @@ def _run_stage(kind: str, config: TrainConfig, data: MixtureDataModule, out_dir:
         trainer.validate(module, datamodule=data, verbose=False)
         metrics.update(_scalars(trainer.callback_metrics))
 
+    parallel = {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                "sharded": is_sharded(module.model)}
+    state = full_state_dict(module.model)  # a collective under FSDP: every rank takes part
     if trainer.is_global_zero:
-        save_checkpoint(module.model, out_dir / MODEL_DIR, extra_files=extra_files, metadata={
+        with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
+            final = Transformer(module.model.config)
+        final.load_state_dict(state, strict=not final.config.tie_embeddings, assign=True)
+        save_checkpoint(final.to(getattr(torch, config.save_dtype)), out_dir / MODEL_DIR, extra_files=extra_files,
+                        metadata={
             **(metadata or {}), "stage": kind, "stage_fingerprint": fp, "global_step": trainer.global_step,
-            "metrics": metrics, "train_config": config.to_dict(), "data": data.describe(),
+            "metrics": metrics, "train_config": config.to_dict(), "data": data.describe(), "parallel": parallel,
             "init_checkpoint": str(init_checkpoint) if init_checkpoint is not None else None})
+        load_checkpoint(out_dir / MODEL_DIR)  # checksum and every tensor: only then drop the resume state
         shutil.rmtree(out_dir / LIGHTNING_DIR, ignore_errors=True)
     trainer.strategy.barrier()
     return StageResult(out_dir / MODEL_DIR, metrics, trainer.global_step, resumed, fp)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 holds the parameters as shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU, parameter names as in the checkpoint. Under FSDP2 the
+    shards are gathered (a collective: call it on every rank; ranks other than 0 get `{}`)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

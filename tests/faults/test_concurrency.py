@@ -88,7 +88,7 @@ def test_experiment_creation_race(tmp_path, monkeypatch):
 
 @pytest.fixture
 def crashed(prefect_harness, tmp_path):
-    """A tracked pipeline whose expert stages crash inside Lightning (a strategy no Trainer knows)."""
+    """A tracked pipeline whose expert stages crash inside Lightning (an accelerator no Trainer knows)."""
     import mlflow
 
     from flows.pipeline import upcycle_pipeline
@@ -98,7 +98,7 @@ def crashed(prefect_harness, tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     previous = mlflow.get_tracking_uri()
-    args = overrides(tmp_path / "out", *EXTRA, "train.expert.strategy=no_such_strategy", uri=uri)
+    args = overrides(tmp_path / "out", *EXTRA, "train.expert.accelerator=no_such_accelerator", uri=uri)
     try:
         with pytest.raises((NexusError, ValueError, RuntimeError)):
             upcycle_pipeline("micro", args)
@@ -125,7 +125,7 @@ def test_rerun_links_to_failed_attempt(crashed):
     failed = {r.info.run_id for r in client.search_runs(exp_ids) if r.info.status == "FAILED"}
     previous = mlflow.get_tracking_uri()
     try:
-        upcycle_pipeline("micro", [a for a in args if not a.startswith("train.expert.strategy=")])
+        upcycle_pipeline("micro", [a for a in args if not a.startswith("train.expert.accelerator=")])
     finally:
         mlflow.set_tracking_uri(previous)
     new = [r for r in client.search_runs(exp_ids) if r.info.run_id not in failed]

@@ -99,3 +99,49 @@ def test_argument_errors():
         train_dense(CFG, _data(), "unused", model_config=MODEL.with_moe(expert_names=["a"]))
     with pytest.raises(ConfigError, match="disagrees"):
         train_dense(TrainConfig(max_steps=9, batch_size=4), _data(), "unused", model_config=MODEL)
+
+
+def _max_difference(a, b) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_gradient_accumulation_trains_on_the_same_batches(tmp_path, reference):
+    """Two micro-batches of 2 per step: the same rows, steps and validation as one batch of 4."""
+    cfg = TrainConfig(**{**CFG.to_dict(), "grad_accum_steps": 2})
+    result = train_dense(cfg, _data(cfg=cfg), tmp_path / "accum", model_config=MODEL)
+    assert result.global_step == CFG.max_steps and "val/loss" in result.metrics
+    assert result.fingerprint != reference.fingerprint  # a different recipe, fp-close result
+    assert _max_difference(_state(result.checkpoint), _state(reference.checkpoint)) < 1e-5
+    assert result.metrics["val/loss"] == pytest.approx(reference.metrics["val/loss"], rel=1e-5)
+
+
+def test_activation_checkpointing_and_chunked_loss_change_memory_not_the_model(tmp_path, reference):
+    cfg = TrainConfig(**{**CFG.to_dict(), "activation_checkpointing": True, "loss_chunk_tokens": 7})
+    result = train_dense(cfg, _data(cfg=cfg), tmp_path / "lean", model_config=MODEL)
+    assert result.fingerprint == reference.fingerprint  # runtime settings: the same stage
+    assert set(_state(result.checkpoint)) == set(_state(reference.checkpoint))  # no wrapper prefixes
+    assert _max_difference(_state(result.checkpoint), _state(reference.checkpoint)) < 1e-5
+
+
+def test_bf16_checkpoint_holds_the_trained_weights_rounded(tmp_path, reference):
+    from safetensors import safe_open
+
+    cfg = TrainConfig(**{**CFG.to_dict(), "save_dtype": "bfloat16"})
+    result = train_dense(cfg, _data(cfg=cfg), tmp_path / "bf16", model_config=MODEL)
+    with safe_open(str(result.checkpoint / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f} == {torch.bfloat16}
+    loaded, want = _state(result.checkpoint), _state(reference.checkpoint)
+    assert all(v.dtype == torch.float32 for v in loaded.values())  # training continues in fp32
+    assert all(torch.equal(loaded[k], want[k].bfloat16().float()) for k in want)
+
+
+def test_resume_state_is_kept_when_the_final_checkpoint_does_not_load(tmp_path, monkeypatch):
+    from nexus.training import stages
+
+    def damaged(path, *args, **kwargs):
+        raise CheckpointError(f"{path}: corrupt")
+
+    monkeypatch.setattr(stages, "load_checkpoint", damaged)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train_dense(CFG, _data(), tmp_path / "run", model_config=MODEL)
+    assert (tmp_path / "run" / "lightning" / "last.ckpt").is_file()
