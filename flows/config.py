@@ -22,6 +22,27 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".rst")
 
 
 @dataclass
+class HFDomainSection:
+    """A domain read from a Hugging Face dataset (`nexus.data.SourceConfig(kind="hf")`), streamed:
+    a hub name, a local `save_to_disk` directory, a local file or directory of parquet/JSONL/CSV
+    files, or a builder name ("json", "parquet") with `data_files` (a glob)."""
+
+    path: str = "???"
+    name: str | None = None
+    """The dataset's configuration (hub datasets with several)."""
+    split: str = "train"
+    data_files: str | None = None
+    text_field: str = "text"
+    filter_field: str | None = None
+    """Dotted key of a field to select rows by, e.g. `meta.redpajama_set_name` (SlimPajama)."""
+    filter_value: str | None = None
+    streaming: bool = True
+    max_documents: int | None = None
+    held_out: bool = False
+    """An extension's domain (`nexus run extend --domain <name>`), not an initial one."""
+
+
+@dataclass
 class DataSection:
     """Which domains, from where, and the data knobs that differ between experiments."""
 
@@ -32,6 +53,12 @@ class DataSection:
     """Initial domains of the preset to use; empty: all of them."""
     folders: dict[str, str] = field(default_factory=dict)
     """Extra initial domains: name -> folder of .txt/.md/.jsonl files."""
+    hf: dict[str, Any] = field(default_factory=dict)
+    """Domains from Hugging Face datasets: name -> `HFDomainSection` fields (checked when composed;
+    typed loosely so that `+data.hf.<name>={path:...,text_field:...}` works on the command line);
+    with `domains` set, only those listed."""
+    num_proc: int | None = None
+    """Processes that tokenize and pack (datasets.map); None: the preset's (1)."""
     tokenizer_domains: list[str] = field(default_factory=list)
     """Domains the tokenizer is trained on (empty: the initial ones). Pin it so that adding a domain
     does not retrain the tokenizer (and with it every expert)."""
@@ -62,13 +89,16 @@ class DataSection:
             domains = [dataclasses.replace(d, sources=tuple(dataclasses.replace(s, max_documents=self.max_documents)
                                                             for s in d.sources)) for d in domains]
         wanted = keep if keep is not None else (self.domains or [d.name for d in domains if not d.held_out])
-        unknown = sorted(set(wanted) - {d.name for d in domains} - set(self.folders))
+        unknown = sorted(set(wanted) - {d.name for d in domains} - set(self.folders) - set(self.hf))
         if unknown:
             raise ConfigError(f"data.domains: unknown domain(s) {unknown}; preset {self.preset!r} has "
                               f"{[d.name for d in domains]}")
         domains = [dataclasses.replace(d, held_out=False) for d in domains if d.name in wanted]
         folders = {n: p for n, p in self.folders.items() if keep is None or n in keep}
         domains += [DomainConfig.folder(n, p) for n, p in {**folders, **(extra or {})}.items()]
+        hf_wanted = wanted if keep is not None or self.domains else [
+            n for n in self.hf if not self.hf_section(n).held_out]
+        domains += [self.hf_domain(n) for n in self.hf if n in hf_wanted]
         tok = {"path": tokenizer_path or self.tokenizer_path}
         if self.vocab_size:
             tok["vocab_size"] = self.vocab_size
@@ -80,11 +110,36 @@ class DataSection:
         return dataclasses.replace(
             cfg, experiment=experiment, domains=tuple(domains), out_dir=out_dir, cache_dir=self.cache_dir,
             tokenizer=replace(cfg.tokenizer, **tok),
-            packing=replace(cfg.packing, seq_len=self.seq_len),
+            packing=replace(cfg.packing, seq_len=self.seq_len, num_proc=self.num_proc),
             splits=replace(cfg.splits, validation=self.split_validation, test=self.split_test),
             embedding=replace(cfg.embedding, model=self.embedding_model, sample_size=self.embedding_sample_size),
             mixture=replace(cfg.mixture, weighting=self.weighting, general_share=self.general_share,
                             extension_new_share=self.extension_new_share))
+
+
+    def hf_section(self, name: str) -> HFDomainSection:
+        raw = self.hf[name]
+        if isinstance(raw, HFDomainSection):
+            return raw
+        known = {f.name for f in dataclasses.fields(HFDomainSection)}
+        if not isinstance(raw, dict) or set(raw) - known:
+            raise ConfigError(f"data.hf.{name}: expected a mapping of {sorted(known)}, got {raw!r}")
+        return HFDomainSection(**raw)
+
+    def hf_domain(self, name: str):
+        """The `nexus.data.DomainConfig` of `hf.<name>`."""
+        from nexus.data import DomainConfig, SourceConfig
+
+        h = self.hf_section(name)
+        if h.path in ("", "???"):
+            raise ConfigError(f"data.hf.{name}.path is required (a hub dataset, a directory or files)")
+        try:
+            src = SourceConfig("hf", path=h.path, hf_config=h.name, hf_split=h.split, data_files=h.data_files,
+                               text_field=h.text_field, filter_field=h.filter_field, filter_value=h.filter_value,
+                               streaming=h.streaming, max_documents=h.max_documents or self.max_documents)
+        except ConfigError as err:
+            raise ConfigError(f"data.hf.{name}: {err}") from err
+        return DomainConfig(name, (src,))
 
 
 def _empty_config():
@@ -137,6 +192,11 @@ class RunnerSection:
     workers: int = 2
     threads_per_worker: int = 1
     address: str | None = None
+    gpus: int | None = None
+    """GPUs per worker machine for placement (see flows/placement.py); None: the GPUs this process
+    sees. With GPUs, every training stage gets `train.<stage>.devices` GPUs of its own."""
+    stages_per_gpu: int = 1
+    """Stages that may share one GPU (1: a GPU belongs to one stage at a time)."""
 
 
 @dataclass
@@ -146,6 +206,9 @@ class TrackingSection:
     experiment: str = "nexus-${name}"
     model_name: str = "nexus-${name}-moe"
     """Registered model holding the Nexus MoE and its extended versions."""
+    upload: str = "final"
+    """Checkpoints uploaded to MLflow: `final` (trained MoEs, extensions, baselines; the seed and the
+    experts are recorded by SHA-256 and path) or `all`."""
 
 
 @dataclass
@@ -163,6 +226,8 @@ class EvalSection:
     batch_size: int = 8
     max_tokens: int | None = None
     """Per domain and model (None: the whole split)."""
+    device: str = "auto"
+    """`auto`: a GPU of its own when there is one (leased like a stage's), else the CPU; or `cpu`/`cuda:N`."""
 
 
 @dataclass
@@ -230,11 +295,17 @@ def validate(cfg: PipelineConfig) -> None:
     """Checks that need the file system or several sections; raise before any training starts."""
     for name, folder in cfg.data.folders.items():
         check_domain_folder(folder, f"data.folders.{name}")
+    for name in cfg.data.hf:
+        cfg.data.hf_domain(name)
     bad = sorted(set(cfg.router.routers) - {"nexus", "linear"})
     if bad:
         raise ConfigError(f"router.routers: unknown router(s) {bad}; choose from ['linear', 'nexus']")
     if cfg.runner.kind not in ("threads", "dask", "ray"):
         raise ConfigError(f"runner.kind must be threads|dask|ray, got {cfg.runner.kind!r}")
+    if cfg.runner.stages_per_gpu < 1 or (cfg.runner.gpus or 0) < 0:
+        raise ConfigError("runner.stages_per_gpu must be >= 1 and runner.gpus >= 0")
+    if cfg.tracking.upload not in ("final", "all"):
+        raise ConfigError(f"tracking.upload must be final|all, got {cfg.tracking.upload!r}")
     if cfg.seed_checkpoint:
         check_seed_checkpoint(cfg.seed_checkpoint)
     if cfg.eval.split not in ("train", "validation", "test"):

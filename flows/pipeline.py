@@ -3,6 +3,12 @@ upcycle into the Nexus MoE and the selected baselines -> MoE training -> evaluat
 
 The expert phase is a subflow run on the task runner chosen by `runner.*` (threads, Dask, Ray).
 Everything else is a task over the library (see flows.tasks), cached on its inputs.
+
+Placement (flows/placement.py): with GPUs, each training task asks the runner for its stage's
+`devices` GPUs (Dask resources / Ray `num_gpus`) and leases them on its machine, so parallel experts
+get GPUs of their own; MoE trainings that would not fit on the GPUs together run one after another.
+A multi-device stage runs as its own processes (`nexus.training.launch`), never as a re-run of this
+flow.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig, as_dict, compose
+from flows.placement import parallel_stages, resource_annotations, visible_gpus
 from flows.report import write_pipeline_report
 from flows.runners import make_runner
 from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, submit, train_stage
@@ -50,16 +57,30 @@ def states_of(futures: dict[str, Any]) -> dict[str, str]:
     return {name: fut.state.name for name, fut in futures.items()}
 
 
+def placement_of(cfg: PipelineConfig) -> dict:
+    """What tasks need to place stages: runner kind, GPUs per machine, stages per GPU."""
+    gpus = cfg.runner.gpus if cfg.runner.gpus is not None else len(visible_gpus())
+    return {"kind": cfg.runner.kind, "gpus": gpus, "stages_per_gpu": cfg.runner.stages_per_gpu}
+
+
+def gpus_of(train: dict, placement: dict | None) -> int:
+    """GPUs a stage asks the runner for: its devices, when there are GPUs to place it on."""
+    from nexus.training import TrainConfig
+
+    return TrainConfig(**train).num_devices if (placement or {}).get("gpus") else 0
+
+
 @flow(name="expert_phase")
 def expert_phase(data: dict, seed: str, train: dict, out_dir: str, torch_threads: int = 0,
-                 tracking: dict | None = None) -> dict:
+                 tracking: dict | None = None, placement: dict | None = None) -> dict:
     """Phase 1: one expert per domain (from the seed) and one domain embedding per domain, all
-    submitted at once to the flow's task runner."""
+    submitted at once to the flow's task runner (each expert asking for its GPUs, `placement`)."""
     domains = list(data["fingerprints"])
-    experts = {d: submit(train_stage, "expert", d, train, data["dir"], {d: 1.0}, f"{out_dir}/experts/{d}",
-                                     hash_json([data["fingerprints"][d]]), init_checkpoint=seed,
-                                     val_domains=[d], torch_threads=torch_threads, tracking=tracking)
-               for d in domains}
+    with resource_annotations((placement or {}).get("kind", "threads"), gpus_of(train, placement)):
+        experts = {d: submit(train_stage, "expert", d, train, data["dir"], {d: 1.0}, f"{out_dir}/experts/{d}",
+                             hash_json([data["fingerprints"][d]]), init_checkpoint=seed, val_domains=[d],
+                             torch_threads=torch_threads, tracking=tracking, placement=placement)
+                   for d in domains}
     embeds = {d: submit(embed_domain, data["dir"], data["config"]["embedding"], d, data["fingerprints"][d]) for d in domains}
     return {"experts": {d: f.result() for d, f in experts.items()},
             "embeddings": {d: f.result() for d, f in embeds.items()},
@@ -83,8 +104,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out_dir).resolve()
     start = time.time()
     with tracking_context(cfg, "upcycle_pipeline") as parent:
-        track = {"uri": cfg.tracking.uri, "parent_run_id": parent,
+        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "upload": cfg.tracking.upload,
                  "register": {"nexus": cfg.tracking.model_name}} if parent else None
+        placement = placement_of(cfg)
         data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
         domains = list(data["fingerprints"])
         check_inputs_against_data(cfg, data)
@@ -100,17 +122,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             futures["seed"] = submit(train_stage,
                 "seed", "seed", as_dict(cfg.train.seed), data["dir"], seed_weights, str(out / "seed"),
                 _fp(data, seed_weights), model=model, val_domains=list(seed_weights), torch_threads=cfg.torch_threads,
-                tracking=track)
+                tracking=track, placement=placement)
             seed = futures["seed"].result()["checkpoint"]
         meta["seed_checkpoint"] = seed
         log.info("seed: %s; training %d experts on runner %r", seed, len(domains), cfg.runner.kind)
         if cfg.router.continued_seed:
-            futures["seed-continued"] = continued_seed(cfg, data, seed, out, meta, track)
+            futures["seed-continued"] = continued_seed(cfg, data, seed, out, meta, track, placement)
         phase = expert_phase.with_options(task_runner=make_runner(**as_dict(cfg.runner)))(
-            data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track)
+            data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track, placement)
         experts = {d: r["checkpoint"] for d, r in phase["experts"].items()}
 
-        builds, trained = moe_phase(cfg, data, seed, experts, phase["embeddings"], out, meta, track)
+        builds, trained = moe_phase(cfg, data, seed, experts, phase["embeddings"], out, meta, track, placement)
         checkpoints = {"seed": seed, **{f"expert:{d}": p for d, p in experts.items()},
                        **({"seed continued": futures["seed-continued"].result()["checkpoint"]}
                           if "seed-continued" in futures else {}),
@@ -119,7 +141,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         futures.update({f"build-{k}": f for k, f in builds.items()}, **{f"moe-{k}": f for k, f in trained.items()})
         futures["evaluate"] = evaluate_models.submit(checkpoints, {d: data["dir"] for d in domains},
                                                      cfg.eval.split, cfg.eval.batch_size, cfg.eval.max_tokens,
-                                                     cfg.torch_threads)
+                                                     cfg.torch_threads, cfg.eval.device)
         results = futures["evaluate"].result()
         summary = {"experiment": cfg.name, "out_dir": str(out), "domains": domains, "checkpoints": checkpoints,
                    **results, "states": {**states_of(futures), **phase["states"]},
@@ -133,9 +155,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def moe_phase(cfg: PipelineConfig, data: dict, seed: str, experts: dict[str, str], embeddings: dict[str, str],
-              out: Path, meta: dict, track: dict | None) -> tuple[dict, dict]:
+              out: Path, meta: dict, track: dict | None, placement: dict | None = None) -> tuple[dict, dict]:
     """Phase 2: upcycle (one MoE per router, plus the sparse-upcycling and dense-merge baselines), then
-    train every MoE on the data config's MoE mix. Returns the futures (builds, trained MoEs), keyed by kind."""
+    train every MoE on the data config's MoE mix, at once, or one after another when they would not
+    fit on the GPUs together. Returns the futures (builds, trained MoEs), keyed by kind."""
     kinds = list(cfg.router.routers) + (["sparse"] if cfg.router.sparse_upcycling else [])
     builds = {k: submit(build_model, k, str(out / "upcycled" / k), seed, experts, embeddings, cfg.router.moe_options(),
                                     metadata=meta, init_seed=cfg.router.init_seed, tracking=track) for k in kinds}
@@ -143,14 +166,20 @@ def moe_phase(cfg: PipelineConfig, data: dict, seed: str, experts: dict[str, str
         builds["merge"] = submit(build_model, "merge", str(out / "merged"), seed, experts, metadata=meta,
                                              tracking=track)
     weights = _weights("moe", data)
-    trained = {k: submit(train_stage, "moe", k, as_dict(cfg.train.moe), data["dir"], weights, str(out / "moe" / k),
-                                     _fp(data, weights), init_checkpoint=builds[k].result(),
-                                     val_domains=list(data["fingerprints"]), metadata=meta,
-                                     torch_threads=cfg.torch_threads, tracking=track) for k in kinds}
+    placement = placement or {}
+    at_once = parallel_stages(cfg.train.moe.num_devices, placement.get("gpus", 0), placement.get("stages_per_gpu", 1))
+    trained: dict[str, Any] = {}
+    for i, k in enumerate(kinds):
+        earlier = [trained[kinds[i - at_once]]] if at_once is not None and i >= at_once else []
+        trained[k] = submit(train_stage, "moe", k, as_dict(cfg.train.moe), data["dir"], weights, str(out / "moe" / k),
+                            _fp(data, weights), init_checkpoint=builds[k].result(),
+                            val_domains=list(data["fingerprints"]), metadata=meta, torch_threads=cfg.torch_threads,
+                            tracking=track, placement=placement, wait_for=earlier)
     return builds, trained
 
 
-def continued_seed(cfg: PipelineConfig, data: dict, seed: str, out: Path, meta: dict, track: dict | None):
+def continued_seed(cfg: PipelineConfig, data: dict, seed: str, out: Path, meta: dict, track: dict | None,
+                   placement: dict | None = None):
     """The data-matched dense baseline: the seed trained further on the MoE mix (train.moe settings)
     for as many tokens as the experts and one MoE consumed together."""
     tokens = len(data["fingerprints"]) * cfg.train.expert.max_steps * cfg.train.expert.batch_size \
@@ -160,7 +189,7 @@ def continued_seed(cfg: PipelineConfig, data: dict, seed: str, out: Path, meta: 
     return submit(train_stage, "seed", "seed-continued", as_dict(train), data["dir"], weights,
                               str(out / "seed-continued"), _fp(data, weights), init_checkpoint=seed,
                               val_domains=list(data["fingerprints"]), metadata=meta,
-                              torch_threads=cfg.torch_threads, tracking=track)
+                              torch_threads=cfg.torch_threads, tracking=track, placement=placement)
 
 
 def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:

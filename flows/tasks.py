@@ -2,9 +2,18 @@
 
 Expensive tasks are cached on their inputs (`input_key`): every parameter except the bookkeeping
 ones in `NOT_KEYED`, with checkpoint directories replaced by their weights' SHA-256 and data given by
-fingerprint, so a rerun (after a crash, or with one more domain) recomputes only what changed. The
-library stage functions are idempotent too (finished stages return at once, interrupted ones
-resume from `lightning/last.ckpt`). Parameters and results are plain JSON data (Dask-friendly).
+fingerprint, plus the task's code version (a hash of its compiled code, which a Dask or Ray worker
+holds too; the source file may not be there), so a rerun (after a crash, or with one more domain)
+recomputes only what changed. The library stage functions are idempotent too (finished stages
+return at once, interrupted ones resume from `lightning/last.ckpt`). Parameters and results are
+plain JSON data (Dask-friendly).
+
+A training stage on several devices, or on GPUs, runs as its own processes
+(`nexus.training.launch`): the task waits for them and reads the result back; the stage's metrics
+go from its rank 0 straight into the stage's MLflow run (the run id is in its spec), and the task
+logs the result. GPUs are leased per stage (`flows.placement`). Checkpoints are uploaded to MLflow
+for the final models only (`tracking.upload: final`); intermediate ones (seed, experts, upcycled
+MoEs before training) are recorded by SHA-256 and path, which is all lineage needs.
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import inspect
 import json
 import os
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +32,11 @@ from prefect import task
 from nexus.checkpoint import sha256_file
 from nexus.data.cache import fingerprint as hash_json
 
-NOT_KEYED = {"tracking", "parent_run_id"}
+NOT_KEYED = {"tracking", "parent_run_id", "placement"}
 TOKENIZER_FILE = "tokenizer.json"
+FINAL_BUILDS = ("merge",)
+"""`build_model` kinds whose checkpoint is a result (the dense merge); upcycled and extended MoEs
+are trained further, their trained checkpoints are the results."""
 
 
 def _digest(value: Any) -> Any:
@@ -40,15 +53,40 @@ def _digest(value: Any) -> Any:
 
 
 def input_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache key: the task's name, its source code (a changed task reruns) and its inputs' content
+    """Cache key: the task's name, its code version (a changed task reruns) and its inputs' content
     (checkpoint digests, data fingerprints)."""
     keyed = {k: v if k == "out_dir" else _digest(v) for k, v in parameters.items() if k not in NOT_KEYED}
-    return f"{context.task.name}-{hash_json([_source(context.task.fn), keyed])}"
+    return f"{context.task.name}-{hash_json([code_version(context.task.fn), keyed])}"
+
+
+def code_version(fn: Any) -> str:
+    """The package version and a hash of `fn`'s compiled code (bytecode, names and constants, nested
+    functions included; line numbers excluded). Equal in the flow process and in a Dask/Ray worker
+    that received the function by value, where `inspect.getsource` fails (no source file)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("nexus-moe")
+    except PackageNotFoundError:
+        package = "unknown"
+    return f"{package}:{_code_hash(fn.__code__)}"
 
 
 @functools.cache
-def _source(fn: Any) -> str:
-    return inspect.getsource(fn)
+def _code_hash(code: types.CodeType) -> str:
+    digest = hashlib.sha256()
+
+    def visit(c: types.CodeType) -> None:
+        digest.update(c.co_code)
+        digest.update(repr(c.co_names).encode())
+        for const in c.co_consts:
+            if isinstance(const, types.CodeType):
+                visit(const)
+            else:  # a frozenset's repr follows the per-process string hash order: sort it
+                digest.update(repr(sorted(map(repr, const)) if isinstance(const, frozenset) else const).encode())
+
+    visit(code)
+    return digest.hexdigest()[:16]
 
 
 CACHED = {"retries": 1, "retry_delay_seconds": 2, "cache_key_fn": input_key, "persist_result": True}
@@ -62,7 +100,8 @@ def submit(task_: Any, *args: Any, **kwargs: Any) -> Any:
     """`task_.submit(...)`, but a task whose output folder is gone (deleted by hand, or a new disk)
     runs again instead of returning its cached path to nothing."""
     output = OUTPUTS.get(task_.name)
-    if output is not None and not output(inspect.signature(task_.fn).bind(*args, **kwargs).arguments).exists():
+    bound = inspect.signature(task_.fn).bind(*args, **{k: v for k, v in kwargs.items() if k != "wait_for"})
+    if output is not None and not output(bound.arguments).exists():
         task_ = task_.with_options(refresh_cache=True)
     return task_.submit(*args, **kwargs)
 
@@ -141,53 +180,84 @@ def embed_domain(data_dir: str, embedding: dict, domain: str, data_fp: str) -> s
 def data_module(data_dir: str, weights: dict[str, float], train: Any, val_domains: list[str] | None = None,
                 extra_dirs: dict[str, str] | None = None):
     """A MixtureDataModule over packed splits; `extra_dirs` maps domains prepared elsewhere."""
-    from nexus.data import open_prepared
-    from nexus.training import MixtureDataModule
+    from nexus.training.datamodule import packed_data_module
 
-    dirs = {d: (extra_dirs or {}).get(d, data_dir) for d in {*weights, *(val_domains or weights)}}
-    opened = {p: open_prepared(p) for p in set(dirs.values())}
+    return packed_data_module(data_dir, weights, train.batch_size, train.max_steps, train.seed, val_domains,
+                              extra_dirs)
 
-    def split(domain: str, name: str):
-        return opened[dirs[domain]].packed(domain, name)
 
-    return MixtureDataModule({d: split(d, "train") for d in weights},
-                             {d: split(d, "validation") for d in (val_domains or weights)},
-                             weights, train.batch_size, train.max_steps, seed=train.seed)
+def is_final(stage: str, name: str) -> bool:
+    """A trained model the pipeline delivers (MoEs, extensions, baselines), not an input of a later
+    stage (the pretrained seed, the dense experts)."""
+    return stage != "expert" and not (stage == "seed" and name == "seed")
+
+
+def record_checkpoint(run: Any, checkpoint: str | os.PathLike, final: bool, tracking: dict | None,
+                      register_as: str | None = None) -> None:
+    """Upload (and register) a final checkpoint, or any with `tracking.upload: all`; of the others
+    record only the SHA-256 and path: what lineage needs (`find_producing_run` matches inputs by it)."""
+    from flows.tracking import TAG_SHA
+    from nexus.checkpoint import WEIGHTS, read_checkpoint_config
+
+    if final or (tracking or {}).get("upload") == "all":
+        run.log_checkpoint(checkpoint, register_as=register_as)
+        return
+    sha = read_checkpoint_config(checkpoint).get("sha256", {}).get(WEIGHTS, "")
+    run.client.set_tag(run.run_id, TAG_SHA, sha)
+    run.client.set_tag(run.run_id, "nexus.checkpoint_path", str(Path(checkpoint).resolve()))
+
+
+def own_processes(train: Any, gpus: list[str]) -> bool:
+    """A stage runs as its own processes on several devices, or on GPUs (so that it sees only its own)."""
+    return train.num_devices > 1 or (bool(gpus) and train.accelerator in ("auto", "gpu", "cuda"))
 
 
 @task(task_run_name="{stage}-{name}", **CACHED)
 def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict[str, float], out_dir: str,
                 data_fp: str, init_checkpoint: str | None = None, model: dict | None = None,
                 val_domains: list[str] | None = None, extra_dirs: dict[str, str] | None = None,
-                metadata: dict | None = None, torch_threads: int = 0, tracking: dict | None = None) -> dict:
-    """One training stage (seed / expert / moe / extension) through `nexus.training`; returns
+                metadata: dict | None = None, torch_threads: int = 0, tracking: dict | None = None,
+                placement: dict | None = None) -> dict:
+    """One training stage (seed / expert / moe / extension) through `nexus.training`, in this process
+    or (several devices, GPUs) as its own processes; `placement` = {"stages_per_gpu"}. Returns
     `{checkpoint, metrics, global_step, resumed_from_step, run_id, started, finished, pid}` (wall-clock
     interval of this task body, imports included, and the process that ran it)."""
     started = time.time()
-    from nexus.config import ModelConfig
-    from nexus.training import TrainConfig, train_dense, train_moe
+    from flows.placement import gpu_lease, visible_gpus
+    from nexus.training import TrainConfig
+    from nexus.training.launch import launch_stage
+    from nexus.training.run_stage import StageSpec, run_spec
 
     _threads(torch_threads)
     cfg = TrainConfig(**train)
-    dm = data_module(data_dir, weights, cfg, val_domains, extra_dirs)
-    tokenizer = Path(data_dir) / "tokenizer" / TOKENIZER_FILE
-    kwargs: dict[str, Any] = {"metadata": metadata, "extra_files": {TOKENIZER_FILE: tokenizer}}
-    if model is not None:
-        kwargs["model_config"] = ModelConfig.from_dict(model, f"{stage} model")
-    else:
-        kwargs["init_checkpoint"] = init_checkpoint
+    spec = StageSpec("moe" if stage in ("moe", "extension") else "dense", train,
+                     {"dir": data_dir, "weights": weights, "val_domains": val_domains, "extra_dirs": extra_dirs},
+                     out_dir, init_checkpoint, model, metadata,
+                     {TOKENIZER_FILE: str(Path(data_dir) / "tokenizer" / TOKENIZER_FILE)}, torch_threads=torch_threads)
+    gpus = visible_gpus() if cfg.accelerator != "cpu" else []
     inputs = {"init": init_checkpoint} if init_checkpoint else None
     with tracked(tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs) as run:
         if run is not None:
-            run.log_data_module(dm, source=data_dir)
-            kwargs["loggers"] = [run.logger()]
-        fn = train_moe if stage in ("moe", "extension") else train_dense
-        result = fn(cfg, dm, out_dir, **kwargs)
+            run.log_data_module(data_module(data_dir, weights, cfg, val_domains, extra_dirs), source=data_dir)
+        if own_processes(cfg, gpus):
+            if run is not None:  # rank 0 of the stage logs into this run
+                spec.logger, spec.logger_kwargs = "flows.tracking:_StageLogger", {
+                    "tracking_uri": tracking["uri"], "run_id": run.run_id}
+            stages_per_gpu = (placement or {}).get("stages_per_gpu", 1)
+            with gpu_lease(cfg.num_devices if gpus else 0, gpus, stages_per_gpu) as leased:
+                env = {"CUDA_VISIBLE_DEVICES": ",".join(leased)} if leased else None
+                result = launch_stage(spec, cfg.num_devices, env)
+        else:
+            res = run_spec(spec, loggers=[run.logger()] if run is not None else [])
+            result = {"checkpoint": str(res.checkpoint), "metrics": res.metrics, "global_step": res.global_step,
+                      "resumed_from_step": res.resumed_from_step}
         if run is not None:
+            run.log_metrics(result["metrics"], step=result["global_step"])
+            run.client.set_tag(run.run_id, "nexus.resumed_from_step", str(result["resumed_from_step"]))
             register = (tracking or {}).get("register", {}).get(name)
-            run.log_result(result, register_as=register)
-    return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "global_step": result.global_step,
-            "resumed_from_step": result.resumed_from_step, "run_id": run.run_id if run is not None else None,
+            record_checkpoint(run, result["checkpoint"], is_final(stage, name), tracking, register_as=register)
+    return {"checkpoint": result["checkpoint"], "metrics": result["metrics"], "global_step": result["global_step"],
+            "resumed_from_step": result["resumed_from_step"], "run_id": run.run_id if run is not None else None,
             "started": started, "finished": time.time(), "pid": os.getpid()}
 
 
@@ -222,24 +292,38 @@ def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], emb
         path = save_checkpoint(model, out_dir, metadata={**(metadata or {}), "built": kind},
                                extra_files={TOKENIZER_FILE: Path(seed) / TOKENIZER_FILE})
         if run is not None:
-            run.log_checkpoint(path, register_as=(tracking or {}).get("register", {}).get(f"build-{kind}"))
+            record_checkpoint(run, path, kind in FINAL_BUILDS, tracking,
+                              register_as=(tracking or {}).get("register", {}).get(f"build-{kind}"))
     return str(path)
 
 
 @task(task_run_name="evaluate", **CACHED)
 def evaluate_models(checkpoints: dict[str, str], splits: dict[str, str], split: str = "test",
-                    batch_size: int = 8, max_tokens: int | None = None, torch_threads: int = 0) -> dict:
-    """Held-out perplexity per model and domain, and routing shares of every MoE.
+                    batch_size: int = 8, max_tokens: int | None = None, torch_threads: int = 0,
+                    device: str = "auto") -> dict:
+    """Held-out perplexity per model and domain, and routing shares of every MoE, on at most
+    `max_tokens` tokens per domain (read from the memory-mapped split, nothing more), on `device`
+    ("auto": a leased GPU when there is one, else the CPU).
 
     `splits`: {domain: prepared data dir}. Returns {"perplexity": {model: {domain: ppl}},
     "loss": ..., "metrics": {model: {domain: Perplexity.to_dict()}}, "routing": {model: {"experts",
     "domains", "top1_share" (domains x experts)}}, "routing_analysis": {model: RoutingAnalysis.to_dict()},
     "embeddings": {Nexus model: EmbeddingGeometry.to_dict()}}."""
+    from flows.placement import gpu_lease, visible_gpus
+
+    _threads(torch_threads)
+    gpus = visible_gpus() if device == "auto" else []
+    with gpu_lease(1 if gpus else 0, gpus) as leased:
+        where = f"cuda:{gpus.index(leased[0])}" if leased else ("cpu" if device == "auto" else device)
+        return _evaluate(checkpoints, splits, split, batch_size, max_tokens, where)
+
+
+def _evaluate(checkpoints: dict[str, str], splits: dict[str, str], split: str, batch_size: int,
+              max_tokens: int | None, device: str) -> dict:
     from nexus.checkpoint import load_checkpoint
     from nexus.data import open_prepared
     from nexus.evaluation import analyze_routing, domain_perplexities, embedding_geometry
 
-    _threads(torch_threads)
     opened = {p: open_prepared(p) for p in set(splits.values())}
     tokens = {d: opened[p].packed(d, split).tokens for d, p in splits.items()}
     tokens = {d: t[: max_tokens + 1] if max_tokens else t for d, t in tokens.items()}
@@ -247,7 +331,7 @@ def evaluate_models(checkpoints: dict[str, str], splits: dict[str, str], split: 
     out: dict[str, dict] = {"perplexity": {}, "loss": {}, "metrics": {}, "routing": {}, "routing_analysis": {},
                             "embeddings": {}}
     for name, path in checkpoints.items():
-        model = load_checkpoint(path).eval()
+        model = load_checkpoint(path, device=device).eval()
         ppl = domain_perplexities(model, tokens, tokenizer, batch_size=batch_size)
         out["perplexity"][name] = {d: p.perplexity for d, p in ppl.items()}
         out["loss"][name] = {d: p.loss for d, p in ppl.items()}

@@ -74,6 +74,21 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def staging_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling directory of `path` (named so that `recover(path)` removes it if its
+    writer dies), removed when the block ends: to fill several directories and move them into
+    `path` only when all are complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, then move the temporary file onto `path`."""
     path = Path(path)

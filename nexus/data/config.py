@@ -29,8 +29,9 @@ class SourceConfig:
         (a metapackage such as `linux-doc` is followed to the package it depends on);
       - "folder": `path` is a directory or a glob of `.txt`/`.md`/`.jsonl` files (or a tree in one
         of the package formats);
-      - "hf": `path` is a Hugging Face dataset name, a local `save_to_disk` directory, or a builder
-        name such as "json" together with `data_files`;
+      - "hf": `path` is a Hugging Face dataset name (streamed), a local `save_to_disk` directory, a
+        local file or directory of parquet/JSONL/JSON/CSV/text files, or a builder name such as
+        "json" together with `data_files` (a glob); read in batches, never loaded whole;
       - "stdlib": the running interpreter's standard library `.py` files (tests excluded).
     format: how files become documents; "auto" picks by file suffix (.txt/.md: one document per
       file, .jsonl: one per line) for folders, and the natural format for the other kinds.
@@ -46,6 +47,7 @@ class SourceConfig:
     data_files: str | None = None  # hf builder (e.g. "json"): file or glob
     filter_field: str | None = None  # hf: dotted key, e.g. "meta.redpajama_set_name"
     filter_value: str | None = None
+    streaming: bool = True  # hf hub datasets: stream (False: download into the HF cache first)
     max_documents: int | None = None  # keep at most this many documents (first ones read)
     # Skip (instead of failing on) a document or file that is not UTF-8: for curated corpora with a
     # handful of legacy bytes (GCIDE has 3 cp1252 entries in 200k); user folders stay strict.

@@ -4,10 +4,14 @@ experiment, each cached by fingerprint under the experiment's data directory.
 Order matters for the "nothing half-written" guarantee:
   1. validate every source (packages known to apt, folders present, datasets loadable) and the
      embedder's dimension;
-  2. read and split every domain whose documents are not cached (in memory);
-  3. only then write: documents, tokenizer, packed splits, embeddings, manifest, each into a
-     temporary path moved into place (see nexus.data.cache).
-A stage whose fingerprint matches what is on disk is reused, not rebuilt.
+  2. read and split every domain whose documents are not cached, streamed into temporary
+     directories (bounded memory: `nexus.data.documents.write_documents`);
+  3. only when every domain was read, move the documents into place; then write tokenizer,
+     packed splits, embeddings, manifest, each into a temporary path moved into place (see
+     nexus.data.cache).
+A stage whose fingerprint matches what is on disk is reused, not rebuilt. Memory stays bounded
+whatever the domains' size: documents stream to disk, the tokenizer trains on a sample, packing
+tokenizes in batches (`num_proc` processes) and reads the documents memory-mapped.
 """
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from nexus.data import debian
-from nexus.data.cache import cached_dir, fingerprint, read_fingerprint
+from nexus.data.cache import FINGERPRINT_FILE, cached_dir, fingerprint, read_fingerprint
 from nexus.data.config import DataConfig, DomainConfig, EmbeddingConfig
-from nexus.data.documents import SPLITS, SplitDocuments, documents_fingerprint, hash_order, split_documents
+from nexus.data.documents import SPLITS, column_batches, documents_fingerprint, hash_order, write_documents
 from nexus.data.embeddings import (
     DEFAULT_EMBEDDER,
     SentenceTransformerEmbedder,
@@ -34,6 +38,7 @@ from nexus.data.embeddings import (
 )
 from nexus.data.prepared import DomainData, PreparedData, SplitStats
 from nexus.data.sources import describe, read_source, source_identity
+from nexus.io import _fsync_tree, replace_dir, staging_directory
 
 log = logging.getLogger("nexus.data")
 STATS_FILE = "stats.json"
@@ -82,18 +87,24 @@ def _prepare(cfg: DataConfig, out_dir: str | Path | None, progress: bool) -> Pre
         from nexus.data.tokenizer import load_tokenizer
 
         load_tokenizer(cfg.tokenizer.path, cfg.tokenizer.eos_token)
-    pending = {d.name: _read_domain(d, cfg, cache) for d in cfg.domains
-               if read_fingerprint(out / "documents" / d.name) != fps[d.name]}
+    pending = [d for d in cfg.domains if read_fingerprint(out / "documents" / d.name) != fps[d.name]]
     data = PreparedData(out, cfg.experiment, cfg.packing.seq_len, "",
                         {d.name: DomainData(d.name, d.held_out, fps[d.name]) for d in cfg.domains})
     timer = _Timer(data)
+    if pending:  # streamed into a staging directory next to `out`; moved in once every domain was read
+        with staging_directory(out) as staging:
+            for dom in pending:
+                _read_domain(dom, cfg, cache, staging / dom.name)
+                (staging / dom.name / FINGERPRINT_FILE).write_text(fps[dom.name] + "\n")
+            _fsync_tree(staging)
+            (out / "documents").mkdir(parents=True, exist_ok=True)
+            for dom in pending:
+                replace_dir(staging / dom.name, out / "documents" / dom.name)
     timer("read", t0, not pending)
+    t0 = time.perf_counter()
 
     # 3. write.
-    t0 = time.perf_counter()
     for dom in cfg.domains:
-        if dom.name in pending:
-            cached_dir(out / "documents" / dom.name, fps[dom.name], _documents_writer(pending.pop(dom.name)))
         stats = json.loads((out / "documents" / dom.name / STATS_FILE).read_text())
         data.domains[dom.name].splits = {s: SplitStats(**stats[s]) for s in SPLITS}
     timer("documents", t0, data.reused["read"])
@@ -122,20 +133,12 @@ def _prepare(cfg: DataConfig, out_dir: str | Path | None, progress: bool) -> Pre
     return data
 
 
-def _read_domain(dom: DomainConfig, cfg: DataConfig, cache: Path) -> dict[str, SplitDocuments]:
+def _read_domain(dom: DomainConfig, cfg: DataConfig, cache: Path, out_dir: Path) -> None:
+    """Stream a domain's documents, split, into `out_dir` (a DatasetDict and its stats)."""
     log.info("reading domain %s", dom.name)
     docs = (doc for src in dom.sources for doc in read_source(src, dom.name, cache))
-    return split_documents(dom.name, docs, cfg.splits, ", ".join(describe(s) for s in dom.sources))
-
-
-def _documents_writer(splits: dict[str, SplitDocuments]):
-    def build(tmp: Path) -> None:
-        from nexus.data.documents import to_dataset_dict
-
-        to_dataset_dict(splits).save_to_disk(str(tmp))
-        stats = {s: {"documents": len(p.text), "bytes": p.num_bytes} for s, p in splits.items()}
-        (tmp / STATS_FILE).write_text(json.dumps(stats))
-    return build
+    stats = write_documents(dom.name, docs, cfg.splits, ", ".join(describe(s) for s in dom.sources), out_dir)
+    (out_dir / STATS_FILE).write_text(json.dumps(stats))
 
 
 def _tokenizer(cfg: DataConfig, data: PreparedData) -> tuple[str, bool]:
@@ -157,7 +160,7 @@ def _tokenizer(cfg: DataConfig, data: PreparedData) -> tuple[str, bool]:
         def sample():
             for name in initial:
                 train = data.documents(name)["train"]
-                order = hash_order(train["doc_id"], "tokenizer")
+                order = hash_order(column_batches(train, "doc_id"), "tokenizer")
                 yield from sample_texts((train[i]["text"] for i in order), tc.sample_chars_per_domain)
         log.info("training tokenizer (vocab %d) on %s", tc.vocab_size, initial)
         train_tokenizer(sample(), tc.vocab_size, tmp / TOKENIZER_FILE, tc.eos_token, tc.min_frequency)
@@ -219,7 +222,7 @@ def embed_prepared_domain(data: PreparedData, domain: str, ec: EmbeddingConfig, 
     reused = meta is not None and meta.get("fingerprint") == fp
     if not reused:
         train = data.documents(dom.name)["train"]
-        sample = [train[i]["text"] for i in hash_order(train["doc_id"], ec.seed)[:ec.sample_size]]
+        sample = [train[i]["text"] for i in hash_order(column_batches(train, "doc_id"), ec.seed)[:ec.sample_size]]
         vector = embed_domain(sample, embedder.get(), ec, progress, desc=f"embed {dom.name}")
         meta = {"embedder": embedder.name, "sample_size": len(sample), "data_fingerprint": dom.fingerprint,
                 "fingerprint": fp, "max_chars": ec.max_chars, "max_chunks_per_doc": ec.max_chunks_per_doc,

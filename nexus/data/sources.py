@@ -5,10 +5,16 @@ Two steps per source, so that bad input fails before anything is written:
       present and non-empty, dataset loadable) and returns what the cache fingerprint needs
       (package versions, file sizes and mtimes, dataset fingerprint);
   `read_source(...)`: yields `(text, origin)` documents, raising DataError on malformed input.
+
+Hugging Face sources are read in batches, never whole: a `save_to_disk` directory memory-mapped,
+local data files (parquet/JSONL/JSON/CSV/text; `path` a builder name with `data_files`, or a
+directory of such files) and hub datasets streamed (`streaming: false` downloads a hub dataset
+into the HF cache first).
 """
 from __future__ import annotations
 
 import functools
+import glob
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -56,7 +62,7 @@ def source_identity(src: SourceConfig, domain: str) -> dict[str, Any]:
         ident["python"] = sys.version
         ident["files"] = _file_stats(_files(src, domain, str(stdlib_root())))
     else:
-        ident["dataset"] = _load_hf(src, domain)._fingerprint
+        ident["dataset"] = _hf_identity(src, domain)
         ident.update(text_field=src.text_field, filter=[src.filter_field, src.filter_value])
     return ident
 
@@ -80,30 +86,79 @@ def _read_debian(src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Do
     yield from parse_files(files, _format(src), domain, src)
 
 
+HF_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+HF_BATCH = 1000
+
+
+def _hf_saved(path: str) -> bool:
+    local = Path(path)
+    return local.is_dir() and any((local / m).exists() for m in ("state.json", "dataset_dict.json"))
+
+
+def _hf_files(src: SourceConfig) -> tuple[str, list[Path]] | None:
+    """(builder, files) of an hf source over local data files; None for a hub dataset. `data_files`
+    is a file or glob read by builder `path` ("json", "parquet", ...); a local `path` that is not a
+    `save_to_disk` directory is a file or a directory of data files, builder by suffix."""
+    if src.data_files:
+        return src.path, sorted(Path(f) for f in glob.glob(src.data_files, recursive=True))  # type: ignore[return-value]
+    local = Path(src.path)  # type: ignore[arg-type]
+    if not local.exists():
+        return None
+    files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.suffix in HF_BUILDERS)
+    builders = {HF_BUILDERS.get(f.suffix) for f in files}
+    if len(builders) != 1 or None in builders:
+        raise DataError(f"{src.path}: expected data files of one kind ({', '.join(HF_BUILDERS)}), found "
+                        f"{sorted({f.suffix for f in files}) or 'none'}")
+    return builders.pop(), files  # type: ignore[return-value]
+
+
 @functools.lru_cache(maxsize=8)
-def _load_hf_cached(path: str, config: str | None, split: str, data_files: str | None):
+def _load_hf_cached(path: str, config: str | None, split: str, data_files: str | None, streaming: bool):
     import datasets
 
-    local = Path(path)
-    if local.is_dir() and any((local / m).exists() for m in ("state.json", "dataset_dict.json")):
-        loaded = datasets.load_from_disk(str(local))
+    if _hf_saved(path):
+        loaded = datasets.load_from_disk(path)  # memory-mapped
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(path, config, split=split, data_files=data_files)
+    local = _hf_files(SourceConfig("hf", path=path, data_files=data_files))
+    if local is not None:
+        builder, files = local
+        if not files:
+            raise FileNotFoundError(f"no file matches {data_files or path}")
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split, streaming=True)
+    return datasets.load_dataset(path, config, split=split, streaming=streaming)
 
 
 def _load_hf(src: SourceConfig, domain: str):
     try:
-        ds = _load_hf_cached(src.path, src.hf_config, src.hf_split, src.data_files)
+        ds = _load_hf_cached(src.path, src.hf_config, src.hf_split, src.data_files, src.streaming)
+    except DataError:
+        raise
     except Exception as err:  # datasets raises many types (FileNotFound, ConnectionError, ValueError...)
         where = f"{src.path}" + (f" (data_files={src.data_files})" if src.data_files else "")
         raise DataError(f"domain {domain!r}: cannot load dataset {where} split {src.hf_split!r}: "
                         f"{type(err).__name__}: {str(err)[:300]}") from err
-    columns = set(ds.column_names)
+    _check_columns(src, domain, ds.column_names)
+    return ds
+
+
+def _check_columns(src: SourceConfig, domain: str, columns: list[str] | None) -> None:
+    if columns is None:  # a streamed dataset whose features are known only once read
+        return
     for key in (src.text_field, src.filter_field):
         if key is not None and key.split(".")[0] not in columns:
             raise DataError(f"domain {domain!r}: dataset {src.path} has no column {key!r} "
                             f"(columns: {sorted(columns)})")
-    return ds
+
+
+def _hf_identity(src: SourceConfig, domain: str) -> Any:
+    """A saved dataset's fingerprint, local files' stats, or a hub dataset's name, config and split."""
+    ds = _load_hf(src, domain)
+    if _hf_saved(src.path):  # type: ignore[arg-type]
+        return ds._fingerprint
+    local = _hf_files(src)
+    if local is not None:
+        return {"builder": local[0], "files": _file_stats(local[1])}
+    return {"hub": src.path, "config": src.hf_config, "split": src.hf_split}
 
 
 def _lookup(record: dict, dotted: str) -> Any:
@@ -114,13 +169,19 @@ def _lookup(record: dict, dotted: str) -> Any:
 
 def _read_hf(src: SourceConfig, domain: str) -> Iterator[Document]:
     ds = _load_hf(src, domain)
-    for i, record in enumerate(ds):
-        if src.filter_field is not None and _lookup(record, src.filter_field) != src.filter_value:
-            continue
-        text = _lookup(record, src.text_field)
-        if not isinstance(text, str):
-            raise DataError(f"domain {domain!r}: dataset {src.path} row {i} has no string {src.text_field!r}")
-        yield text, f"{src.path}[{i}]"
+    i = -1
+    for batch in ds.iter(batch_size=HF_BATCH):
+        if i < 0:
+            _check_columns(src, domain, list(batch))
+        for values in zip(*batch.values()):
+            i += 1
+            record = dict(zip(batch, values))
+            if src.filter_field is not None and _lookup(record, src.filter_field) != src.filter_value:
+                continue
+            text = _lookup(record, src.text_field)
+            if not isinstance(text, str):
+                raise DataError(f"domain {domain!r}: dataset {src.path} row {i} has no string {src.text_field!r}")
+            yield text, f"{src.path}[{i}]"
 
 
 def describe(src: SourceConfig) -> str:

@@ -39,6 +39,10 @@ def test_overrides_apply(tmp_path):
     ("router.routers=[nexus,magic]", "magic"),
     ("data.domains=[nope]", "nope"),
     ("+data.folders.new=/does/not/exist", "/does/not/exist"),
+    ("+data.hf.news={pth:/data/news}", "data.hf.news"),
+    ("train.moe.strategy=deepspeed", "train.strategy 'deepspeed'"),
+    ("train.moe.grad_accum_steps=3", "grad_accum_steps=3"),
+    ("runner.stages_per_gpu=0", "runner.stages_per_gpu"),
 ])
 def test_invalid_override_names_the_key(tmp_path, override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
@@ -98,3 +102,59 @@ def test_extension_refuses_an_embedder_of_another_dimension_before_training():
     check_embedder(cfg, {"router": "linear", "domain_embed_dim": 16}, "code")  # no embeddings used
     with pytest.raises(DataError, match=r"domain 'code': embedding embedder .* has dimension 384, but the router expects 16"):
         check_embedder(cfg, {"router": "nexus", "domain_embed_dim": 16}, "code")
+
+
+@pytest.mark.parametrize(("experiment", "named", "seed", "linear", "nexus"), [
+    ("470m", 470e6, 467_682_304, 1_298_252_800, 1_312_834_560),
+    ("2p8b", 2.8e9, 2_752_565_760, 9_044_226_560, 9_129_218_560)])
+def test_paper_experiments_compose_and_have_the_parameter_counts_of_their_names(experiment, named, seed, linear,
+                                                                               nexus):
+    """The paper's Table 3, to the parameter: seed, MoE with a linear router, Nexus MoE (built on the
+    meta device: no memory)."""
+    import dataclasses
+
+    import torch
+
+    from nexus.model import Transformer, parameter_counts
+
+    cfg = compose(experiment, [])
+    domains = [d.name for d in cfg.data.to_data_config(experiment, "unused").domains]
+    dense = dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
+    counts = {}
+    with torch.device("meta"):
+        counts["seed"] = parameter_counts(Transformer(dense))["total"]
+        for router in ("linear", "nexus"):
+            moe = dense.with_moe(expert_names=domains, router=router, **cfg.router.moe_options())
+            counts[router] = parameter_counts(Transformer(moe))
+    assert counts["seed"] == seed and abs(seed - named) < 0.02 * named
+    assert counts["linear"]["total"] == linear and counts["nexus"]["total"] == nexus
+    assert counts["nexus"]["active_inference"] == counts["linear"]["active_inference"]  # E precomputed
+    assert cfg.router.dispatch == "grouped_mm" and cfg.train.moe.grad_accum_steps > 1
+
+
+def test_hf_domain_declared_in_the_config_is_streamed_prepared_and_reused(tmp_path):
+    """`+data.hf.<name>={...}` on a local `save_to_disk` dataset (SlimPajama-like rows, selected by a
+    dotted meta field), prepared with the pipeline's data task; a rerun reuses every product."""
+    from datasets import Dataset
+
+    from flows.config import as_dict
+    from flows.tasks import prepare_data
+    from nexus.data import open_prepared
+
+    from .conftest import CORPORA
+
+    texts = [p.read_text() for p in sorted((CORPORA / "python-docs").rglob("*.txt"))]
+    rows = [{"text": t, "meta": {"redpajama_set_name": "RedPajamaArXiv" if i % 3 else "RedPajamaC4"}}
+            for i, t in enumerate(t for doc in texts for t in doc.split("\n\n") if len(t) > 40)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "slimpajama"))
+    source = (f"+data.hf.papers={{path:{tmp_path / 'slimpajama'},filter_field:meta.redpajama_set_name,"
+              f"filter_value:RedPajamaArXiv}}")
+    cfg = compose("micro", micro_overrides(tmp_path, None, source, "data.domains=[dictionary,lore,papers]",
+                                           "data.num_proc=2"))
+    assert cfg.data.hf_section("papers").streaming and cfg.data.num_proc == 2
+    first = prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data"))
+    data = open_prepared(first["dir"])
+    kept = sum(s.documents for s in data.domains["papers"].splits.values())
+    assert kept == len({r["text"].strip() for r in rows if r["meta"]["redpajama_set_name"] == "RedPajamaArXiv"})
+    assert first["token_counts"]["papers"] > 0 and first["config"]["packing"]["num_proc"] == 2
+    assert prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data")) == first

@@ -1,0 +1,167 @@
+"""The micro pipeline with two-rank DDP stages (seed, experts, MoE) on CPU/gloo, on the threads and
+the Dask runner: one flow run, one MLflow run per stage, the right number of steps, weights equal to
+one process training on the same global batch, no process left behind, and a rerun all `Cached`.
+The default suite runs it with a two-rank seed only (one torchrun, the rest in process); the slow
+variants make every training stage two-rank, on both runners (2-3 minutes each on 2 cores).
+
+Before stages ran as their own processes, Lightning re-executed `sys.argv` for rank 1: a second
+pipeline (a second flow run and MLflow pipeline run) started, and with Dask the experts inherited
+`MASTER_PORT` and died with EADDRINUSE."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from flows.config import as_dict, compose
+from flows.pipeline import _weights, upcycle_pipeline
+from flows.tasks import train_stage
+from nexus.checkpoint import load_checkpoint, read_checkpoint_config
+from nexus.training.launch import DISTRIBUTED_ENV
+
+from .conftest import micro_overrides
+
+ALL_STAGES = ("seed", "expert", "moe")
+
+
+def two_ranks(*stages: str) -> list[str]:
+    return [
+        f"train.{stage}.{key}={value}"
+        for stage in stages
+        for key, value in (("strategy", "ddp"), ("devices", 2))
+    ]
+
+
+STAGES = [
+    "seed",
+    "expert-dictionary",
+    "expert-lore",
+    "embed-dictionary",
+    "embed-lore",
+    "build-nexus",
+    "moe-nexus",
+    "evaluate",
+]
+
+
+def _flow_runs_of(out_dir) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+    return sum(
+        1
+        for r in runs
+        if r.name and str(out_dir) in json.dumps(r.parameters, default=str) and "overrides" in r.parameters
+    )
+
+
+HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+"""Python's per-process multiprocessing helpers (started once by Dask's LocalCluster, they live as
+long as this process): not stage processes."""
+
+
+def _descendants() -> set[int]:
+    alive = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if not any(h in " ".join(p.cmdline()) for h in HELPERS):
+                alive.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _settled(before: set[int], timeout_s: float = 30) -> set[int]:
+    """Processes started since `before` still alive after `timeout_s` (a Dask cluster takes a moment)."""
+    deadline = time.time() + timeout_s
+    while (left := _descendants() - before) and time.time() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.mark.parametrize(
+    ("runner", "stages"),
+    [
+        ("threads", ("seed",)),
+        pytest.param("threads", ALL_STAGES, marks=pytest.mark.slow),
+        pytest.param("dask", ALL_STAGES, marks=pytest.mark.slow),
+    ],
+)
+def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, stages):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = micro_overrides(
+        tmp_path,
+        uri,
+        "router.routers=[nexus]",
+        "router.dense_merge=false",
+        f"runner.kind={runner}",
+        *two_ranks(*stages),
+    )
+    previous = mlflow.get_tracking_uri()
+    before = _descendants()
+    try:
+        first = upcycle_pipeline("micro", overrides)
+        assert all(first["states"][k] == "Completed" for k in STAGES), first["states"]
+        assert not _settled(before), "a stage or worker process outlived the pipeline"
+        assert not set(DISTRIBUTED_ENV) & set(os.environ)
+        assert _flow_runs_of(tmp_path) == 1, "the pipeline ran more than once (a rank re-ran the CLI/flow?)"
+
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        names = sorted(r.data.tags.get("mlflow.runName") for r in runs)
+        assert names == sorted(["upcycle_pipeline", "seed", "dictionary", "lore", "build-nexus", "nexus"]), (
+            names
+        )
+        assert all(r.info.status == "FINISHED" for r in runs)
+        seed_run = next(r for r in runs if r.data.tags.get("mlflow.runName") == "seed")
+        assert "train/loss" in seed_run.data.metrics  # logged live by the stage's rank 0 into its run
+
+        cfg = compose("micro", overrides)
+        for stage, key in (("seed", "seed"), ("expert", "expert:lore"), ("moe", "moe:nexus")):
+            meta = read_checkpoint_config(first["checkpoints"][key])["metadata"]
+            assert meta["global_step"] == getattr(cfg.train, stage).max_steps, (key, meta)
+            assert meta["parallel"]["world_size"] == (2 if stage in stages else 1), (key, meta)
+
+        # the two-rank seed equals one process training on the same global batch (2 x 4 sequences)
+        data = json.loads((tmp_path / "data" / "main" / "manifest.json").read_text())
+        weights = _weights(
+            "seed",
+            {
+                "fingerprints": dict.fromkeys(data["domains"]),
+                "token_counts": {d: v["splits"]["train"]["tokens"] for d, v in data["domains"].items()},
+                "config": {"mixture": {}},
+            },
+            list(cfg.data.seed_domains),
+        )
+        single = train_stage.fn(
+            "seed",
+            "seed",
+            {**as_dict(cfg.train.seed), "devices": 1, "strategy": "auto", "batch_size": 8},
+            str(tmp_path / "data" / "main"),
+            weights,
+            str(tmp_path / "single-seed"),
+            "unused",
+            model=read_checkpoint_config(first["checkpoints"]["seed"])["model"],
+            val_domains=list(weights),
+            torch_threads=1,
+        )
+        a = load_checkpoint(first["checkpoints"]["seed"]).state_dict()
+        b = load_checkpoint(single["checkpoint"]).state_dict()
+        difference = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"{runner}: seed, two ranks vs one process: max weight difference {difference:.2e}")
+        assert difference < 1e-4
+
+        again = upcycle_pipeline("micro", overrides)
+        assert all(again["states"][k] == "Cached" for k in STAGES), again["states"]
+        assert again["perplexity"] == first["perplexity"]
+        assert not _settled(before)
+    finally:
+        mlflow.set_tracking_uri(previous)
