@@ -34,3 +34,17 @@ def test_pipeline_benchmark_splits_wall_time_into_compute_and_the_rest(prefect_h
     assert 0 < summary["compute_s"] < summary["wall_s"]
     assert abs(summary["compute_s"] + summary["other_s"] - summary["wall_s"]) < 0.2
     assert rows["training"]["peak_rss_mb"] > 100
+
+
+def test_gpu_check_runs_its_cpu_parts(tmp_path):
+    """`make gpu-check` on the CPU with tiny shapes: MoE parity (bf16 vs fp32, grouped vs sorted),
+    the sync-free op sequence, throughput, and bf16 training steps with the paper's memory settings."""
+    from benchmarks import gpu_check
+
+    results = gpu_check.main(["--cpu", "--smoke", "--out", str(tmp_path)])
+    assert set(results) == {"parity", "sync_free", "throughput", "training"}
+    assert all(r["ok"] for r in results.values()), results
+    assert results["parity"]["grouped_vs_sorted_fp32"]["output"] < 1e-4
+    assert results["sync_free"]["same_ops_for_any_token_count"] and not results["sync_free"]["host_reads"]
+    assert results["training"]["steps"] == 3
+    assert json.loads((tmp_path / "gpu_check-smoke.json").read_text())["config"]["device"] == "cpu"

@@ -52,15 +52,16 @@ def pack_documents(docs, tokenizer_file: Path, out_dir: Path, *, domain: str, sp
         cache_file_name=str(out_dir / "tokenized.arrow"), new_fingerprint=f"{fingerprint[:16]}-{split}",
         desc=f"tokenize {domain}/{split}",
     )
-    lengths = []
+    lengths = []  # one int64 array per batch: 8 bytes per document
     with open(out_dir / STREAM_FILE, "wb") as stream:
         for batch in tokenized.iter(batch_size=batch_size):
             arrays = [np.asarray(ids, dtype=dtype) for ids in batch["ids"]]
-            lengths.extend(len(a) for a in arrays)
+            lengths.append(np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays)))
             stream.write(np.concatenate(arrays).tobytes())
     del tokenized
     for arrow in out_dir.glob("tokenized*.arrow"):
         arrow.unlink()
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     np.save(out_dir / OFFSETS_FILE, offsets)

@@ -209,47 +209,24 @@ def test_bf16_autocast_parity_and_grouped_gemms_in_bf16(dispatch):
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
 
 
-SYNCING_OPS = {"aten::_local_scalar_dense", "aten::bincount", "aten::nonzero", "aten::unique", "aten::_unique2",
-               "aten::masked_select", "aten::repeat_interleave", "aten::equal"}
-"""aten ops whose output size or result needs a device value on the host."""
-HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
-"""Tensor methods that copy a device value to the host (seen as torch functions, not aten ops)."""
-
-
 def _ops_of_forward_backward(layer, x, D):
     """(aten ops, tensor methods/functions) of one forward and one backward, in call order."""
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from benchmarks.gpu_check import record_ops
 
-    class Aten(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.name())
-            return func(*args, **(kwargs or {}))
-
-    class Functions(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.names.append(getattr(func, "__name__", str(func)))
-            return func(*args, **(kwargs or {}))
-
-    layer.zero_grad(set_to_none=True)
-    with Functions() as functions, Aten() as aten:
+    def step():
         y, info = layer(x, D)
         (y.float().square().sum() + info.aux_loss).backward()
-    return aten.ops, functions.names
+
+    layer.zero_grad(set_to_none=True)
+    return record_ops(step)
 
 
 def test_grouped_path_runs_the_same_ops_for_any_token_count_and_none_that_syncs():
     """What makes `torch.cuda.set_sync_debug_mode("error")` pass on a GPU: the op sequence of a
     forward + backward is the same for 64 and 4096 tokens (nothing sized by data on the host), holds
     no op that needs a device value on the host, and no `.tolist()`/`.item()`/`bool()` is called."""
+    from benchmarks.gpu_check import HOST_READS, SYNCING_OPS
+
     layer = make_layer("nexus", top_k=2, n=4, dispatch="grouped_mm").float()
     D = torch.randn(4, 12)
     small, small_calls = _ops_of_forward_backward(layer, torch.randn(64, 16), D)

@@ -1,0 +1,110 @@
+"""Peak memory of data preparation against input size: an `hf` domain on a local `save_to_disk`
+dataset (declared as `+data.hf.big={path: ...}`, as a user would), prepared by the pipeline's data
+task (read, split, tokenize, pack) in a fresh process, at several input sizes.
+
+The input is built from the fixture corpora by repetition with variation: every document is a
+random draw of their paragraphs with a unique counter line, so no two are duplicates (~3 kB each).
+Memory is the peak resident set (RSS) of the preparing process, and the peak proportional set size
+(PSS: pages shared by forked workers counted once) of it with its children (the `num_proc`
+tokenizer workers), sampled every 100 ms.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import parser, print_table, write_results
+
+CORPORA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "corpora"
+FULL_MB, QUICK_MB, SMOKE_MB = [100, 400], [25, 100], [1, 4]
+
+CHILD = """
+import json, sys
+from flows.config import as_dict, compose
+from flows.tasks import prepare_data
+out, saved, num_proc = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg = compose("micro", [f"out_dir={out}", f"data.cache_dir={out}/cache", "tracking.enabled=false",
+                        f"+data.hf.big={{path:{saved}}}", "data.domains=[big]", "data.tokenizer_domains=[big]",
+                        "data.seed_domains=[big]", "data.vocab_size=4096", "data.seq_len=256", "model.max_seq_len=256",
+                        f"data.num_proc={num_proc}"])
+result = prepare_data.fn(as_dict(cfg.data), cfg.name, f"{out}/data")
+print("RESULT", json.dumps({"tokens": sum(result["token_counts"].values())}))
+"""
+
+
+def paragraphs() -> list[str]:
+    texts = [p.read_text(errors="replace") for p in sorted(CORPORA.rglob("*")) if p.is_file() and p.suffix != ".md"]
+    return [t.strip() for text in texts for t in text.split("\n\n") if len(t.strip()) > 40]
+
+
+def build_input(megabytes: int, out: Path, seed: int = 0) -> int:
+    """A `save_to_disk` dataset of ~`megabytes` MB of unique documents; returns their count."""
+    import datasets
+
+    rng, pool = random.Random(seed), paragraphs()
+    jsonl, n, size = out.with_suffix(".jsonl"), 0, 0
+    with open(jsonl, "w") as f:
+        while size < megabytes * 1e6:
+            text = f"document {n}\n\n" + "\n\n".join(rng.choices(pool, k=12))
+            f.write(json.dumps({"text": text}) + "\n")
+            size, n = size + len(text.encode()), n + 1
+    datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(out.parent / "hf-cache")
+                          ).save_to_disk(str(out))
+    jsonl.unlink()
+    return n
+
+
+def peak_rss(cmd: list[str]) -> tuple[float, float, float, str]:
+    """(peak RSS of the process in MB, peak PSS of it and its children in MB, seconds, stdout)."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root, own, tree = psutil.Process(proc.pid), 0, 0
+    while proc.poll() is None:
+        try:
+            own = max(own, root.memory_info().rss)
+            tree = max(tree, sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise RuntimeError(f"data preparation failed:\n{out[-3000:]}")
+    return own / 1e6, tree / 1e6, time.perf_counter() - t0, out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="*", default=None, help="input sizes in MB")
+    p.add_argument("--num-proc", type=int, default=2)
+    args = p.parse_args(argv)
+    sizes = args.sizes or (SMOKE_MB if args.smoke else QUICK_MB if args.quick else FULL_MB)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mb in sizes:
+            saved = Path(tmp) / f"input-{mb}mb"
+            n_docs = build_input(mb, saved)
+            own_mb, tree_mb, seconds, out = peak_rss([sys.executable, "-c", CHILD, str(Path(tmp) / f"out-{mb}"),
+                                                      str(saved), str(args.num_proc)])
+            tokens = json.loads(out.rsplit("RESULT", 1)[1])["tokens"]
+            rows.append({"input_mb": mb, "documents": n_docs, "tokens": tokens, "seconds": round(seconds, 1),
+                         "peak_rss_mb": round(own_mb), "peak_pss_with_workers_mb": round(tree_mb)})
+    summary = {"sizes_mb": sizes, "peak_rss_mb": [r["peak_rss_mb"] for r in rows],
+               "peak_pss_with_workers_mb": [r["peak_pss_with_workers_mb"] for r in rows],
+               "peak_growth": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
+               "input_growth": sizes[-1] / sizes[0]}
+    print_table("Data preparation memory", rows, ["input_mb", "documents", "tokens", "seconds", "peak_rss_mb",
+                                                  "peak_pss_with_workers_mb"])
+    path = write_results("data_memory", args, {"num_proc": args.num_proc}, rows, summary)
+    print(f"summary: {summary}\nwrote {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
