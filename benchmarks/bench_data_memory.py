@@ -4,10 +4,12 @@ task (read, split, tokenize, pack) in a fresh process, at several input sizes.
 
 The input is built from the fixture corpora by repetition with variation: every document is a
 random draw of their paragraphs with a unique counter line, so no two are duplicates (~3 kB each).
-Memory is the peak resident set (RSS) of the preparing process, and the peak proportional set size
-(PSS: pages shared by forked workers counted once) of it with its children (the `num_proc`
-tokenizer workers), sampled every 100 ms.
+Memory is sampled every 100 ms: the peak anonymous resident memory (`RssAnon`: heap, what the
+process allocated) of the preparing process and of it with its children (the `num_proc` tokenizer
+workers), and its peak RSS, which also counts the pages of memory-mapped files it has read (the
+documents and token streams, clean pages the kernel drops under pressure).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +40,9 @@ print("RESULT", json.dumps({"tokens": sum(result["token_counts"].values())}))
 
 
 def paragraphs() -> list[str]:
-    texts = [p.read_text(errors="replace") for p in sorted(CORPORA.rglob("*")) if p.is_file() and p.suffix != ".md"]
+    texts = [
+        p.read_text(errors="replace") for p in sorted(CORPORA.rglob("*")) if p.is_file() and p.suffix != ".md"
+    ]
     return [t.strip() for text in texts for t in text.split("\n\n") if len(t.strip()) > 40]
 
 
@@ -53,30 +57,42 @@ def build_input(megabytes: int, out: Path, seed: int = 0) -> int:
             text = f"document {n}\n\n" + "\n\n".join(rng.choices(pool, k=12))
             f.write(json.dumps({"text": text}) + "\n")
             size, n = size + len(text.encode()), n + 1
-    datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(out.parent / "hf-cache")
-                          ).save_to_disk(str(out))
+    datasets.load_dataset(
+        "json", data_files=str(jsonl), split="train", cache_dir=str(out.parent / "hf-cache")
+    ).save_to_disk(str(out))
     jsonl.unlink()
     return n
 
 
-def peak_rss(cmd: list[str]) -> tuple[float, float, float, str]:
-    """(peak RSS of the process in MB, peak PSS of it and its children in MB, seconds, stdout)."""
+def _rss_anon(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_memory(cmd: list[str]) -> tuple[dict[str, float], float, str]:
+    """({anon, anon_with_workers, rss} peaks in MB, seconds, stdout) of running `cmd`."""
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root, own, tree = psutil.Process(proc.pid), 0, 0
+    root, peak = psutil.Process(proc.pid), {"anon": 0, "anon_with_workers": 0, "rss": 0}
     while proc.poll() is None:
         try:
-            own = max(own, root.memory_info().rss)
-            tree = max(tree, sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]))
-        except psutil.Error:
+            anon = [_rss_anon(p.pid) for p in [root, *root.children(recursive=True)]]
+            peak = {
+                "anon": max(peak["anon"], anon[0]),
+                "anon_with_workers": max(peak["anon_with_workers"], sum(anon)),
+                "rss": max(peak["rss"], root.memory_info().rss),
+            }
+        except (psutil.Error, OSError):
             pass
         time.sleep(0.1)
     out = proc.stdout.read()
     if proc.returncode:
         raise RuntimeError(f"data preparation failed:\n{out[-3000:]}")
-    return own / 1e6, tree / 1e6, time.perf_counter() - t0, out
+    return {k: v / 1e6 for k, v in peak.items()}, time.perf_counter() - t0, out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,17 +106,27 @@ def main(argv: list[str] | None = None) -> dict:
         for mb in sizes:
             saved = Path(tmp) / f"input-{mb}mb"
             n_docs = build_input(mb, saved)
-            own_mb, tree_mb, seconds, out = peak_rss([sys.executable, "-c", CHILD, str(Path(tmp) / f"out-{mb}"),
-                                                      str(saved), str(args.num_proc)])
+            peak, seconds, out = peak_memory(
+                [sys.executable, "-c", CHILD, str(Path(tmp) / f"out-{mb}"), str(saved), str(args.num_proc)]
+            )
             tokens = json.loads(out.rsplit("RESULT", 1)[1])["tokens"]
-            rows.append({"input_mb": mb, "documents": n_docs, "tokens": tokens, "seconds": round(seconds, 1),
-                         "peak_rss_mb": round(own_mb), "peak_pss_with_workers_mb": round(tree_mb)})
-    summary = {"sizes_mb": sizes, "peak_rss_mb": [r["peak_rss_mb"] for r in rows],
-               "peak_pss_with_workers_mb": [r["peak_pss_with_workers_mb"] for r in rows],
-               "peak_growth": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
-               "input_growth": sizes[-1] / sizes[0]}
-    print_table("Data preparation memory", rows, ["input_mb", "documents", "tokens", "seconds", "peak_rss_mb",
-                                                  "peak_pss_with_workers_mb"])
+            rows.append(
+                {
+                    "input_mb": mb,
+                    "documents": n_docs,
+                    "tokens": tokens,
+                    "seconds": round(seconds, 1),
+                    **{f"peak_{k}_mb": round(v) for k, v in peak.items()},
+                }
+            )
+    columns = ["peak_anon_mb", "peak_anon_with_workers_mb", "peak_rss_mb"]
+    summary = {
+        "sizes_mb": sizes,
+        **{c: [r[c] for r in rows] for c in columns},
+        "anon_growth": round(rows[-1]["peak_anon_mb"] / rows[0]["peak_anon_mb"], 3),
+        "input_growth": sizes[-1] / sizes[0],
+    }
+    print_table("Data preparation memory", rows, ["input_mb", "documents", "tokens", "seconds", *columns])
     path = write_results("data_memory", args, {"num_proc": args.num_proc}, rows, summary)
     print(f"summary: {summary}\nwrote {path}")
     return summary

@@ -14,10 +14,12 @@
 `--cpu --smoke`, without the pipeline, which the flow tests cover). Results go to
 `benchmarks/results/gpu_check[-smoke].json`; the exit code is 1 if a check failed.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import tempfile
 import time
@@ -29,8 +31,16 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, print_table, write_results
 
-SYNCING_OPS = {"aten::_local_scalar_dense", "aten::bincount", "aten::nonzero", "aten::unique", "aten::_unique2",
-               "aten::masked_select", "aten::repeat_interleave", "aten::equal"}
+SYNCING_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::bincount",
+    "aten::nonzero",
+    "aten::unique",
+    "aten::_unique2",
+    "aten::masked_select",
+    "aten::repeat_interleave",
+    "aten::equal",
+}
 """aten ops whose output size or result needs a device value on the host."""
 HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
 """Tensor methods that copy a device value to the host (seen as torch functions, not aten ops)."""
@@ -68,8 +78,13 @@ def moe_layer(d_model: int, hidden: int, n_experts: int, dispatch: str, device: 
     from nexus.config import MoEConfig
     from nexus.model.moe import MoELayer
 
-    cfg = MoEConfig(expert_names=[f"e{i}" for i in range(n_experts)], router="nexus", top_k=top_k,
-                    dispatch=dispatch, router_hidden=d_model // 2)
+    cfg = MoEConfig(
+        expert_names=[f"e{i}" for i in range(n_experts)],
+        router="nexus",
+        top_k=top_k,
+        dispatch=dispatch,
+        router_hidden=d_model // 2,
+    )
     torch.manual_seed(0)
     layer = MoELayer(d_model, hidden, cfg).to(device)
     with torch.no_grad():
@@ -99,20 +114,28 @@ def check_parity(device: str, shape: dict) -> dict:
     D = torch.randn(n, 384, device=device, generator=g)
     grad = torch.randn(tokens, d, device=device, generator=g)
     sorted_layer, grouped = (moe_layer(d, f, n, k, device, top_k=2) for k in ("sorted", "grouped_mm"))
-    runs = {(k, ac): fwd_bwd(layer, x, D, grad, ac) for k, layer in (("sorted", sorted_layer), ("grouped", grouped))
-            for ac in (False, True)}
+    runs = {
+        (k, ac): fwd_bwd(layer, x, D, grad, ac)
+        for k, layer in (("sorted", sorted_layer), ("grouped", grouped))
+        for ac in (False, True)
+    }
     out = {}
-    for name, (a, b) in {"bf16_vs_fp32_grouped": (("grouped", True), ("grouped", False)),
-                         "bf16_vs_fp32_sorted": (("sorted", True), ("sorted", False)),
-                         "grouped_vs_sorted_fp32": (("grouped", False), ("sorted", False)),
-                         "grouped_vs_sorted_bf16": (("grouped", True), ("sorted", True))}.items():
+    for name, (a, b) in {
+        "bf16_vs_fp32_grouped": (("grouped", True), ("grouped", False)),
+        "bf16_vs_fp32_sorted": (("sorted", True), ("sorted", False)),
+        "grouped_vs_sorted_fp32": (("grouped", False), ("sorted", False)),
+        "grouped_vs_sorted_bf16": (("grouped", True), ("sorted", True)),
+    }.items():
         (ya, ga), (yb, gb) = runs[a], runs[b]
         out[name] = {"output": _relative(ya, yb), "worst_gradient": max(_relative(ga[k], gb[k]) for k in gb)}
     # fp32 on CUDA runs the grouped GEMMs in bf16 (`grouped_dtype`): a bf16-sized tolerance there
     exact = 1e-4 if device == "cpu" else 3e-2
-    ok = (out["grouped_vs_sorted_fp32"]["output"] < exact and out["bf16_vs_fp32_grouped"]["output"] < 3e-2
-          and out["grouped_vs_sorted_bf16"]["output"] < 3e-2
-          and all(v["worst_gradient"] < 6e-2 for v in out.values()))
+    ok = (
+        out["grouped_vs_sorted_fp32"]["output"] < exact
+        and out["bf16_vs_fp32_grouped"]["output"] < 3e-2
+        and out["grouped_vs_sorted_bf16"]["output"] < 3e-2
+        and all(v["worst_gradient"] < 6e-2 for v in out.values())
+    )
     return {"ok": ok, **out}
 
 
@@ -129,13 +152,18 @@ def check_sync_free(device: str, shape: dict) -> dict:
             with torch.autocast(device, dtype=torch.bfloat16):
                 y, info = layer(x, D)
             (y.float().square().mean() + info.aux_loss).backward()
+
         return run
 
     step(shape["tokens"])()  # warm-up: lazy initialisation may sync once
     small, small_calls = record_ops(step(shape["tokens"]))
     large, _ = record_ops(step(4 * shape["tokens"]))
-    result = {"same_ops_for_any_token_count": small == large, "ops": len(small),
-              "syncing_ops": sorted(SYNCING_OPS & set(small)), "host_reads": sorted(HOST_READS & set(small_calls))}
+    result = {
+        "same_ops_for_any_token_count": small == large,
+        "ops": len(small),
+        "syncing_ops": sorted(SYNCING_OPS & set(small)),
+        "host_reads": sorted(HOST_READS & set(small_calls)),
+    }
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -146,8 +174,12 @@ def check_sync_free(device: str, shape: dict) -> dict:
             result["cuda_sync_debug_error_mode"] = f"failed: {err}"
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    result["ok"] = (result["same_ops_for_any_token_count"] and not result["syncing_ops"] and not result["host_reads"]
-                    and result.get("cuda_sync_debug_error_mode", "clean") == "clean")
+    result["ok"] = (
+        result["same_ops_for_any_token_count"]
+        and not result["syncing_ops"]
+        and not result["host_reads"]
+        and result.get("cuda_sync_debug_error_mode", "clean") == "clean"
+    )
     return result
 
 
@@ -171,22 +203,30 @@ def check_throughput(device: str, shape: dict, repeats: int) -> dict:
     x = torch.randn(tokens, d, device=device, requires_grad=True)
     D = torch.randn(n, 384, device=device)
     rows = {}
-    candidates = {"dense": (FeedForward(d, 2 * f).to(device), lambda m: m(x)),
-                  "moe_grouped": (moe_layer(d, f, n, "grouped_mm", device), lambda m: m(x, D)[0])}
+    candidates = {
+        "dense": (FeedForward(d, 2 * f).to(device), lambda m: m(x)),
+        "moe_grouped": (moe_layer(d, f, n, "grouped_mm", device), lambda m: m(x, D)[0]),
+    }
     if device == "cpu":
         candidates["moe_sorted"] = (moe_layer(d, f, n, "sorted", device), lambda m: m(x, D)[0])
     for name, (module, call) in candidates.items():
+
         def run(module=module, call=call) -> None:
             module.zero_grad(set_to_none=True)
             with torch.autocast(device, dtype=torch.bfloat16):
                 y = call(module)
             y.float().square().mean().backward()
+
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds = _timed(run, device, repeats)
-        rows[name] = {"tokens_per_s": round(tokens / seconds),
-                      "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None}
-    rows["moe_vs_dense_throughput"] = round(rows["moe_grouped"]["tokens_per_s"] / rows["dense"]["tokens_per_s"], 3)
+        rows[name] = {
+            "tokens_per_s": round(tokens / seconds),
+            "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
+        }
+    rows["moe_vs_dense_throughput"] = round(
+        rows["moe_grouped"]["tokens_per_s"] / rows["dense"]["tokens_per_s"], 3
+    )
     return {"ok": True, **rows}
 
 
@@ -202,18 +242,30 @@ def check_training(device: str, smoke: bool) -> dict:
 
     cfg = compose("470m", check=False)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
-    train = dataclasses.replace(cfg.train.moe, max_steps=3, batch_size=4, grad_accum_steps=2, val_every_n_steps=3,
-                                limit_val_batches=1, log_every_n_steps=1, progress_bar=False,
-                                accelerator="gpu" if device == "cuda" else "cpu", precision="bf16-mixed")
+    train = dataclasses.replace(
+        cfg.train.moe,
+        max_steps=3,
+        batch_size=4,
+        grad_accum_steps=2,
+        val_every_n_steps=3,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        progress_bar=False,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        precision="bf16-mixed",
+    )
     domains = [d.name for d in cfg.data.to_data_config("470m", "unused").domains]
     if smoke:  # the same code path on a model a CPU trains in seconds
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, ffn_hidden=96,
-                                        max_seq_len=64)
+        model_cfg = dataclasses.replace(
+            model_cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, ffn_hidden=96, max_seq_len=64
+        )
         train = dataclasses.replace(train, loss_chunk_tokens=64)
     moe_cfg = model_cfg.with_moe(expert_names=domains, router="nexus", **cfg.router.moe_options())
     seq = model_cfg.max_seq_len
     data_train, data_val = synthetic_splits(domains, seq, model_cfg.vocab_size, n_train=16, n_val=4)
-    dm = MixtureDataModule(data_train, data_val, dict.fromkeys(domains, 1.0), train.batch_size, train.max_steps)
+    dm = MixtureDataModule(
+        data_train, data_val, dict.fromkeys(domains, 1.0), train.batch_size, train.max_steps
+    )
     dm.micro_batches = train.grad_accum_steps
     L.seed_everything(0, verbose=False)
     model = Transformer(moe_cfg)
@@ -228,30 +280,52 @@ def check_training(device: str, smoke: bool) -> dict:
         seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     tokens = train.max_steps * train.batch_size * seq
-    return {"ok": trainer.global_step == train.max_steps and all(v == v for v in metrics.values()),  # no NaN
-            "parameters": counts["total"], "active_parameters": counts["active_training"],
-            "steps": trainer.global_step, "tokens_per_s": round(tokens / seconds), "val_loss": metrics.get("val/loss"),
-            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
+    return {
+        "ok": trainer.global_step == train.max_steps and all(math.isfinite(v) for v in metrics.values()),
+        "parameters": counts["total"],
+        "active_parameters": counts["active_training"],
+        "steps": trainer.global_step,
+        "tokens_per_s": round(tokens / seconds),
+        "val_loss": metrics.get("val/loss"),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+    }
 
 
 def check_pipeline(device: str) -> dict:
-    from flows.pipeline import upcycle_pipeline
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.pipeline import upcycle_pipeline
+
     corpora = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "corpora"
-    accelerator = [] if device == "cuda" else [f"train.{s}.accelerator=cpu" for s in ("seed", "expert", "moe")]
+    accelerator = (
+        [] if device == "cuda" else [f"train.{s}.accelerator=cpu" for s in ("seed", "expert", "moe")]
+    )
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness():
         t0 = time.perf_counter()  # on a GPU machine every stage is placed on it (flows/placement.py)
-        summary = upcycle_pipeline("micro", [f"out_dir={tmp}", f"data.corpora_dir={corpora}",
-                                             f"data.cache_dir={tmp}/cache", "tracking.enabled=false",
-                                             f"eval.device={'auto' if device == 'cuda' else 'cpu'}", *accelerator])
+        summary = upcycle_pipeline(
+            "micro",
+            [
+                f"out_dir={tmp}",
+                f"data.corpora_dir={corpora}",
+                f"data.cache_dir={tmp}/cache",
+                "tracking.enabled=false",
+                f"eval.device={'auto' if device == 'cuda' else 'cpu'}",
+                *accelerator,
+            ],
+        )
         states = summary["states"]
-    return {"ok": all(s == "Completed" for s in states.values()), "seconds": round(time.perf_counter() - t0, 1),
-            "stages": len(states), "perplexity_moe_nexus": summary["perplexity"].get("moe:nexus")}
+    return {
+        "ok": all(s == "Completed" for s in states.values()),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "stages": len(states),
+        "perplexity_moe_nexus": summary["perplexity"].get("moe:nexus"),
+    }
 
 
-SHAPES = {"full": {"d_model": 1024, "hidden": 2816, "experts": 6, "tokens": 16384},
-          "smoke": {"d_model": 32, "hidden": 48, "experts": 6, "tokens": 256}}
+SHAPES = {
+    "full": {"d_model": 1024, "hidden": 2816, "experts": 6, "tokens": 16384},
+    "smoke": {"d_model": 32, "hidden": 48, "experts": 6, "tokens": 256},
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -282,7 +356,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {results[name]}", flush=True)
     rows = [{"check": k, "ok": v["ok"], "seconds": v["seconds"]} for k, v in results.items()]
     print_table(f"GPU check on {device}", rows, ["check", "ok", "seconds"])
-    info = {"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "shape": shape}
+    info = {
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "shape": shape,
+    }
     write_results("gpu_check", args, info, rows, results)
     return results
 

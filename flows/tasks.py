@@ -193,18 +193,19 @@ def is_final(stage: str, name: str) -> bool:
 
 
 def record_checkpoint(run: Any, checkpoint: str | os.PathLike, final: bool, tracking: dict | None,
-                      register_as: str | None = None) -> None:
+                      register_as: str | None = None) -> Any:
     """Upload (and register) a final checkpoint, or any with `tracking.upload: all`; of the others
-    record only the SHA-256 and path: what lineage needs (`find_producing_run` matches inputs by it)."""
+    record only the SHA-256 and path: what lineage needs (`find_producing_run` matches inputs by it).
+    Returns the registered `ModelVersion`, or None."""
     from flows.tracking import TAG_SHA
     from nexus.checkpoint import WEIGHTS, read_checkpoint_config
 
     if final or (tracking or {}).get("upload") == "all":
-        run.log_checkpoint(checkpoint, register_as=register_as)
-        return
+        return run.log_checkpoint(checkpoint, register_as=register_as)
     sha = read_checkpoint_config(checkpoint).get("sha256", {}).get(WEIGHTS, "")
     run.client.set_tag(run.run_id, TAG_SHA, sha)
     run.client.set_tag(run.run_id, "nexus.checkpoint_path", str(Path(checkpoint).resolve()))
+    return None
 
 
 def own_processes(train: Any, gpus: list[str]) -> bool:
@@ -220,8 +221,9 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
                 placement: dict | None = None) -> dict:
     """One training stage (seed / expert / moe / extension) through `nexus.training`, in this process
     or (several devices, GPUs) as its own processes; `placement` = {"stages_per_gpu"}. Returns
-    `{checkpoint, metrics, global_step, resumed_from_step, run_id, started, finished, pid}` (wall-clock
-    interval of this task body, imports included, and the process that ran it)."""
+    `{checkpoint, metrics, global_step, resumed_from_step, run_id, registered, started, finished, pid}`
+    (`registered`: {name, version} of the registered model version or None; started/finished: the
+    wall-clock interval of this task body, imports included; pid: the process that ran it)."""
     started = time.time()
     from flows.placement import gpu_lease, visible_gpus
     from nexus.training import TrainConfig
@@ -236,6 +238,7 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
                      {TOKENIZER_FILE: str(Path(data_dir) / "tokenizer" / TOKENIZER_FILE)}, torch_threads=torch_threads)
     gpus = visible_gpus() if cfg.accelerator != "cpu" else []
     inputs = {"init": init_checkpoint} if init_checkpoint else None
+    version = None
     with tracked(tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs) as run:
         if run is not None:
             run.log_data_module(data_module(data_dir, weights, cfg, val_domains, extra_dirs), source=data_dir)
@@ -255,9 +258,10 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
             run.log_metrics(result["metrics"], step=result["global_step"])
             run.client.set_tag(run.run_id, "nexus.resumed_from_step", str(result["resumed_from_step"]))
             register = (tracking or {}).get("register", {}).get(name)
-            record_checkpoint(run, result["checkpoint"], is_final(stage, name), tracking, register_as=register)
+            version = record_checkpoint(run, result["checkpoint"], is_final(stage, name), tracking, register)
     return {"checkpoint": result["checkpoint"], "metrics": result["metrics"], "global_step": result["global_step"],
             "resumed_from_step": result["resumed_from_step"], "run_id": run.run_id if run is not None else None,
+            "registered": {"name": version.name, "version": str(version.version)} if version else None,
             "started": started, "finished": time.time(), "pid": os.getpid()}
 
 

@@ -59,22 +59,6 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to fill; on success it is fsynced and replaces `path` in
-    one rename, on any error it is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
 def staging_directory(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling directory of `path` (named so that `recover(path)` removes it if its
     writer dies), removed when the block ends: to fill several directories and move them into
@@ -87,6 +71,16 @@ def staging_directory(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill; on success it is fsynced and replaces `path` in
+    one rename, on any error it is removed and `path` is left as it was."""
+    with staging_directory(path) as tmp:
+        yield tmp
+        _fsync_tree(tmp)
+        replace_dir(tmp, Path(path))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

@@ -144,7 +144,8 @@ def split_documents(domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConf
     return splits
 
 
-SHARD_DOCUMENTS = 10_000
+SHARD_DOCUMENTS, SHARD_BYTES = 10_000, 16 << 20
+"""A split's buffer is written as a shard at this many documents or UTF-8 bytes, whichever first."""
 COLUMNS = ("text", "doc_id", "origin")
 
 
@@ -153,7 +154,7 @@ def write_documents(domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConf
     """`split_documents`, streamed: documents go to per-split Arrow shards under `out_dir/shards`
     as they are read, then into `out_dir` as a `datasets.DatasetDict` (`save_to_disk`, read back
     memory-mapped); returns {split: {"documents", "bytes"}}. Memory: one shard's buffer per split
-    plus 8 bytes per document."""
+    (`SHARD_DOCUMENTS` / `SHARD_BYTES`) plus 8 bytes per document."""
     import pyarrow as pa
     from datasets import Dataset as HFDataset
     from datasets import DatasetDict, concatenate_datasets
@@ -161,6 +162,7 @@ def write_documents(domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConf
     schema = pa.schema([(c, pa.string()) for c in COLUMNS])
     shards: dict[str, list[Path]] = {name: [] for name in SPLITS}
     buffers = {name: SplitDocuments() for name in SPLITS}
+    buffered = dict.fromkeys(SPLITS, 0)
     stats = {name: {"documents": 0, "bytes": 0} for name in SPLITS}
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
 
@@ -172,16 +174,18 @@ def write_documents(domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConf
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             writer.write_batch(pa.record_batch([part.text, part.doc_id, part.origin], schema=schema))
         shards[split].append(path)
-        buffers[split] = SplitDocuments()
+        buffers[split], buffered[split] = SplitDocuments(), 0
 
     for split, text, key, origin in assign_documents(docs, cfg):
         part = buffers[split]
         part.text.append(text)
         part.doc_id.append(key)
         part.origin.append(origin)
+        size = len(text.encode("utf-8"))
         stats[split]["documents"] += 1
-        stats[split]["bytes"] += len(text.encode("utf-8"))
-        if len(part.text) >= SHARD_DOCUMENTS:
+        stats[split]["bytes"] += size
+        buffered[split] += size
+        if len(part.text) >= SHARD_DOCUMENTS or buffered[split] >= SHARD_BYTES:
             flush(split)
     for split in SPLITS:
         flush(split)

@@ -1,6 +1,7 @@
 """GPU placement: leases keep stages on distinct GPUs (or share by config), the runner is asked for
 GPUs, MoE trainings that would share GPUs are sequenced. GPU ids are plain strings here: only the
 GPUs themselves cannot exist on this machine, the locking is real (threads and lock files)."""
+
 from __future__ import annotations
 
 import threading
@@ -12,7 +13,9 @@ from flows.placement import gpu_lease, parallel_stages, resource_annotations
 from nexus.errors import ConfigError
 
 
-def _hold_leases(tmp_path, n_stages: int, count: int, gpus: list[str], stages_per_gpu: int = 1, hold_s: float = 0.3):
+def _hold_leases(
+    tmp_path, n_stages: int, count: int, gpus: list[str], stages_per_gpu: int = 1, hold_s: float = 0.3
+):
     """Run `n_stages` threads that each lease `count` GPUs for `hold_s`; returns (ids, start, end) per stage."""
     spans, lock = [], threading.Lock()
 
@@ -74,7 +77,9 @@ def test_runner_annotations_and_moe_sequencing():
         assert dask.get_annotations() == {}
     assert parallel_stages(devices=1, gpus=0) is None  # CPU stages are not placed
     assert parallel_stages(devices=1, gpus=1) == 1  # two MoEs on one GPU: one after another
-    assert parallel_stages(devices=2, gpus=4) == 2 and parallel_stages(devices=1, gpus=1, stages_per_gpu=2) == 2
+    assert (
+        parallel_stages(devices=2, gpus=4) == 2 and parallel_stages(devices=1, gpus=1, stages_per_gpu=2) == 2
+    )
 
 
 def test_local_dask_cluster_declares_its_gpus():
