@@ -208,6 +208,12 @@ def record_checkpoint(run: Any, checkpoint: str | os.PathLike, final: bool, trac
     return None
 
 
+def mlflow_uri(tracking: dict) -> str:
+    from flows.tracking import configure
+
+    return configure(tracking["uri"])
+
+
 def own_processes(train: Any, gpus: list[str]) -> bool:
     """A stage runs as its own processes on several devices, or on GPUs (so that it sees only its own)."""
     return train.num_devices > 1 or (bool(gpus) and train.accelerator in ("auto", "gpu", "cuda"))
@@ -243,12 +249,15 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
         if run is not None:
             run.log_data_module(data_module(data_dir, weights, cfg, val_domains, extra_dirs), source=data_dir)
         if own_processes(cfg, gpus):
-            if run is not None:  # rank 0 of the stage logs into this run
-                spec.logger, spec.logger_kwargs = "flows.tracking:_StageLogger", {
-                    "tracking_uri": tracking["uri"], "run_id": run.run_id}
+            env = {}
+            if run is not None:  # rank 0 of the stage logs into this run (the URI, maybe with a password,
+                # goes by environment, not into the spec file)
+                spec.logger, spec.logger_kwargs = "flows.tracking:_StageLogger", {"run_id": run.run_id}
+                env["MLFLOW_TRACKING_URI"] = mlflow_uri(tracking)
             stages_per_gpu = (placement or {}).get("stages_per_gpu", 1)
             with gpu_lease(cfg.num_devices if gpus else 0, gpus, stages_per_gpu) as leased:
-                env = {"CUDA_VISIBLE_DEVICES": ",".join(leased)} if leased else None
+                if leased:
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(leased)
                 result = launch_stage(spec, cfg.num_devices, env)
         else:
             res = run_spec(spec, loggers=[run.logger()] if run is not None else [])

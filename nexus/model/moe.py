@@ -241,10 +241,14 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
 
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, sorted_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                sorted_expert: torch.Tensor | None = None) -> torch.Tensor:
         """x_sorted: (assignments, d_model) grouped by expert; counts: (n,) rows per expert;
-        sorted_expert: (assignments,) the expert of each row."""
+        sorted_expert: (assignments,) the expert of each row (derived from `counts` when not given)."""
         if self.dispatch == "grouped_mm":
+            if sorted_expert is None:  # `output_size` keeps it on the device: no sync
+                sorted_expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
+                                                        output_size=x_sorted.shape[0])
             return grouped_experts_ffn(x_sorted, self.w_in, self.w_out, counts, sorted_expert)
         return experts_ffn(x_sorted, self.w_in, self.w_out, counts.tolist())  # the CPU path; syncs on CUDA
 
