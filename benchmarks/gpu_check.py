@@ -324,7 +324,7 @@ def check_pipeline(device: str) -> dict:
 
 SHAPES = {
     "full": {"d_model": 1024, "hidden": 2816, "experts": 6, "tokens": 16384},
-    "smoke": {"d_model": 32, "hidden": 48, "experts": 6, "tokens": 256},
+    "smoke": {"d_model": 32, "hidden": 48, "experts": 6, "tokens": 64},
 }
 
 

@@ -45,6 +45,8 @@ STAGES = [
     "embed-lore",
     "build-nexus",
     "moe-nexus",
+    "build-linear",
+    "moe-linear",
     "evaluate",
 ]
 
@@ -97,12 +99,18 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # runner.gpus=1: placement as on a one-GPU machine (the stages still train on the CPU here), so the
+    # two MoEs, which would share that GPU, must train one after the other (60 steps: long enough that
+    # two MoEs started together overlap whatever the scheduling jitter)
     overrides = micro_overrides(
         tmp_path,
         uri,
-        "router.routers=[nexus]",
+        "router.routers=[nexus,linear]",
         "router.dense_merge=false",
         f"runner.kind={runner}",
+        "runner.gpus=1",
+        "train.moe.max_steps=60",
+        "train.moe.val_every_n_steps=60",
         *two_ranks(*stages),
     )
     previous = mlflow.get_tracking_uri()
@@ -117,10 +125,22 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
         client = MlflowClient(uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         names = sorted(r.data.tags.get("mlflow.runName") for r in runs)
-        assert names == sorted(["upcycle_pipeline", "seed", "dictionary", "lore", "build-nexus", "nexus"]), (
-            names
-        )
+        expected = [
+            "upcycle_pipeline",
+            "seed",
+            "dictionary",
+            "lore",
+            "build-nexus",
+            "nexus",
+            "build-linear",
+            "linear",
+        ]
+        assert names == sorted(expected), names
         assert all(r.info.status == "FINISHED" for r in runs)
+        nexus_run, linear_run = (
+            next(r for r in runs if r.data.tags.get("mlflow.runName") == name) for name in ("nexus", "linear")
+        )
+        assert linear_run.info.start_time >= nexus_run.info.end_time, "MoEs sharing a GPU trained at once"
         seed_run = next(r for r in runs if r.data.tags.get("mlflow.runName") == "seed")
         assert "train/loss" in seed_run.data.metrics  # logged live by the stage's rank 0 into its run
 

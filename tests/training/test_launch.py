@@ -97,6 +97,7 @@ def test_bad_input_in_the_stage_process_raises_its_error_in_the_caller(tmp_path)
     assert isinstance(info.value, CheckpointError) and "missing" in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_crashing_stage_process_reports_its_log(tmp_path):
     spec = StageSpec(
         "dense",

@@ -129,7 +129,7 @@ def test_bf16_checkpoint_holds_the_trained_weights_rounded(tmp_path, reference):
     cfg = TrainConfig(**{**CFG.to_dict(), "save_dtype": "bfloat16"})
     result = train_dense(cfg, _data(cfg=cfg), tmp_path / "bf16", model_config=MODEL)
     with safe_open(str(result.checkpoint / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f} == {torch.bfloat16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118 - not a dict
     loaded, want = _state(result.checkpoint), _state(reference.checkpoint)
     assert all(v.dtype == torch.float32 for v in loaded.values())  # training continues in fp32
     assert all(torch.equal(loaded[k], want[k].bfloat16().float()) for k in want)
