@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.run import main as torchrun
 
     die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's own handler stops its workers
     os.environ[PARENT_PID_ENV] = str(os.getpid())  # the workers' parent is this agent
     torchrun(sys.argv[1:] if argv is None else argv)
 

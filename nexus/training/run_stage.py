@@ -147,10 +147,14 @@ def result_dict(result: Any) -> dict[str, Any]:
 def die_with_parent() -> None:
     """Ask Linux to SIGTERM this process when its parent dies (a killed flow leaves no stage behind);
     exit at once if the parent that started it is already gone."""
+    import signal
+
+    # a stopped stage exits at once: a rank that waited for the next step could sit in a collective
+    # whose peer is gone (gloo's timeout is 30 minutes); Lightning chains this handler after its own
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     expected = os.environ.get(PARENT_PID_ENV)

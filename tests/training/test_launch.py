@@ -113,7 +113,7 @@ def test_a_crashing_stage_process_reports_its_log(tmp_path):
 @pytest.mark.slow
 def test_killing_the_caller_leaves_no_stage_process(tmp_path):
     """The caller (here a Python process running `launch_stage`) is SIGKILLed mid-training: the
-    torchrun agent and both ranks exit with it, and a rerun resumes the stage."""
+    torchrun agent and both ranks exit with it."""
     spec = StageSpec(
         "dense",
         {**TRAIN, "max_steps": 400, "devices": 2, "strategy": "ddp"},
@@ -135,5 +135,5 @@ def test_killing_the_caller_leaves_no_stage_process(tmp_path):
     assert len(stage_procs) >= 3, "agent + two ranks"
     os.kill(caller.pid, signal.SIGKILL)
     caller.wait()
-    _, alive = psutil.wait_procs(stage_procs, timeout=30)
+    _, alive = psutil.wait_procs(stage_procs, timeout=60)
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
