@@ -6,17 +6,21 @@ import os
 import subprocess
 import sys
 
-FLOWS = ("pipeline", "extend", "inbox", "demo")
+from nexus.errors import ConfigError
+
+FLOWS = ("pipeline", "extend", "remove", "inbox", "demo")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    run = subparsers.add_parser("run", help="run a flow locally: pipeline | extend | inbox | demo")
+    run = subparsers.add_parser("run", help="run a flow locally: " + " | ".join(FLOWS))
     run.add_argument("flow", choices=FLOWS)
     run.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
     run.add_argument("--experiment", default="demo")
-    run.add_argument("--domain", default="code", help="extend: the new domain's name")
+    run.add_argument("--domain", default=None, help="extend: the new domain's name (default: code); "
+                                                    "remove: the expert to remove")
     run.add_argument("--folder", default=None, help="extend: the new domain's folder of text/JSONL files")
-    run.add_argument("--moe", default=None, help="extend: checkpoint dir or models:/name/version")
+    run.add_argument("--moe", default=None, help="extend/remove: a checkpoint dir, models:/NAME/VERSION, "
+                                                 "models:/NAME@ALIAS or NAME (default: the model line's @champion)")
     run.set_defaults(func=_run)
     serve = subparsers.add_parser("serve", help="create the flows' Prefect deployments and serve them")
     serve.add_argument("overrides", nargs="*")
@@ -27,8 +31,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--mlflow-db", default="outputs/mlflow.db")
     ui.set_defaults(func=_ui)
-
-
 def offline_env() -> None:
     for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1",
@@ -42,18 +44,35 @@ def _run(args: argparse.Namespace) -> int:
         from flows.demo import main
 
         return main(args.overrides)
+    from flows.config import compose
+
+    cfg = compose(args.experiment, args.overrides)  # a bad experiment or override fails here, before any flow
     if args.flow == "pipeline":
         from flows.pipeline import upcycle_pipeline
 
         upcycle_pipeline(args.experiment, args.overrides)
     elif args.flow == "extend":
-        from flows.extend import extend_with_expert
+        from flows.extend import extend_with_expert, plan_extension, round_report
 
-        extend_with_expert(args.experiment, args.overrides, moe=args.moe, domain=args.domain, domain_folder=args.folder)
+        domain = args.domain or "code"
+        plan_extension(cfg, args.moe, domain, args.folder)  # every input checked before the flow starts
+        summary = extend_with_expert(args.experiment, args.overrides, moe=args.moe, domain=domain,
+                                     domain_folder=args.folder)
+        print(f"\nextension of {summary['base']['ref']} with {domain!r}\n" + round_report(summary))
+    elif args.flow == "remove":
+        from flows.extend import round_report
+        from flows.remove import plan_removal, remove_expert
+
+        if not args.domain:
+            raise ConfigError("remove: --domain NAME (the expert to remove) is required")
+        plan_removal(cfg, args.moe, args.domain)
+        summary = remove_expert(args.experiment, args.overrides, moe=args.moe, domain=args.domain)
+        print(f"\nremoval of {args.domain!r} from {summary['base']['ref']}\n" + round_report(summary))
     else:
         from flows.extend import extend_from_inbox
 
-        extend_from_inbox(args.experiment, args.overrides)
+        result = extend_from_inbox(args.experiment, args.overrides)
+        print(f"inbox {result['inbox']}: extended {result['extended'] or 'nothing'}; versions {result['versions']}")
     return 0
 
 

@@ -155,6 +155,9 @@ class ExtensionSection:
     inbox: str = "${out_dir}/inbox"
     cron: str | None = None
     interval_seconds: int | None = None
+    gate_tolerance: float = 0.05
+    """Promotion gate: a new version becomes `champion` only when the new domain's held-out perplexity
+    improves and every earlier domain's stays within this relative tolerance (0.05: at most 5 % worse)."""
 
 
 @dataclass
@@ -237,6 +240,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"runner.kind must be threads|dask|ray, got {cfg.runner.kind!r}")
     if cfg.seed_checkpoint:
         check_seed_checkpoint(cfg.seed_checkpoint)
+    if not cfg.extension.gate_tolerance >= 0:
+        raise ConfigError(f"extension.gate_tolerance must be >= 0, got {cfg.extension.gate_tolerance}")
     if cfg.eval.split not in ("train", "validation", "test"):
         raise ConfigError(f"eval.split must be train|validation|test, got {cfg.eval.split!r}")
     check_writable_dir(cfg.out_dir, "out_dir")
@@ -270,13 +275,16 @@ def check_seed_checkpoint(path: str) -> None:
 
 
 def check_writable_dir(path: str, key: str) -> None:
-    import tempfile
+    """`path` is a writable directory, or can be created as one; creates nothing (a rejected run leaves
+    the file system as it was)."""
+    import os
 
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as err:
-        raise ConfigError(f"{key}: {path} is not a writable directory ({err})") from err
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {path} is not a writable directory ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path} is not a writable directory ({existing} is not writable)")
 
 
 def check_domain_folder(folder: str | None, key: str) -> Path:

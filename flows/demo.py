@@ -29,7 +29,7 @@ def main(overrides: list[str] | None = None) -> int:
     from flows.cli import offline_env
 
     offline_env()
-    from flows.extend import extend_with_expert
+    from flows.extend import extend_with_expert, round_report
     from flows.pipeline import upcycle_pipeline
     from flows.report import write_pipeline_report
     from nexus.io import atomic_write_text
@@ -46,6 +46,7 @@ def main(overrides: list[str] | None = None) -> int:
         MlflowClient().log_artifact(summary["mlflow"]["parent_run_id"], str(out / "summary.json"))
     report = write_pipeline_report(summary, extension)
     print("\nheld-out perplexity per domain\n" + results_table(summary, extension))
+    print(f"\npromotion gate of the {extension['domain']!r} extension\n" + round_report(extension).split("\n\n", 1)[1])
     print(f"\nsummary: {out / 'summary.json'} ({summary['seconds']:.0f} s pipeline); report: {report['html']}")
     print(f"UIs: `nexus ui --mlflow-db {summary['mlflow']['tracking_uri'].removeprefix('sqlite:///')}` "
           "then Prefect http://127.0.0.1:4200 and MLflow http://127.0.0.1:5000")

@@ -1,5 +1,7 @@
-"""`evaluate`: held-out perplexity (and routing shares of MoEs) of any checkpoints on chosen domains."""
+"""`evaluate`: held-out perplexity (and routing shares of MoEs) of any models on chosen domains."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import flow
 
@@ -7,11 +9,25 @@ from flows.tasks import evaluate_models
 
 
 @flow(name="evaluate")
-def evaluate(checkpoints: dict[str, str], data_dir: str, domains: list[str] | None = None, split: str = "test",
-             max_tokens: int | None = None, batch_size: int = 8) -> dict:
-    """`checkpoints`: {name: checkpoint dir}; `data_dir`: a prepared experiment (`nexus data prepare`);
-    `domains`: default all of its domains."""
+def evaluate(checkpoints: dict[str, str] | None = None, data_dir: str | None = None, domains: list[str] | None = None,
+             split: str = "test", max_tokens: int | None = None, batch_size: int = 8, experiment: str = "demo",
+             overrides: list[str] | None = None) -> dict:
+    """`checkpoints`: {label: model} where a model is a checkpoint dir, `models:/name/version`,
+    `models:/name@alias` or a registered name (default: {"champion": the experiment's model line's
+    @champion}); `data_dir`: a prepared experiment (`nexus data prepare`; default: each domain where the
+    first model's metadata says it was prepared); `domains`: default all of them."""
+    from flows.config import compose
+    from flows.models import domain_records, fetch_checkpoint, resolve_model
     from nexus.data import open_prepared
 
-    names = domains or list(open_prepared(data_dir).domains)
-    return evaluate_models(checkpoints, {d: data_dir for d in names}, split, batch_size, max_tokens)
+    cfg = compose(experiment, overrides or [])
+    models = {label: resolve_model(ref, cfg.tracking.model_name, cfg.tracking.uri, f"checkpoints.{label}")
+              for label, ref in (checkpoints or {"champion": None}).items()}
+    if data_dir:
+        splits = {d: data_dir for d in (domains or open_prepared(data_dir).domains)}
+    else:
+        first = next(iter(models.values()))
+        records = domain_records(first.config, first.label)
+        splits = {d: r["data_dir"] for d, r in records.items() if not domains or d in domains}
+    paths = {label: fetch_checkpoint(m, Path(cfg.out_dir).resolve() / "models") for label, m in models.items()}
+    return evaluate_models(paths, splits, split, batch_size, max_tokens)

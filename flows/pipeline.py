@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig, as_dict, compose
+from flows.models import domain_record, line_name
 from flows.report import write_pipeline_report
 from flows.runners import make_runner
 from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, submit, train_stage
@@ -110,7 +111,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track)
         experts = {d: r["checkpoint"] for d, r in phase["experts"].items()}
 
+        meta = {**meta, "domain_data": {d: domain_record(data["dir"], data["fingerprints"][d], phase["embeddings"][d])
+                                        for d in domains}}
         builds, trained = moe_phase(cfg, data, seed, experts, phase["embeddings"], out, meta, track)
+        lines = {k: start_line(f.result()["registered"]) for k, f in trained.items() if f.result()["registered"]}
         checkpoints = {"seed": seed, **{f"expert:{d}": p for d, p in experts.items()},
                        **({"seed continued": futures["seed-continued"].result()["checkpoint"]}
                           if "seed-continued" in futures else {}),
@@ -124,7 +128,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         summary = {"experiment": cfg.name, "out_dir": str(out), "domains": domains, "checkpoints": checkpoints,
                    **results, "states": {**states_of(futures), **phase["states"]},
                    "mlflow": {"tracking_uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment,
-                              "parent_run_id": parent, "model_name": cfg.tracking.model_name},
+                              "parent_run_id": parent, "model_name": cfg.tracking.model_name, "lines": lines},
                    "seconds": round(time.time() - start, 1)}
         write_summary(summary, out / "summary.json", parent)
         write_pipeline_report(summary)
@@ -179,12 +183,26 @@ def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
 
 
 def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
-    """Registered model name per stage: the Nexus MoE line is `tracking.model_name` (an extension
-    registers its next version); the seed, each expert, the linear MoE and the merge get their own."""
+    """Registered model name per stage: each router's MoE starts a model line (`flows.models.line_name`;
+    extensions and removals register its next versions); the seed, each expert and the merge get their own."""
     base = f"nexus-{cfg.name}"
-    return {"nexus": cfg.tracking.model_name, "linear": f"{base}-moe-linear", "seed": f"{base}-seed",
+    return {**{r: line_name(cfg.tracking.model_name, r) for r in cfg.router.routers}, "seed": f"{base}-seed",
             "seed-continued": f"{base}-seed-continued",
             "build-merge": f"{base}-merged", **{d: f"{base}-expert-{d}" for d in domains}}
+
+
+def start_line(registered: dict) -> dict:
+    """A freshly trained MoE version: `candidate`, and `champion` when its line has none yet (the first
+    upcycled MoE starts the line). A version marked before (a cached rerun) is left as it is."""
+    from mlflow import MlflowClient
+
+    from flows.models import TAG_GATE, champion_version, line_aliases, mark_version
+
+    client = MlflowClient()
+    name, version = registered["name"], registered["version"]
+    if TAG_GATE not in client.get_model_version(name, version).tags:
+        mark_version(name, version, promote=champion_version(name, client) is None, gate="initial", client=client)
+    return {"name": name, "version": version, "aliases": line_aliases(name, client)}
 
 
 def _weights(stage: str, data: dict, domains: list[str] | None = None) -> dict[str, float]:

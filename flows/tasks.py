@@ -54,6 +54,7 @@ def _source(fn: Any) -> str:
 CACHED = {"retries": 1, "retry_delay_seconds": 2, "cache_key_fn": input_key, "persist_result": True}
 
 OUTPUTS = {"train_stage": lambda p: Path(p["out_dir"]), "build_model": lambda p: Path(p["out_dir"]),
+           "remove_expert": lambda p: Path(p["out_dir"]),
            "embed_domain": lambda p: Path(p["data_dir"]) / "embeddings"}
 """Where each cached task writes: a cached result is a path into it."""
 
@@ -161,8 +162,9 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
                 val_domains: list[str] | None = None, extra_dirs: dict[str, str] | None = None,
                 metadata: dict | None = None, torch_threads: int = 0, tracking: dict | None = None) -> dict:
     """One training stage (seed / expert / moe / extension) through `nexus.training`; returns
-    `{checkpoint, metrics, global_step, resumed_from_step, run_id, started, finished, pid}` (wall-clock
-    interval of this task body, imports included, and the process that ran it)."""
+    `{checkpoint, metrics, global_step, resumed_from_step, run_id, registered, started, finished, pid}`
+    (`registered`: {name, version} of the registered model version or None; started/finished: the
+    wall-clock interval of this task body, imports included; pid: the process that ran it)."""
     started = time.time()
     from nexus.config import ModelConfig
     from nexus.training import TrainConfig, train_dense, train_moe
@@ -183,11 +185,13 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
             kwargs["loggers"] = [run.logger()]
         fn = train_moe if stage in ("moe", "extension") else train_dense
         result = fn(cfg, dm, out_dir, **kwargs)
+        version = None
         if run is not None:
             register = (tracking or {}).get("register", {}).get(name)
-            run.log_result(result, register_as=register)
+            version = run.log_result(result, register_as=register)
     return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "global_step": result.global_step,
             "resumed_from_step": result.resumed_from_step, "run_id": run.run_id if run is not None else None,
+            "registered": {"name": version.name, "version": str(version.version)} if version else None,
             "started": started, "finished": time.time(), "pid": os.getpid()}
 
 
@@ -224,6 +228,24 @@ def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], emb
         if run is not None:
             run.log_checkpoint(path, register_as=(tracking or {}).get("register", {}).get(f"build-{kind}"))
     return str(path)
+
+
+@task(name="remove_expert", task_run_name="remove-{domain}", **CACHED)
+def remove_domain_expert(moe: str, domain: str, out_dir: str, metadata: dict | None = None,
+                         tracking: dict | None = None) -> dict:
+    """Drop `domain`'s routed expert from the MoE `moe` (nexus.upcycling.remove_expert); returns
+    `{checkpoint, registered}` (registered: {name, version} or None)."""
+    from nexus.checkpoint import load_checkpoint, save_checkpoint
+    from nexus.upcycling import remove_expert
+
+    model = remove_expert(load_checkpoint(moe), domain)
+    with tracked(tracking, "remove", f"remove-{domain}", {"remove": domain}, {"moe": moe}) as run:
+        path = save_checkpoint(model, out_dir, metadata={**(metadata or {}), "built": "remove"},
+                               extra_files={TOKENIZER_FILE: Path(moe) / TOKENIZER_FILE})
+        version = run.log_checkpoint(path, register_as=(tracking or {}).get("register", {}).get(f"remove-{domain}")) \
+            if run is not None else None
+    return {"checkpoint": str(path),
+            "registered": {"name": version.name, "version": str(version.version)} if version else None}
 
 
 @task(task_run_name="evaluate", **CACHED)

@@ -255,6 +255,19 @@ def stage_run(stage: str, config: Any = None, *, parent_run_id: str | None = Non
         yield StageRun(run.info.run_id, client)
 
 
+def log_gate(run_id: str, verdict: Any) -> None:
+    """A promotion gate's verdict (`nexus.evaluation.GateVerdict`) on a run: metrics
+    `gate/<domain>/before|after`, `gate/passed`, and tags `nexus.gate` (passed/failed), `nexus.gate_failed`."""
+    metrics = {"gate/passed": float(verdict.passed)}
+    for check in verdict.checks:
+        metrics[f"gate/{check.domain}/before"] = check.before
+        metrics[f"gate/{check.domain}/after"] = check.after
+    StageRun(run_id).log_metrics(metrics)
+    client = MlflowClient()
+    client.set_tag(run_id, "nexus.gate", "passed" if verdict.passed else "failed")
+    client.set_tag(run_id, "nexus.gate_failed", ",".join(verdict.failed_domains))
+
+
 def register_model(run_id: str, name: str, artifact_path: str = CHECKPOINT_ARTIFACT) -> ModelVersion:
     """A new version of registered model `name` whose source is the run's artifact directory (works
     offline with SQLite; `mlflow.register_model("runs:/...")` wants an MLflow-format logged model)."""

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NexusError as err:
-        print(f"nexus {args.command}: error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"nexus {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -72,7 +72,13 @@ def start(out_dir: Path, *extra: str, prefect_home: Path, uri: str | None = None
     """Start `nexus run --experiment micro pipeline <overrides>` in its own session (process group).
     (`--experiment` goes before the flow name: see test_bad_inputs.test_cli_experiment_after_flow.)"""
     args = ["run", "--experiment", "micro", "pipeline", *overrides(out_dir, *extra, uri=uri, cache_dir=cache_dir)]
-    log = log or out_dir.parent / f"{out_dir.name}.log"
+    return start_cli(args, prefect_home=prefect_home, log=log or out_dir.parent / f"{out_dir.name}.log",
+                     api_url=api_url, **env)
+
+
+def start_cli(args: list[str], *, prefect_home: Path, log: Path, api_url: str | None = None,
+              **env: str) -> subprocess.Popen:
+    """Start `nexus <args>` (with the fault hook) in its own session (process group), output to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     if api_url:  # the session's Prefect server instead of a ~15 s ephemeral one per process
         env = {"PREFECT_API_URL": api_url, **env}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import final_digest, finish, start, temp_leftovers
+from .conftest import final_digest, finish, start, start_cli, temp_leftovers
 
 EXTRA = ("router.routers=[nexus]", "router.dense_merge=false")
 
@@ -61,6 +61,53 @@ def test_two_pipelines_share_store_and_root(tmp_path, api_url):
     assert {v.run_id for v in versions} == {next(r.info.run_id for r in _runs_of(client, p)
                                                  if r.data.tags.get("nexus.stage") == "moe") for p in parents.values()}
     assert temp_leftovers(root) == []
+
+
+def test_two_extensions_of_one_model_line_at_once(tmp_path, api_url):
+    """Two `nexus run extend` processes on the same line (the inbox schedule firing while someone extends
+    by hand): the model-line lock makes the second build on what the first left as champion, both
+    register distinct versions, and each summary names the base it was really built on."""
+    import mlflow
+
+    from flows.models import CHAMPION, TAG_BASE, line_aliases, resolve_model
+    from flows.pipeline import upcycle_pipeline
+    from nexus.checkpoint import read_checkpoint_config
+
+    from ..flows.conftest import domain_folder
+    from .conftest import overrides
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    args = overrides(out, *EXTRA, uri=uri)
+    previous = mlflow.get_tracking_uri()
+    try:
+        upcycle_pipeline("micro", args)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    procs = {d: start_cli(["run", "extend", "--experiment", "micro", "--domain", d, "--folder",
+                           str(domain_folder(tmp_path / "inputs" / d, corpus)), *args],
+                          prefect_home=tmp_path / f"prefect-{d}", log=tmp_path / f"{d}.log", api_url=api_url)
+             for d, corpus in {"kernel": "kernel-docs", "pydocs": "python-docs"}.items()}
+    logs = {d: finish(p, timeout=400) for d, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), {d: log[-3000:] for d, log in logs.items()}
+
+    summaries = {d: json.loads((out / "extensions" / d / "summary.json").read_text()) for d in procs}
+    client = MlflowClient(uri)
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'nexus-micro-moe'")}
+    mine = {d: s["registered_version"] for d, s in summaries.items()}
+    assert sorted(mine.values()) == ["2", "3"] and sorted(versions) == ["1", "2", "3"]
+    first, second = sorted(summaries.values(), key=lambda s: int(s["registered_version"]))
+    assert first["base"]["version"] == "1"
+    # the second waited for the line, then built on the champion the first left behind
+    assert second["line"]["waited_seconds"] > 0
+    assert second["base"]["version"] == (first["registered_version"] if first["line"]["promoted"] else "1")
+    for s in summaries.values():  # truthful: the named base has exactly the weights the run started from
+        named = resolve_model(f"models:/nexus-micro-moe/{s['base']['version']}", "nexus-micro-moe", uri)
+        assert named.sha256 == s["base"]["sha256"] == read_checkpoint_config(s["moe"])["sha256"]["model.safetensors"]
+        assert versions[s["registered_version"]].tags[TAG_BASE] == f"models:/nexus-micro-moe/{s['base']['version']}"
+        assert s["line"]["siblings"] == []  # no other version was built on the same base
+    aliases = line_aliases("nexus-micro-moe", client)
+    assert aliases["candidate"] == "3"
+    assert aliases[CHAMPION] in {"1", "2", "3"} and (aliases[CHAMPION] == "3") == second["line"]["promoted"]
 
 
 def test_experiment_creation_race(tmp_path, monkeypatch):

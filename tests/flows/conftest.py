@@ -15,23 +15,48 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 CORPORA = Path(__file__).resolve().parents[1] / "fixtures" / "corpora"
 
 
-@pytest.fixture(scope="session")
-def micro_moe(prefect_harness, tmp_path_factory):
-    """The micro pipeline run once per session with a real SQLite MLflow store (registered model
-    `nexus-micro-moe` version 1: the Nexus MoE). Shared by test_pipeline and test_inbox; tests that
-    extend it must pin `moe=` or compare registry versions relative to what they find."""
+def build_line(tmp_path_factory, name: str, *extra: str):
+    """A micro pipeline with its own SQLite MLflow store: (out_dir, uri, overrides, summary); its Nexus
+    MoE is version 1 (@champion) of the model line `nexus-micro-moe`."""
     import mlflow
 
     from flows.pipeline import upcycle_pipeline
 
-    out = tmp_path_factory.mktemp("micro-moe")
+    out = tmp_path_factory.mktemp(name)
     uri = f"sqlite:///{out}/mlflow.db"
     previous = mlflow.get_tracking_uri()
-    overrides = micro_overrides(out, uri)
+    overrides = micro_overrides(out, uri, *extra)
     try:
-        yield out, uri, overrides, upcycle_pipeline("micro", overrides)
+        summary = upcycle_pipeline("micro", overrides)
     finally:
         mlflow.set_tracking_uri(previous)
+    return out, uri, overrides, summary
+
+
+@pytest.fixture(scope="session")
+def micro_moe(prefect_harness, tmp_path_factory):
+    """The micro pipeline run once per session (see `build_line`). Only test_pipeline extends it (with
+    `moe=` pinned to version 1); every other user only reads it. Tests that build model lines of their
+    own call `build_line`."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        yield build_line(tmp_path_factory, "micro-moe")
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def domain_folder(dest: Path, corpus: str) -> Path:
+    """A new domain as a user brings one: a folder with a JSONL file, one document per paragraph of
+    the fixture corpus `corpus` (e.g. `kernel-docs`, `python-docs`, `code`)."""
+    import json
+
+    dest.mkdir(parents=True)
+    docs = [block.strip() for path in sorted((CORPORA / corpus).rglob("*")) if path.is_file()
+            for block in path.read_text().split("\n\n") if len(block.strip()) > 40]
+    (dest / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return dest
 
 
 def registry_versions(uri: str, name: str = "nexus-micro-moe") -> list[int]:

@@ -6,9 +6,9 @@ import pytest
 from flows.config import CONF_DIR, compose
 from flows.extend import extend_from_inbox, extend_with_expert
 from flows.pipeline import upcycle_pipeline
-from nexus.errors import ConfigError
+from nexus.errors import ConfigError, NexusError
 
-from .conftest import micro_overrides
+from .conftest import domain_folder, micro_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -56,7 +56,7 @@ def test_flows_fail_before_training(prefect_harness, tmp_path):
     """Invalid input fails the flow run itself; no stage output directory is created."""
     with pytest.raises(ConfigError, match="max_stepz"):
         upcycle_pipeline("micro", micro_overrides(tmp_path, None, "train.seed.max_stepz=1"))
-    with pytest.raises(ConfigError, match="missing-folder"):
+    with pytest.raises(NexusError, match="missing-folder"):
         extend_with_expert("micro", micro_overrides(tmp_path, None), domain="x",
                            domain_folder=str(tmp_path / "missing-folder"))
     with pytest.raises(ConfigError, match="train.extension.max_steps"):
@@ -71,10 +71,9 @@ def test_inbox_with_an_empty_domain_folder_fails_before_training(micro_moe, tmp_
     before any extension stage starts (also when another new folder is valid)."""
     out, _, overrides, _ = micro_moe
     inbox = tmp_path / "inbox"
-    (inbox / "aaa-valid").mkdir(parents=True)
-    (inbox / "aaa-valid" / "a.txt").write_text("some text for a valid new domain folder\n" * 4)
+    domain_folder(inbox / "aaa-valid", "kernel-docs")
     (inbox / "zzz-empty").mkdir()
-    with pytest.raises(ConfigError, match="zzz-empty"):
+    with pytest.raises(NexusError, match="zzz-empty"):
         extend_from_inbox("micro", overrides, inbox=str(inbox))
     assert not (out / "extensions" / "aaa-valid").exists()
 

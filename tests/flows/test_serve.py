@@ -12,7 +12,7 @@ from flows.serve import build_deployments
 
 from .conftest import micro_overrides
 
-NAMES = {"micro-pipeline", "micro-extend", "micro-inbox", "micro-evaluate"}
+NAMES = {"micro-pipeline", "micro-extend", "micro-inbox", "micro-remove", "micro-evaluate"}
 
 
 def test_deployments_have_the_configured_schedule(tmp_path):
@@ -56,7 +56,7 @@ def test_served_deployments_exist_and_run_with_overrides(prefect_harness, tmp_pa
 
         # execute that flow run in this process, as a served deployment would
         result = run_flow(extend_from_inbox, flow_run=created, parameters=created.parameters)
-        assert result == {"inbox": str(empty), "extended": [], "versions": []}
+        assert result == {"inbox": str(empty), "extended": [], "versions": [], "skipped": {}}
         finished = client.read_flow_run(run.id)
         assert finished.state.is_completed(), finished.state
 
