@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nexus.config import ModelConfig, MoEConfig
 from nexus.errors import ConfigError
@@ -19,6 +19,10 @@ from nexus.training.config import TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".rst")
+EXPERIMENTS = tuple(sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+Experiment = Literal[EXPERIMENTS]  # type: ignore[valid-type]
+"""An experiment of conf/experiment/ (a choice in the Prefect UI's run form)."""
+Router = Literal["nexus", "linear"]
 
 
 @dataclass
@@ -27,7 +31,8 @@ class DataSection:
 
     preset: str = "tiny"
     """`tiny` (fixture corpora), `demo` (Debian packages + stdlib) or `none` (only `folders`)."""
-    corpora_dir: str = "tests/fixtures/corpora"
+    corpora_dir: str | None = None
+    """The `tiny` preset's corpora; None: the fixture corpora shipped with the repository."""
     domains: list[str] = field(default_factory=list)
     """Initial domains of the preset to use; empty: all of them."""
     folders: dict[str, str] = field(default_factory=dict)
@@ -49,6 +54,7 @@ class DataSection:
     general_share: float = 0.0
     extension_new_share: float = 0.5
     cache_dir: str = ".cache/nexus"
+    """Downloaded corpora (Debian packages), shared between experiments; relative to the project home."""
 
     def to_data_config(self, experiment: str, out_dir: str, extra: dict[str, str] | None = None,
                        keep: list[str] | None = None, tokenizer_path: str | None = None):
@@ -142,7 +148,8 @@ class RunnerSection:
 @dataclass
 class TrackingSection:
     enabled: bool = True
-    uri: str = "sqlite:///outputs/mlflow.db"
+    uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI if set, else `sqlite:///<home>/outputs/mlflow.db` (flows/home.py)."""
     experiment: str = "nexus-${name}"
     model_name: str = "nexus-${name}-moe"
     """Registered model holding the Nexus MoE and its extended versions."""
@@ -171,6 +178,9 @@ class EvalSection:
 @dataclass
 class PipelineConfig:
     name: str = "default"
+    home: str | None = None
+    """The project home every relative path resolves against; None: $NEXUS_HOME, else the working
+    directory (flows/home.py). `nexus deploy` records it in the deployments it creates."""
     out_dir: str = "outputs/${name}"
     seed_checkpoint: str | None = None
     """An existing dense seed checkpoint; None: pretrain one (train.seed)."""
@@ -194,13 +204,16 @@ def register() -> None:
 
 def compose(experiment: str | None = "demo", overrides: list[str] | tuple[str, ...] = (),
             check: bool = True) -> PipelineConfig:
-    """Compose `conf/config.yaml` with `experiment=<experiment>` and `overrides`, then (`check`)
-    validate folders and cross-section constraints."""
+    """Compose `conf/config.yaml` with `experiment=<experiment>` and `overrides`, resolve every path
+    against the project home (flows/home.py), then (`check`) validate folders and cross-section
+    constraints."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+
+    from flows.home import project_home, resolve_paths
 
     register()
     args = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
@@ -218,6 +231,7 @@ def compose(experiment: str | None = "demo", overrides: list[str] | tuple[str, .
                           + (f" ({cause})" if cause is not err else "")) from err
     if dropped:  # `+section.key=...` on a typed section: OmegaConf keeps it in the tree, the dataclass drops it
         raise ConfigError(f"unknown key(s) {dropped}: not fields of the config (see conf/ and flows/config.py)")
+    resolve_paths(cfg, project_home(cfg.home))
     if check:
         validate(cfg)
     return cfg

@@ -29,9 +29,10 @@ def main(overrides: list[str] | None = None) -> int:
     from flows.cli import offline_env
 
     offline_env()
-    from flows.extend import extend_with_expert, round_report
+    from flows.extend import extend_with_expert
     from flows.pipeline import upcycle_pipeline
     from flows.report import write_pipeline_report
+    from flows.rounds import round_report
     from nexus.io import atomic_write_text
 
     overrides = list(overrides or [])

@@ -2,20 +2,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 
+from flows.config import Experiment
 from flows.tasks import evaluate_models
 
 
 @flow(name="evaluate")
 def evaluate(checkpoints: dict[str, str] | None = None, data_dir: str | None = None, domains: list[str] | None = None,
-             split: str = "test", max_tokens: int | None = None, batch_size: int = 8, experiment: str = "demo",
-             overrides: list[str] | None = None) -> dict:
-    """`checkpoints`: {label: model} where a model is a checkpoint dir, `models:/name/version`,
-    `models:/name@alias` or a registered name (default: {"champion": the experiment's model line's
-    @champion}); `data_dir`: a prepared experiment (`nexus data prepare`; default: each domain where the
-    first model's metadata says it was prepared); `domains`: default all of them."""
+             split: Literal["train", "validation", "test"] = "test", max_tokens: int | None = None,
+             batch_size: int = 8, experiment: Experiment = "demo", overrides: list[str] | None = None) -> dict:
+    """Held-out perplexity per model and domain, and the routing shares of MoEs.
+
+    Args:
+        checkpoints: {label: model}; a model is a checkpoint folder, `models:/<name>/<version>`,
+            `models:/<name>@<alias>` or a registered name (default: the model line's `@champion`).
+        data_dir: A prepared experiment (`nexus data prepare`); default: every domain where the first
+            model's metadata says it was prepared.
+        domains: The domains to evaluate (default: all of them).
+        split: The split to evaluate on.
+        max_tokens: At most this many tokens per domain and model (default: the whole split).
+        batch_size: Sequences per forward pass.
+        experiment: The experiment config (conf/experiment/), for the model line and the tracking store.
+        overrides: Hydra `key=value` overrides.
+    """
     from flows.config import compose
     from flows.models import domain_records, fetch_checkpoint, resolve_model
     from nexus.data import open_prepared

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from nexus.checkpoint import CONFIG, WEIGHTS, read_checkpoint_config
 from nexus.errors import CheckpointError, ConfigError
 
 CHAMPION, CANDIDATE = "champion", "candidate"
@@ -59,7 +58,7 @@ class ResolvedModel:
 
     @property
     def sha256(self) -> str | None:
-        return self.config.get("sha256", {}).get(WEIGHTS)
+        return self.config.get("sha256", {}).get("model.safetensors")
 
     @property
     def moe(self) -> dict[str, Any]:
@@ -99,6 +98,8 @@ def check_store(tracking_uri: str, what: str) -> None:
 def resolve_model(ref: str | None, default_name: str, tracking_uri: str, what: str = "model") -> ResolvedModel:
     """Check `ref` (None: `default_name@champion`) and read its checkpoint config; writes nothing.
     Raises ConfigError naming `what` and the reference."""
+    from nexus.checkpoint import read_checkpoint_config  # imports torch: only once a model is asked for
+
     ref = ref or f"models:/{default_name}@{CHAMPION}"
     if is_path_ref(ref):
         try:
@@ -132,6 +133,8 @@ def resolve_model(ref: str | None, default_name: str, tracking_uri: str, what: s
 def fetch_checkpoint(model: ResolvedModel, cache_dir: str | os.PathLike) -> str:
     """A local checkpoint directory for `model`: its own path, or a download of the registered version
     into `cache_dir/<name>/v<version>` (atomic: a crash leaves no partial copy; reused next time)."""
+    from nexus.checkpoint import CONFIG, read_checkpoint_config
+
     if model.path:
         return model.path
     dest = Path(cache_dir) / str(model.name) / f"v{model.version}"
@@ -157,6 +160,8 @@ def _local_dir(source: str | None) -> Path | None:
 
 def _remote_config(source: str) -> dict[str, Any]:
     import mlflow
+
+    from nexus.checkpoint import CONFIG
 
     with tempfile.TemporaryDirectory() as tmp:  # outside every output tree
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{CONFIG}", dst_path=tmp)

@@ -15,7 +15,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.config import PipelineConfig, as_dict, compose
+from flows.artifacts import publish
+from flows.config import Experiment, PipelineConfig, Router, as_dict, compose
 from flows.models import domain_record, line_name
 from flows.report import write_pipeline_report
 from flows.runners import make_runner
@@ -69,11 +70,21 @@ def expert_phase(data: dict, seed: str, train: dict, out_dir: str, torch_threads
 
 
 @flow(name="upcycle_pipeline")
-def upcycle_pipeline(experiment: str = "demo", overrides: list[str] | None = None,
-                     routers: list[str] | None = None, expert_steps: int | None = None,
+def upcycle_pipeline(experiment: Experiment = "demo", overrides: list[str] | None = None,
+                     routers: list[Router] | None = None, expert_steps: int | None = None,
                      moe_steps: int | None = None, out_dir: str | None = None) -> dict:
-    """Compose the experiment's config (`overrides`: Hydra `key=value`), then run the pipeline.
-    Returns the summary (also written to `<out_dir>/summary.json` and logged to MLflow)."""
+    """Train a seed and one expert per domain, upcycle them into MoEs, train and evaluate them.
+
+    Returns the summary (also written to `<out_dir>/summary.json` and logged to MLflow).
+
+    Args:
+        experiment: The experiment config (conf/experiment/): `demo`, `micro` (seconds), `small`, ...
+        overrides: Hydra `key=value` overrides of the experiment config, e.g. `train.moe.max_steps=500`.
+        routers: The MoEs to build (default: the experiment's `router.routers`).
+        expert_steps: Training steps of each dense expert (default: the experiment's).
+        moe_steps: Training steps of each MoE (default: the experiment's).
+        out_dir: Output folder, relative to the project home (default: `outputs/<experiment>`).
+    """
     cfg = compose(experiment, [*(overrides or []), *knob_overrides(
         routers=routers, expert_steps=expert_steps, moe_steps=moe_steps, out_dir=out_dir)])
     return run_pipeline(cfg)
@@ -132,6 +143,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                    "seconds": round(time.time() - start, 1)}
         write_summary(summary, out / "summary.json", parent)
         write_pipeline_report(summary)
+        publish("pipeline", cfg.name, f"upcycle_pipeline: {cfg.name}",
+                {"output folder": f"`{out}`", "domains": ", ".join(domains), "seconds": summary["seconds"],
+                 **{f"model line {ln['name']}": ", ".join(f"@{a} = v{v}" for a, v in sorted(ln["aliases"].items()))
+                    for ln in lines.values()}},
+                results["perplexity"], cfg.tracking.uri if parent else None, parent, list(lines.values()))
     log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
     return summary
 

@@ -5,59 +5,29 @@ through the same promotion gate as an extension (every remaining domain within t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.config import PipelineConfig, compose
-from flows.extend import judge
-from flows.models import (
-    ResolvedModel,
-    domain_records,
-    fetch_checkpoint,
-    is_path_ref,
-    line_name,
-    lock_dir,
-    model_line_lock,
-    resolve_model,
-)
+from flows.config import Experiment, PipelineConfig, compose
+from flows.models import fetch_checkpoint, is_path_ref, lock_dir, model_line_lock
 from flows.pipeline import states_of, tracking_context, write_summary
+from flows.rounds import RemovalPlan, judge, plan_removal, publish_round
 from flows.tasks import evaluate_models, remove_domain_expert, submit
-from nexus.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class RemovalPlan:
-    domain: str
-    base: ResolvedModel
-    line: str
-    remaining: dict[str, dict]
-    """{domain: domain_record} of the domains the result still serves."""
-
-
-def plan_removal(cfg: PipelineConfig, moe_ref: str | None, domain: str) -> RemovalPlan:
-    """Check a removal before anything is written: the model resolves, has an expert `domain`, and keeps
-    at least `top_k` experts."""
-    from nexus.data import check_domain_name
-
-    check_domain_name(domain)
-    base = resolve_model(moe_ref, cfg.tracking.model_name, cfg.tracking.uri, "moe")
-    names, top_k = base.moe["expert_names"], base.moe["top_k"]
-    if domain not in names:
-        raise ConfigError(f"domain {domain!r}: {base.label} has no expert of that name ({names})")
-    if len(names) - 1 < max(1, top_k):
-        raise ConfigError(f"domain {domain!r}: removing it would leave {len(names) - 1} expert(s) for top_k={top_k}")
-    records = domain_records(base.config, base.label)
-    return RemovalPlan(domain, base, line_name(cfg.tracking.model_name, base.moe["router"]),
-                       {d: r for d, r in records.items() if d != domain})
 
 
 @flow(name="remove_expert")
-def remove_expert(experiment: str = "demo", overrides: list[str] | None = None, moe: str | None = None,
+def remove_expert(experiment: Experiment = "demo", overrides: list[str] | None = None, moe: str | None = None,
                   domain: str = "") -> dict:
-    """Remove `domain`'s expert from `moe` (a checkpoint directory or model reference; None: the line's
-    champion); the result is evaluated, gated and registered like an extension."""
+    """Remove one domain's expert from an MoE; the result is evaluated, gated and registered.
+
+    Args:
+        experiment: The experiment config (conf/experiment/) the model line belongs to.
+        overrides: Hydra `key=value` overrides, e.g. `extension.gate_tolerance=0.1`.
+        moe: The MoE: a checkpoint folder, `models:/<name>/<version>`, `models:/<name>@<alias>` or a
+            registered name; empty: the model line's `@champion`.
+        domain: The expert (domain) to remove.
+    """
     cfg = compose(experiment, overrides or [])
     return run_removal(cfg, plan_removal(cfg, moe, domain))
 
@@ -91,6 +61,7 @@ def run_removal(cfg: PipelineConfig, plan: RemovalPlan) -> dict:
                        "base": base.describe(), "result": removed["checkpoint"], "domains": list(plan.remaining),
                        **gate["summary"], **results, "states": states_of(futures)}
             write_summary(summary, out / "summary.json", parent)
+            publish_round(cfg, f"removal of {domain!r} from {base.label}", summary, parent)
     log.info("removed %r from %s -> %s (registered %s)", domain, base.label, removed["checkpoint"],
              summary["registered"] or "nothing: tracking is off")
     return summary

@@ -38,7 +38,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from nexus.checkpoint import WEIGHTS, read_checkpoint_config
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_ARTIFACT = "checkpoint"
 TAG_ATTEMPT, TAG_PREVIOUS = "nexus.attempt_key", "nexus.previous_attempt"
 TAG_STAGE, TAG_SHA, TAG_PARENTS, TAG_INPUTS = ("nexus.stage", "nexus.checkpoint_sha256", "nexus.parent_runs",
@@ -49,8 +48,11 @@ _SECRET = re.compile(r"passw|secret|credential|api_?key|access_?key|private_?key
 
 
 def configure(tracking_uri: str | None = None) -> str:
-    """Point MLflow at `tracking_uri` (default: $MLFLOW_TRACKING_URI, else SQLite in the working directory)."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """Point MLflow at `tracking_uri` (default: $MLFLOW_TRACKING_URI, else the project home's SQLite store)."""
+    from flows.home import project_home
+    from flows.home import tracking_uri as resolve
+
+    uri = resolve(tracking_uri, project_home())
     mlflow.set_tracking_uri(uri)
     return uri
 

@@ -52,9 +52,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def overrides(out_dir: Path, *extra: str, uri: str | None = None, cache_dir: Path | None = None) -> list[str]:
-    """The micro experiment on the fixture corpora, deterministic on CPU (1 thread), under `out_dir`."""
+    """The micro experiment, deterministic on CPU (1 thread), writing to `out_dir`: given as a project
+    home (its parent) and a relative `out_dir`, as a user would."""
     tracking = [f"tracking.uri={uri}"] if uri else ["tracking.enabled=false"]
-    return [f"out_dir={out_dir}", f"data.corpora_dir={CORPORA}", f"data.cache_dir={cache_dir or out_dir / 'cache'}",
+    return [f"home={out_dir.parent}", f"out_dir={out_dir.name}", *([f"data.cache_dir={cache_dir}"] if cache_dir else []),
             "torch_threads=1", *tracking, *extra]
 
 

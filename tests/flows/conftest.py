@@ -16,21 +16,20 @@ CORPORA = Path(__file__).resolve().parents[1] / "fixtures" / "corpora"
 
 
 def build_line(tmp_path_factory, name: str, *extra: str):
-    """A micro pipeline with its own SQLite MLflow store: (out_dir, uri, overrides, summary); its Nexus
-    MoE is version 1 (@champion) of the model line `nexus-micro-moe`."""
+    """A micro pipeline in a project home of its own, with the default SQLite MLflow store:
+    (out_dir, uri, overrides, summary); its Nexus MoE is version 1 (@champion) of `nexus-micro-moe`."""
     import mlflow
 
     from flows.pipeline import upcycle_pipeline
 
-    out = tmp_path_factory.mktemp(name)
-    uri = f"sqlite:///{out}/mlflow.db"
+    home = tmp_path_factory.mktemp(name)
     previous = mlflow.get_tracking_uri()
-    overrides = micro_overrides(out, uri, *extra)
+    overrides = micro_overrides(home, *extra, tracking=True)
     try:
         summary = upcycle_pipeline("micro", overrides)
     finally:
         mlflow.set_tracking_uri(previous)
-    return out, uri, overrides, summary
+    return micro_out(home), micro_uri(home), overrides, summary
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +76,15 @@ def mlflow_uri(tmp_path):
     mlflow.set_tracking_uri(previous)
 
 
-def micro_overrides(out_dir: Path, uri: str | None = None, *extra: str) -> list[str]:
-    """The micro experiment on the fixture corpora, writing under `out_dir`."""
-    tracking = [f"tracking.uri={uri}"] if uri else ["tracking.enabled=false"]
-    return [f"out_dir={out_dir}", f"data.corpora_dir={CORPORA}", f"data.cache_dir={out_dir}/cache",
-            "torch_threads=1", *tracking, *extra]
+def micro_overrides(home: Path, *extra: str, tracking: bool = False) -> list[str]:
+    """The micro experiment as a user runs it from project home `home` (outputs in
+    `<home>/outputs/micro`, the MLflow store `<home>/outputs/mlflow.db` when `tracking`)."""
+    return [f"home={home}", "torch_threads=1", *([] if tracking else ["tracking.enabled=false"]), *extra]
+
+
+def micro_out(home: Path) -> Path:
+    return home / "outputs" / "micro"
+
+
+def micro_uri(home: Path) -> str:
+    return f"sqlite:///{home}/outputs/mlflow.db"

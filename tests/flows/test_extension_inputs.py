@@ -79,15 +79,16 @@ def _check(micro_moe, tmp_path, capsys, flow: str, make: Callable[[Path], list[s
     from nexus.cli import main
 
     out, _, overrides, _ = micro_moe
+    home = out.parent.parent  # outputs, the MLflow store, caches
     args = make(tmp_path)
-    before = listing(out)
+    before = listing(home)
     capsys.readouterr()
     assert main(["run", flow, "--experiment", "micro", *args, *overrides]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("nexus run: error:"), err
     assert all(w.lower() in lines[0].lower() for w in words), lines[0]
-    assert listing(out) == before
+    assert listing(home) == before
 
 
 @pytest.mark.parametrize("case", EXTEND, ids=[c[0] for c in EXTEND])
@@ -110,11 +111,11 @@ def test_unknown_experiment_is_one_line(capsys):
 
 def test_a_real_process_reports_one_line_and_exit_status_2(micro_moe, tmp_path):
     out, _, overrides, _ = micro_moe
-    before = listing(out)
+    before = listing(out.parent.parent)
     proc = subprocess.run([sys.executable, "-m", "nexus.cli", "run", "extend", "--experiment", "micro",
                            "--domain", "new", "--folder", _good(tmp_path), "--moe", "models:/nexus-micro-moe@nope",
                            *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [
         line for line in proc.stderr.splitlines() if line.startswith("nexus run: error:")], proc.stderr
-    assert "alias 'nope'" in proc.stderr and listing(out) == before
+    assert "alias 'nope'" in proc.stderr and listing(out.parent.parent) == before

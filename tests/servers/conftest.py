@@ -70,11 +70,11 @@ class Processes:
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         self.log_dir, self.env, self.started = log_dir, env, []
 
-    def start(self, name: str, *cmd: str) -> Background:
+    def start(self, name: str, *cmd: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Background:
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                    cwd=self.log_dir, start_new_session=True)
+            proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env or self.env,
+                                    cwd=cwd or self.log_dir, start_new_session=True)
         bg = Background(name, proc, log)
         self.started.append(bg)
         return bg
