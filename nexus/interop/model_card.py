@@ -66,7 +66,10 @@ def _experts(config: ModelConfig, metadata: Mapping[str, Any]) -> list[str]:
         ),
         "",
     ]
-    rows = [(i, name, weights.get(name, "")) for i, name in enumerate(moe.expert_names)]
+    rows = [
+        (i, name, f"{weights[name]:.3g}" if name in weights else "")
+        for i, name in enumerate(moe.expert_names)
+    ]
     return lines + _table(["#", "expert (training domain)", "share of the last training mix"], rows)
 
 
@@ -95,7 +98,7 @@ def _evaluation(metadata: Mapping[str, Any], results: Sequence[Mapping[str, Any]
     metrics = {k: v for k, v in (metadata.get("metrics") or {}).items() if isinstance(v, (int, float))}
     if metrics:
         lines += [
-            "Validation metrics at the end of training:",
+            "Metrics at the end of training (validation, and the last training step):",
             "",
             *_table(["metric", "value"], sorted(metrics.items())),
         ]
@@ -145,7 +148,7 @@ def model_card(
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)",
+        f"tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO{remote})",
         f"model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO{remote})",
         "```",
         "",

@@ -11,16 +11,21 @@ from nexus.upcycling import upcycle
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@torch.no_grad()
+def _large(model: Transformer) -> Transformer:
+    """Weights × 10: confident, position-dependent predictions rather than one repeated token."""
+    for p in model.parameters():
+        p.mul_(10)
+    return model
+
+
 def _model(parallel: bool, moe: bool) -> Transformer:
     torch.manual_seed(0)
     config = tiny(parallel_blocks=parallel, n_kv_heads=2, max_seq_len=16)
-    dense = Transformer(config)
-    with torch.no_grad():  # large weights: confident, varied predictions rather than one repeated token
-        for p in dense.parameters():
-            p.mul_(10)
+    dense = _large(Transformer(config))
     if not moe:
         return dense.eval()
-    experts = [Transformer(config).reinit_(torch.Generator().manual_seed(i)) for i in range(3)]
+    experts = [_large(Transformer(config).reinit_(torch.Generator().manual_seed(i))) for i in range(3)]
     return upcycle(dense, experts, domain_embeddings=torch.randn(3, 8), top_k=2).eval()
 
 

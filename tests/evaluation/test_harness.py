@@ -49,7 +49,7 @@ def nexus_moe(tmp_path_factory, trained_checkpoint):
     )
 
 
-@pytest.mark.parametrize("which", ["dense", "nexus-moe"])
+@pytest.mark.parametrize("which", [pytest.param("dense", marks=pytest.mark.slow), "nexus-moe"])
 def test_hf_on_the_export_equals_nexus_on_the_checkpoint(
     tmp_path, which, trained_checkpoint, nexus_moe, suite
 ):
