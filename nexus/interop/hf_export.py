@@ -41,7 +41,6 @@ from safetensors.torch import save_file
 from nexus.checkpoint import (
     WEIGHTS,
     load_checkpoint,
-    load_model_config,
     read_checkpoint_config,
     sha256_file,
 )
@@ -239,7 +238,6 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     info = read_checkpoint_config(checkpoint_dir)
     meta = info.get("metadata", {})
     special = {k: v for k, v in meta.get("hf", {}).items() if k in SPECIAL_TOKENS}
-    load_model_config(checkpoint_dir)  # a bad config fails before the weights load
     model = load_checkpoint(checkpoint_dir)
     source = {"checkpoint": str(Path(checkpoint_dir).resolve()),
               "weights SHA-256": info.get("sha256", {}).get(WEIGHTS) or sha256_file(Path(checkpoint_dir) / WEIGHTS)}

@@ -17,6 +17,7 @@ from nexus.interop import export_checkpoint
 from nexus.upcycling import upcycle
 
 METRICS = ("byte_perplexity,none", "bits_per_byte,none", "word_perplexity,none")
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small forward passes
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,7 @@ def test_model_references_resolve_in_a_real_store(tmp_path, mlflow_uri):
             resolve_model(ref, tmp_path / "dl", mlflow_uri)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_nexus_eval_on_the_registered_micro_moe_and_its_export(micro_moe, tmp_path, monkeypatch, capsys):
     """As a user would: by alias, in a fresh working directory, twice; then the export of the same
     weights through lm-eval's `hf` model gives the same byte perplexity (to 1e-6)."""

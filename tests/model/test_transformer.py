@@ -70,6 +70,7 @@ def test_upcycled_nexus_moe_learns_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0]
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_kv_cache_chunks_give_the_full_forward(parallel, moe):
