@@ -51,6 +51,8 @@ class ResolvedModel:
     version: str | None = None
     source: str | None = None
     """The registered version's artifact URI (downloaded by `fetch_checkpoint` when not local)."""
+    run_id: str | None = None
+    """The MLflow run that registered the version."""
 
     @property
     def label(self) -> str:
@@ -127,7 +129,7 @@ def resolve_model(ref: str | None, default_name: str, tracking_uri: str, what: s
         config = read_checkpoint_config(local) if local else _remote_config(mv.source)
     except CheckpointError as err:
         raise ConfigError(f"{what} {ref!r}: version {mv.version} of {name!r} is not a Nexus checkpoint ({err})") from err
-    return ResolvedModel(ref, config, str(local) if local else None, name, str(mv.version), mv.source)
+    return ResolvedModel(ref, config, str(local) if local else None, name, str(mv.version), mv.source, mv.run_id)
 
 
 def fetch_checkpoint(model: ResolvedModel, cache_dir: str | os.PathLike) -> str:

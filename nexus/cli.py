@@ -10,6 +10,7 @@ import sys
 # command -> module whose add_parser(subparsers) registers it (one module may register several)
 COMMANDS: dict[str, str] = {
     "data": "nexus.data.cli",
+    "eval": "flows.lm_evaluation",
     "export": "nexus.interop.cli",
     "import": "nexus.interop.cli",
     "run": "flows.cli",

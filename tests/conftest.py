@@ -29,3 +29,13 @@ def prefect_harness(tmp_path_factory):
     settings = {PREFECT_HOME: str(home), PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}
     with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
         yield home
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: token-by-token decoding is many tiny matmuls, and on 2 shared
+    cores a second thread only adds contention (25x slower under load, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
