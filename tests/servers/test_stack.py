@@ -145,7 +145,7 @@ def test_ui_runs_with_default_parameters_keep_everything_in_the_project_home(sta
                   "prefect-extension-artifacts", tmp_path)  # the run page's Artifacts tab (the V2 UI takes ?tab=)
     assert "extension-micro-summary" in page and "extension-micro-perplexity" in page
     dep = api(stack, "GET", "/deployments/name/upcycle_pipeline/micro-pipeline")
-    form = render(f"{stack.prefect_url}/deployments/deployment/{dep['id']}/run", "prefect-run-form", tmp_path)
+    form = render(f"{stack.prefect_url}/v2/deployments/deployment/{dep['id']}/run", "prefect-run-form", tmp_path)
     assert "Training steps of each MoE" in form and "micro" in form  # descriptions and the experiment choice
 
 
@@ -215,5 +215,11 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
                         tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert "nexus-micro" in mlflow_dom and parents and all(r.info.run_name in mlflow_dom for r in parents)
-    for name in ("prefect-flow-run", "mlflow-experiment"):
+    moes = {r.info.run_name: r.info.run_id for r in runs if r.data.tags.get("nexus.stage") == "moe"}
+    compare = render(f"{stack.mlflow_url}/#/compare-runs?runs={json.dumps([moes['nexus'], moes['linear']])}"
+                     f"&experiments={json.dumps([experiment.experiment_id])}", "mlflow-nexus-vs-linear", tmp_path)
+    assert "ppl/dictionary" in compare and "ppl/lore" in compare  # the two MoEs, side by side per domain
+    version = render(f"{stack.mlflow_url}/#/models/nexus-micro-moe/versions/1", "mlflow-model-version", tmp_path)
+    assert "held-out perplexity" in version and moes["nexus"] in version  # description, lineage to its run
+    for name in ("prefect-flow-run", "mlflow-experiment", "mlflow-nexus-vs-linear", "mlflow-model-version"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 20_000  # a rendered page, not a blank one
