@@ -57,7 +57,14 @@ def configure(tracking_uri: str | None = None) -> str:
     from flows.home import tracking_uri as resolve
 
     uri = resolve(tracking_uri, project_home())
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI to the environment (for subprocesses; ours get theirs explicitly): undo
+    # that, so that $MLFLOW_TRACKING_URI keeps meaning what the user set (flows/home.py reads it).
+    if user_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_env
     return uri
 
 

@@ -8,6 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests name their stores; a developer's own server is not one
+os.environ.pop("NEXUS_HOME", None)
+
 import pytest
 import torch
 
@@ -17,6 +20,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _environment():
+    """Each test gets the environment back as it found it: the `nexus` CLI, called in process, sets
+    defaults in `os.environ` (as it may in its own one-command process)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import torch
 from mlflow import MlflowClient
 
 from flows.models import resolve_model
+from flows.tracking import configure as configure_tracking
 from nexus.checkpoint import load_checkpoint
 from nexus.data import load_tokenizer
 from nexus.evaluation import text_perplexity
@@ -50,10 +51,10 @@ def test_a_registered_version_loads_by_alias_in_a_fresh_process_and_predicts_lik
 
 
 def test_every_stage_model_is_a_logged_model_with_params_and_metrics(micro_moe):
-    _, uri, _, summary = micro_moe
+    _, uri, _, _ = micro_moe
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("nexus-micro").experiment_id
-    mlflow.set_tracking_uri(uri)
+    configure_tracking(uri)
     models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
     by_stage: dict[str, list] = {}
     for m in models:
@@ -71,7 +72,7 @@ def test_every_stage_model_is_a_logged_model_with_params_and_metrics(micro_moe):
 
 def test_runs_table_lines_up_perplexity_per_domain(micro_moe):
     _, uri, _, summary = micro_moe
-    mlflow.set_tracking_uri(uri)
+    configure_tracking(uri)
     runs = mlflow.search_runs(experiment_names=["nexus-micro"], filter_string=f"tags.`mlflow.parentRunId` = "
                                                                               f"'{summary['mlflow']['parent_run_id']}'")
     stages = runs.set_index("tags.mlflow.runName")

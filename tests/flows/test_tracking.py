@@ -21,6 +21,7 @@ from flows.tracking import (
     stage_run,
     walk_lineage,
 )
+from flows.tracking import configure as configure_tracking
 from nexus.checkpoint import load_checkpoint, save_checkpoint
 from nexus.config import tiny
 from nexus.training import MixtureDataModule, TrainConfig, train_dense, train_moe
@@ -79,7 +80,7 @@ def pipeline(tmp_path_factory):
         yield {"root": root, "out": out, "parent": pid, "runs": runs, "results": results,
                "data_fingerprints": fingerprints}
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
 
 def test_runs_params_and_metrics(pipeline):

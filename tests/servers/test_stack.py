@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.tracking import configure as configure_tracking
+
 pytestmark = pytest.mark.servers
 
 BIN = Path(sys.executable).parent
@@ -124,7 +126,10 @@ def test_ui_runs_with_default_parameters_keep_everything_in_the_project_home(sta
     client = MlflowClient(f"sqlite:///{home}/outputs/mlflow.db")  # where the worker's runs went
     versions = {int(v.version): v for v in client.search_model_versions("name = 'nexus-micro-moe'")}
     assert sorted(versions) == [1, 2, 3]
-    assert all(Path(v.source.removeprefix("file://")).is_relative_to(home) for v in versions.values())
+    from flows.mlflow_models import checkpoint_uri
+
+    assert all(Path(checkpoint_uri(v.source, client).removeprefix("file://")).is_relative_to(home)
+               for v in versions.values())  # the registered checkpoints live in the home's artifact store
     assert client.get_registered_model("nexus-micro-moe").aliases["candidate"] == 3
     runs = client.search_runs([client.get_experiment_by_name("nexus-micro").experiment_id], max_results=200)
     assert {"pipeline", "seed", "expert", "moe", "extension"} <= {r.data.tags.get("nexus.stage") for r in runs}
@@ -202,11 +207,26 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
                if stage == "expert" and status == "FINISHED" and step not in (None, "None")]
     assert resumed and max(resumed) >= 50, new_runs  # continued from the Lightning checkpoint, not step 0
 
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed: UI check skipped (apt-get install chromium)")
+    # the registry on the server: an extension fetches the champion's checkpoint through the served
+    # artifacts, and the registered MoE loads as a pyfunc model from the server
+    run_to_completion(stack, "extend_with_expert/micro-extend", again)
+    import mlflow
+    import pandas as pd
     from mlflow import MlflowClient
 
     client = MlflowClient(stack.mlflow_url)
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'nexus-micro-moe'")) == [1, 2]
+    assert (home / "outputs" / "models" / "nexus-micro-moe" / "v1" / "model.safetensors").is_file()  # fetched
+    previous = mlflow.get_tracking_uri()
+    try:
+        configure_tracking(stack.mlflow_url)
+        scores = mlflow.pyfunc.load_model("models:/nexus-micro-moe/2").predict(pd.DataFrame({"text": ["a word"]}))
+    finally:
+        configure_tracking(previous)
+    assert scores["perplexity"][0] > 1
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed: UI check skipped (apt-get install chromium)")
     experiment = client.get_experiment_by_name("nexus-micro")
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     prefect_dom = render(f"{stack.prefect_url}/runs/flow-run/{run_id}", "prefect-flow-run", tmp_path)
