@@ -6,15 +6,15 @@ pyfunc flavour of flows/pyfunc_model.py (a model from code, loadable with
 export work from `models:/...` too. Its params are the architecture, its tags the stage and the
 weights' SHA-256, and it is the run's model *output*; every checkpoint a stage reads is a model *input*
 of its run. Registered versions point at the logged model (`models:/<model_id>`). Lineage is then
-MLflow's: model -> the run that produced it -> that run's input models -> ... back to the seed.
+MLflow's: model -> the run that produced it -> that run's input models -> ... back to the seed
+(`flows.tracking.walk_lineage` reads it run by run).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,8 @@ def log_checkpoint_model(client: MlflowClient, run_id: str, checkpoint: str | os
         staged = shutil.copytree(checkpoint, f"{tmp}/{pyfunc_model.CHECKPOINT}")  # MLflow keeps the basename
         mlflow.pyfunc.save_model(f"{tmp}/model", python_model=pyfunc_model.__file__,
                                  artifacts={pyfunc_model.CHECKPOINT: staged},
-                                 signature=pyfunc_model.signature(), pip_requirements=_requirements())
+                                 signature=pyfunc_model.signature(), input_example=pyfunc_model.input_example(),
+                                 pip_requirements=_requirements())
         client.log_model_artifacts(model.model_id, f"{tmp}/model")
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
@@ -112,58 +113,6 @@ def checkpoint_uri(source: str, client: MlflowClient | None = None) -> str:
         model = (client or MlflowClient()).get_logged_model(source.removeprefix("models:/").split("/")[0])
         return f"{model.artifact_location.rstrip('/')}/{CHECKPOINT_PATH}"
     return source
-
-
-@dataclass
-class ModelNode:
-    """A logged model and the models its producing run read, recursively."""
-
-    model_id: str
-    name: str
-    stage: str
-    run_id: str | None
-    sha256: str | None
-    metrics: dict[str, float]
-    inputs: list[ModelNode] = field(default_factory=list)
-
-    def walk(self) -> Iterator[ModelNode]:
-        """This model and every ancestor, each once, depth first."""
-        seen: set[str] = set()
-        stack = [self]
-        while stack:
-            node = stack.pop()
-            if node.model_id not in seen:
-                seen.add(node.model_id)
-                yield node
-                stack.extend(reversed(node.inputs))
-
-
-def model_lineage(model_id: str, client: MlflowClient | None = None,
-                  _memo: dict[str, ModelNode] | None = None) -> ModelNode:
-    """The tree of models behind `model_id`, read from MLflow's records only (run model inputs)."""
-    client = client or MlflowClient()
-    memo = {} if _memo is None else _memo
-    if model_id in memo:
-        return memo[model_id]
-    model = client.get_logged_model(model_id)
-    node = memo[model_id] = ModelNode(model_id, model.name, model.tags.get(TAG_STAGE, ""), model.source_run_id,
-                                      model.tags.get(TAG_SHA), {m.key: m.value for m in model.metrics or []})
-    if model.source_run_id:
-        run = client.get_run(model.source_run_id)
-        inputs = [i.model_id for i in (run.inputs.model_inputs or [])]
-        node.inputs = [model_lineage(i, client, memo) for i in inputs if i != model_id]
-    return node
-
-
-def local_checkpoint(model: LoggedModel) -> Path | None:
-    """The checkpoint directory of a logged model when its artifacts are on this file system."""
-    from urllib.parse import unquote, urlparse
-
-    location = urlparse(model.artifact_location)
-    if location.scheme not in ("", "file"):
-        return None
-    path = Path(unquote(location.path)) / CHECKPOINT_PATH
-    return path if path.is_dir() else None
 
 
 def metric_label(label: str) -> str:

@@ -22,6 +22,12 @@ from mlflow.pyfunc import PythonModel
 CHECKPOINT = "checkpoint"
 
 
+def input_example() -> Any:
+    import pandas as pd
+
+    return pd.DataFrame({"text": ["Nexus upcycles dense experts into a mixture of experts."]})
+
+
 def signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -42,7 +48,8 @@ class NexusModel(PythonModel):
         self.model = load_checkpoint(path).eval()
         self.tokenizer = load_tokenizer(path / "tokenizer.json")
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow validates against them
+        """model_input: a DataFrame with a `text` column; params: {"max_new_tokens": int}."""
         import pandas as pd
         import torch
 

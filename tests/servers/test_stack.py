@@ -216,7 +216,7 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
 
     client = MlflowClient(stack.mlflow_url)
     assert sorted(int(v.version) for v in client.search_model_versions("name = 'nexus-micro-moe'")) == [1, 2]
-    assert (home / "outputs" / "models" / "nexus-micro-moe" / "v1" / "model.safetensors").is_file()  # fetched
+    assert (out / "models" / "nexus-micro-moe" / "v1" / "model.safetensors").is_file()  # fetched from the server
     previous = mlflow.get_tracking_uri()
     try:
         configure_tracking(stack.mlflow_url)
