@@ -22,14 +22,19 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _environment():
-    """Each test gets the environment back as it found it: the `nexus` CLI, called in process, sets
-    defaults in `os.environ` (as it may in its own one-command process)."""
+def _restored_environment():
     saved = dict(os.environ)
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# Each test, and each module's shared fixtures, get the environment back as they found it: the `nexus`
+# CLI, called in process, sets defaults in `os.environ` (as it may in its own one-command process).
+# The module-scoped one matters: a module fixture that runs the CLI would otherwise leak its defaults
+# (e.g. Prefect's result path) into every later module, the servers' stack among them.
+_environment = pytest.fixture(autouse=True)(_restored_environment)
+_module_environment = pytest.fixture(autouse=True, scope="module")(_restored_environment)
 
 
 @pytest.fixture(scope="session")
