@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nexus.config import ModelConfig, MoEConfig
 from nexus.errors import ConfigError
@@ -19,6 +19,10 @@ from nexus.training.config import TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".rst")
+EXPERIMENTS = tuple(sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+Experiment = Literal[EXPERIMENTS]  # type: ignore[valid-type]
+"""An experiment of conf/experiment/ (a choice in the Prefect UI's run form)."""
+Router = Literal["nexus", "linear"]
 
 
 @dataclass
@@ -48,7 +52,8 @@ class DataSection:
 
     preset: str = "tiny"
     """`tiny` (fixture corpora), `demo` (Debian packages + stdlib) or `none` (only `folders`)."""
-    corpora_dir: str = "tests/fixtures/corpora"
+    corpora_dir: str | None = None
+    """The `tiny` preset's corpora; None: the fixture corpora shipped with the repository."""
     domains: list[str] = field(default_factory=list)
     """Initial domains of the preset to use; empty: all of them."""
     folders: dict[str, str] = field(default_factory=dict)
@@ -76,6 +81,7 @@ class DataSection:
     general_share: float = 0.0
     extension_new_share: float = 0.5
     cache_dir: str = ".cache/nexus"
+    """Downloaded corpora (Debian packages), shared between experiments; relative to the project home."""
 
     def to_data_config(self, experiment: str, out_dir: str, extra: dict[str, str] | None = None,
                        keep: list[str] | None = None, tokenizer_path: str | None = None):
@@ -202,13 +208,16 @@ class RunnerSection:
 @dataclass
 class TrackingSection:
     enabled: bool = True
-    uri: str = "sqlite:///outputs/mlflow.db"
+    uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI if set, else `sqlite:///<home>/outputs/mlflow.db` (flows/home.py)."""
     experiment: str = "nexus-${name}"
     model_name: str = "nexus-${name}-moe"
     """Registered model holding the Nexus MoE and its extended versions."""
-    upload: str = "final"
-    """Checkpoints uploaded to MLflow: `final` (trained MoEs, extensions, baselines; the seed and the
-    experts are recorded by SHA-256 and path) or `all`."""
+    upload_checkpoints: str = "all"
+    """Whose checkpoint files go into MLflow: `all` (every stage's logged model carries its checkpoint)
+    or `final` (the trained MoEs, extensions and baselines only; the seed's, the experts' and the
+    upcycled MoEs' logged models keep params, metrics and lineage, and the SHA-256 and path of their
+    files, and are not registered). The paper-size experiments say `final`."""
 
 
 @dataclass
@@ -218,6 +227,9 @@ class ExtensionSection:
     inbox: str = "${out_dir}/inbox"
     cron: str | None = None
     interval_seconds: int | None = None
+    gate_tolerance: float = 0.05
+    """Promotion gate: a new version becomes `champion` only when the new domain's held-out perplexity
+    improves and every earlier domain's stays within this relative tolerance (0.05: at most 5 % worse)."""
 
 
 @dataclass
@@ -233,6 +245,9 @@ class EvalSection:
 @dataclass
 class PipelineConfig:
     name: str = "default"
+    home: str | None = None
+    """The project home every relative path resolves against; None: $NEXUS_HOME, else the working
+    directory (flows/home.py). `nexus deploy` records it in the deployments it creates."""
     out_dir: str = "outputs/${name}"
     seed_checkpoint: str | None = None
     """An existing dense seed checkpoint; None: pretrain one (train.seed)."""
@@ -256,13 +271,16 @@ def register() -> None:
 
 def compose(experiment: str | None = "demo", overrides: list[str] | tuple[str, ...] = (),
             check: bool = True) -> PipelineConfig:
-    """Compose `conf/config.yaml` with `experiment=<experiment>` and `overrides`, then (`check`)
-    validate folders and cross-section constraints."""
+    """Compose `conf/config.yaml` with `experiment=<experiment>` and `overrides`, resolve every path
+    against the project home (flows/home.py), then (`check`) validate folders and cross-section
+    constraints."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+
+    from flows.home import project_home, resolve_paths
 
     register()
     args = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
@@ -280,6 +298,7 @@ def compose(experiment: str | None = "demo", overrides: list[str] | tuple[str, .
                           + (f" ({cause})" if cause is not err else "")) from err
     if dropped:  # `+section.key=...` on a typed section: OmegaConf keeps it in the tree, the dataclass drops it
         raise ConfigError(f"unknown key(s) {dropped}: not fields of the config (see conf/ and flows/config.py)")
+    resolve_paths(cfg, project_home(cfg.home))
     if check:
         validate(cfg)
     return cfg
@@ -304,10 +323,12 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"runner.kind must be threads|dask|ray, got {cfg.runner.kind!r}")
     if cfg.runner.stages_per_gpu < 1 or (cfg.runner.gpus or 0) < 0:
         raise ConfigError("runner.stages_per_gpu must be >= 1 and runner.gpus >= 0")
-    if cfg.tracking.upload not in ("final", "all"):
-        raise ConfigError(f"tracking.upload must be final|all, got {cfg.tracking.upload!r}")
+    if cfg.tracking.upload_checkpoints not in ("final", "all"):
+        raise ConfigError(f"tracking.upload_checkpoints must be all|final, got {cfg.tracking.upload_checkpoints!r}")
     if cfg.seed_checkpoint:
         check_seed_checkpoint(cfg.seed_checkpoint)
+    if not cfg.extension.gate_tolerance >= 0:
+        raise ConfigError(f"extension.gate_tolerance must be >= 0, got {cfg.extension.gate_tolerance}")
     if cfg.eval.split not in ("train", "validation", "test"):
         raise ConfigError(f"eval.split must be train|validation|test, got {cfg.eval.split!r}")
     check_writable_dir(cfg.out_dir, "out_dir")
@@ -341,13 +362,16 @@ def check_seed_checkpoint(path: str) -> None:
 
 
 def check_writable_dir(path: str, key: str) -> None:
-    import tempfile
+    """`path` is a writable directory, or can be created as one; creates nothing (a rejected run leaves
+    the file system as it was)."""
+    import os
 
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as err:
-        raise ConfigError(f"{key}: {path} is not a writable directory ({err})") from err
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {path} is not a writable directory ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path} is not a writable directory ({existing} is not writable)")
 
 
 def check_domain_folder(folder: str | None, key: str) -> Path:

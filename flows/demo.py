@@ -32,6 +32,7 @@ def main(overrides: list[str] | None = None) -> int:
     from flows.extend import extend_with_expert
     from flows.pipeline import upcycle_pipeline
     from flows.report import write_pipeline_report
+    from flows.rounds import round_report
     from nexus.io import atomic_write_text
 
     overrides = list(overrides or [])
@@ -46,6 +47,7 @@ def main(overrides: list[str] | None = None) -> int:
         MlflowClient().log_artifact(summary["mlflow"]["parent_run_id"], str(out / "summary.json"))
     report = write_pipeline_report(summary, extension)
     print("\nheld-out perplexity per domain\n" + results_table(summary, extension))
+    print(f"\npromotion gate of the {extension['domain']!r} extension\n" + round_report(extension).split("\n\n", 1)[1])
     print(f"\nsummary: {out / 'summary.json'} ({summary['seconds']:.0f} s pipeline); report: {report['html']}")
     print(f"UIs: `nexus ui --mlflow-db {summary['mlflow']['tracking_uri'].removeprefix('sqlite:///')}` "
           "then Prefect http://127.0.0.1:4200 and MLflow http://127.0.0.1:5000")

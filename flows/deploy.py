@@ -14,9 +14,11 @@ from nexus.errors import ConfigError
 
 
 def deploy(pool: str, experiment: str = "demo", overrides: list[str] | None = None,
-           image: str | None = None) -> list[Any]:
+           image: str | None = None, result_storage: str | None = None) -> list[Any]:
     """Create (or update) the deployments on work pool `pool`; returns their ids. `image`: the worker
-    image (e.g. `nexus-worker:cuda`) for Docker or Kubernetes work pools.
+    image (e.g. `nexus-worker:cuda`) for Docker or Kubernetes work pools. The project home (flows/home.py)
+    is recorded in the deployments' parameters and, with Prefect's result location, in the `env` job
+    variable, so a worker in any directory (or container) writes to the same place.
 
     Uses `RunnerDeployment.apply` rather than `prefect.deploy`, whose worker look-up (only for a
     printed hint) sends `limit=null`, which Prefect 3.8's own server rejects with HTTP 422."""
@@ -24,14 +26,16 @@ def deploy(pool: str, experiment: str = "demo", overrides: list[str] | None = No
     from prefect.deployments.runner import EntrypointType
     from prefect.exceptions import ObjectNotFound
 
-    from flows.serve import build_deployments
+    from flows.serve import build_deployments, recorded_overrides, worker_env
 
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
         except ObjectNotFound as err:
             raise ConfigError(f"work pool {pool!r} does not exist: `prefect work-pool create {pool} --type process`") from err
-    deployments = build_deployments(experiment, overrides, entrypoint_type=EntrypointType.MODULE_PATH)
+    overrides, home = recorded_overrides(experiment, overrides)
+    deployments = build_deployments(experiment, overrides, entrypoint_type=EntrypointType.MODULE_PATH,
+                                    job_variables={"env": worker_env(home, result_storage)})
     return [d.apply(work_pool_name=pool, image=image) for d in deployments]
 
 
@@ -41,6 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pool", required=True, help="work pool name (create it with `prefect work-pool create`)")
     parser.add_argument("--experiment", default="demo")
     parser.add_argument("--image", default=None, help="worker image for Docker/Kubernetes work pools")
+    parser.add_argument("--result-storage", default=None, metavar="BLOCK",
+                        help="Prefect block slug for task results shared by workers on several machines "
+                             "(e.g. remote-file-system/nexus-results); default: <home>/.prefect/results")
     parser.set_defaults(func=_deploy)
 
 
@@ -48,6 +55,6 @@ def _deploy(args: argparse.Namespace) -> int:
     from flows.cli import offline_env
 
     offline_env()
-    ids = deploy(args.pool, args.experiment, args.overrides, args.image)
+    ids = deploy(args.pool, args.experiment, args.overrides, args.image, args.result_storage)
     print(f"{len(ids)} deployments on work pool {args.pool!r}")
     return 0

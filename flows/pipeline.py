@@ -21,7 +21,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.config import PipelineConfig, as_dict, compose
+from flows.artifacts import publish
+from flows.config import Experiment, PipelineConfig, Router, as_dict, compose
+from flows.models import domain_record, line_name
 from flows.placement import parallel_stages, resource_annotations, visible_gpus
 from flows.report import write_pipeline_report
 from flows.runners import make_runner
@@ -89,11 +91,21 @@ def expert_phase(data: dict, seed: str, train: dict, out_dir: str, torch_threads
 
 
 @flow(name="upcycle_pipeline")
-def upcycle_pipeline(experiment: str = "demo", overrides: list[str] | None = None,
-                     routers: list[str] | None = None, expert_steps: int | None = None,
+def upcycle_pipeline(experiment: Experiment = "demo", overrides: list[str] | None = None,
+                     routers: list[Router] | None = None, expert_steps: int | None = None,
                      moe_steps: int | None = None, out_dir: str | None = None) -> dict:
-    """Compose the experiment's config (`overrides`: Hydra `key=value`), then run the pipeline.
-    Returns the summary (also written to `<out_dir>/summary.json` and logged to MLflow)."""
+    """Train a seed and one expert per domain, upcycle them into MoEs, train and evaluate them.
+
+    Returns the summary (also written to `<out_dir>/summary.json` and logged to MLflow).
+
+    Args:
+        experiment: The experiment config (conf/experiment/): `demo`, `micro` (seconds), `small`, ...
+        overrides: Hydra `key=value` overrides of the experiment config, e.g. `train.moe.max_steps=500`.
+        routers: The MoEs to build (default: the experiment's `router.routers`).
+        expert_steps: Training steps of each dense expert (default: the experiment's).
+        moe_steps: Training steps of each MoE (default: the experiment's).
+        out_dir: Output folder, relative to the project home (default: `outputs/<experiment>`).
+    """
     cfg = compose(experiment, [*(overrides or []), *knob_overrides(
         routers=routers, expert_steps=expert_steps, moe_steps=moe_steps, out_dir=out_dir)])
     return run_pipeline(cfg)
@@ -104,8 +116,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out_dir).resolve()
     start = time.time()
     with tracking_context(cfg, "upcycle_pipeline") as parent:
-        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "upload": cfg.tracking.upload,
-                 "register": {"nexus": cfg.tracking.model_name}} if parent else None
+        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": {"nexus": cfg.tracking.model_name},
+                 "upload_checkpoints": cfg.tracking.upload_checkpoints} if parent else None
         placement = placement_of(cfg)
         data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
         domains = list(data["fingerprints"])
@@ -132,7 +144,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track, placement)
         experts = {d: r["checkpoint"] for d, r in phase["experts"].items()}
 
+        meta = {**meta, "domain_data": {d: domain_record(data["dir"], data["fingerprints"][d], phase["embeddings"][d])
+                                        for d in domains}}
         builds, trained = moe_phase(cfg, data, seed, experts, phase["embeddings"], out, meta, track, placement)
+        lines = {k: start_line(f.result()["registered"]) for k, f in trained.items() if f.result()["registered"]}
         checkpoints = {"seed": seed, **{f"expert:{d}": p for d, p in experts.items()},
                        **({"seed continued": futures["seed-continued"].result()["checkpoint"]}
                           if "seed-continued" in futures else {}),
@@ -143,13 +158,24 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                                      cfg.eval.split, cfg.eval.batch_size, cfg.eval.max_tokens,
                                                      cfg.torch_threads, cfg.eval.device)
         results = futures["evaluate"].result()
+        if parent:
+            record_evaluation(parent, checkpoints, results, lines)
         summary = {"experiment": cfg.name, "out_dir": str(out), "domains": domains, "checkpoints": checkpoints,
                    **results, "states": {**states_of(futures), **phase["states"]},
                    "mlflow": {"tracking_uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment,
-                              "parent_run_id": parent, "model_name": cfg.tracking.model_name},
+                              "parent_run_id": parent, "model_name": cfg.tracking.model_name, "lines": lines},
                    "seconds": round(time.time() - start, 1)}
         write_summary(summary, out / "summary.json", parent)
         write_pipeline_report(summary)
+        if parent:
+            from flows.mlflow_models import log_figures
+
+            log_figures(parent, out / "report" / "figures")
+        publish("pipeline", cfg.name, f"upcycle_pipeline: {cfg.name}",
+                {"output folder": f"`{out}`", "domains": ", ".join(domains), "seconds": summary["seconds"],
+                 **{f"model line {ln['name']}": ", ".join(f"@{a} = v{v}" for a, v in sorted(ln["aliases"].items()))
+                    for ln in lines.values()}},
+                results["perplexity"], cfg.tracking.uri if parent else None, parent, list(lines.values()))
     log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
     return summary
 
@@ -208,12 +234,38 @@ def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
 
 
 def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
-    """Registered model name per stage: the Nexus MoE line is `tracking.model_name` (an extension
-    registers its next version); the seed, each expert, the linear MoE and the merge get their own."""
+    """Registered model name per stage: each router's MoE starts a model line (`flows.models.line_name`;
+    extensions and removals register its next versions); the seed, each expert and the merge get their own."""
     base = f"nexus-{cfg.name}"
-    return {"nexus": cfg.tracking.model_name, "linear": f"{base}-moe-linear", "seed": f"{base}-seed",
+    return {**{r: line_name(cfg.tracking.model_name, r) for r in cfg.router.routers}, "seed": f"{base}-seed",
             "seed-continued": f"{base}-seed-continued",
             "build-merge": f"{base}-merged", **{d: f"{base}-expert-{d}" for d in domains}}
+
+
+def record_evaluation(parent: str, checkpoints: dict[str, str], results: dict, lines: dict[str, dict]) -> None:
+    """The evaluation in MLflow (metrics on the parent run, every evaluated model and its run; routing
+    tables) and each new MoE version's description."""
+    from flows.mlflow_models import describe_version, log_evaluation
+
+    log_evaluation(parent, checkpoints, results)
+    for kind, line in lines.items():
+        describe_version(line["name"], line["version"], results["perplexity"][f"moe:{kind}"],
+                         f"The {kind}-router MoE upcycled from the seed and the experts "
+                         f"{', '.join(d for d in results['perplexity'][f'moe:{kind}'])}, then trained on their mix.")
+
+
+def start_line(registered: dict) -> dict:
+    """A freshly trained MoE version: `candidate`, and `champion` when its line has none yet (the first
+    upcycled MoE starts the line). A version marked before (a cached rerun) is left as it is."""
+    from mlflow import MlflowClient
+
+    from flows.models import TAG_GATE, champion_version, line_aliases, mark_version
+
+    client = MlflowClient()
+    name, version = registered["name"], registered["version"]
+    if TAG_GATE not in client.get_model_version(name, version).tags:
+        mark_version(name, version, promote=champion_version(name, client) is None, gate="initial", client=client)
+    return {"name": name, "version": version, "aliases": line_aliases(name, client)}
 
 
 def _weights(stage: str, data: dict, domains: list[str] | None = None) -> dict[str, float]:

@@ -52,7 +52,8 @@ def moe_ablation(experiment: str, overrides: list[str], name: str, checkpoints: 
     cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, dense_merge=False, sparse_upcycling=False))
     out = Path(cfg.out_dir).resolve()
     with tracking_context(cfg, f"moe_ablation:{name}") as parent:
-        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": {}} if parent else None
+        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": {},
+                 "upload_checkpoints": cfg.tracking.upload_checkpoints} if parent else None
         data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
         domains = list(data["fingerprints"])
         prepared = open_prepared(data["dir"])

@@ -11,9 +11,11 @@ plain JSON data (Dask-friendly).
 A training stage on several devices, or on GPUs, runs as its own processes
 (`nexus.training.launch`): the task waits for them and reads the result back; the stage's metrics
 go from its rank 0 straight into the stage's MLflow run (the run id is in its spec), and the task
-logs the result. GPUs are leased per stage (`flows.placement`). Checkpoints are uploaded to MLflow
-for the final models only (`tracking.upload: final`); intermediate ones (seed, experts, upcycled
-MoEs before training) are recorded by SHA-256 and path, which is all lineage needs.
+logs the result. GPUs are leased per stage (`flows.placement`). Every checkpoint is an MLflow logged
+model of its stage run (params, metrics, lineage); its files are uploaded for every stage
+(`tracking.upload_checkpoints: all`, the default) or, at paper size (`final`), for the final models only:
+the seed, the experts and the upcycled MoEs before training are then logged models without files
+(SHA-256 and path, which is all lineage needs), and never registered.
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ def _code_hash(code: types.CodeType) -> str:
 CACHED = {"retries": 1, "retry_delay_seconds": 2, "cache_key_fn": input_key, "persist_result": True}
 
 OUTPUTS = {"train_stage": lambda p: Path(p["out_dir"]), "build_model": lambda p: Path(p["out_dir"]),
+           "remove_expert": lambda p: Path(p["out_dir"]),
            "embed_domain": lambda p: Path(p["data_dir"]) / "embeddings"}
 """Where each cached task writes: a cached result is a path into it."""
 
@@ -113,7 +116,8 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: dict[str, str] | None = None):
+def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: dict[str, str] | None = None,
+            system_metrics: bool = False):
     """An MLflow stage run under `tracking['parent_run_id']`, or a null context when tracking is off."""
     from contextlib import nullcontext
 
@@ -123,7 +127,7 @@ def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: d
 
     configure(tracking["uri"])
     return stage_run(stage, config, parent_run_id=tracking["parent_run_id"], input_checkpoints=inputs,
-                     run_name=name)
+                     run_name=name, system_metrics=system_metrics)
 
 
 @task(retries=1, retry_delay_seconds=2)
@@ -192,20 +196,25 @@ def is_final(stage: str, name: str) -> bool:
     return stage != "expert" and not (stage == "seed" and name == "seed")
 
 
+def uploads(final: bool, tracking: dict | None) -> bool:
+    """Whether a checkpoint's files go into MLflow: a final one always, the others with
+    `tracking.upload_checkpoints: all` (the default; the paper-size presets say `final`)."""
+    return final or (tracking or {}).get("upload_checkpoints", "all") == "all"
+
+
 def record_checkpoint(run: Any, checkpoint: str | os.PathLike, final: bool, tracking: dict | None,
                       register_as: str | None = None) -> Any:
-    """Upload (and register) a final checkpoint, or any with `tracking.upload: all`; of the others
-    record only the SHA-256 and path: what lineage needs (`find_producing_run` matches inputs by it).
-    Returns the registered `ModelVersion`, or None."""
-    from flows.tracking import TAG_SHA
-    from nexus.checkpoint import WEIGHTS, read_checkpoint_config
+    """Log a checkpoint as the run's MLflow model: uploaded (and registered) when `uploads` says so, else
+    a logged model with the same params, tags and lineage but no files (`nexus.checkpoint_path` says
+    where they are), never registered. Returns the registered `ModelVersion`, or None."""
+    upload = uploads(final, tracking)
+    return run.log_checkpoint(checkpoint, register_as=register_as if upload else None, upload=upload)
 
-    if final or (tracking or {}).get("upload") == "all":
-        return run.log_checkpoint(checkpoint, register_as=register_as)
-    sha = read_checkpoint_config(checkpoint).get("sha256", {}).get(WEIGHTS, "")
-    run.client.set_tag(run.run_id, TAG_SHA, sha)
-    run.client.set_tag(run.run_id, "nexus.checkpoint_path", str(Path(checkpoint).resolve()))
-    return None
+
+def record_result(run: Any, result: Any, final: bool, tracking: dict | None, register_as: str | None = None) -> Any:
+    """`record_checkpoint` for a training stage's `StageResult` (its metrics on the run and the model)."""
+    upload = uploads(final, tracking)
+    return run.log_result(result, register_as=register_as if upload else None, upload=upload)
 
 
 def mlflow_uri(tracking: dict) -> str:
@@ -232,7 +241,7 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
     wall-clock interval of this task body, imports included; pid: the process that ran it)."""
     started = time.time()
     from flows.placement import gpu_lease, visible_gpus
-    from nexus.training import TrainConfig
+    from nexus.training import StageResult, TrainConfig
     from nexus.training.launch import launch_stage
     from nexus.training.run_stage import StageSpec, run_spec
 
@@ -245,7 +254,8 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
     gpus = visible_gpus() if cfg.accelerator != "cpu" else []
     inputs = {"init": init_checkpoint} if init_checkpoint else None
     version = None
-    with tracked(tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs) as run:
+    with tracked(tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs,
+                 system_metrics=True) as run:
         if run is not None:
             run.log_data_module(data_module(data_dir, weights, cfg, val_domains, extra_dirs), source=data_dir)
         if own_processes(cfg, gpus):
@@ -258,18 +268,16 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
             with gpu_lease(cfg.num_devices if gpus else 0, gpus, stages_per_gpu) as leased:
                 if leased:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(leased)
-                result = launch_stage(spec, cfg.num_devices, env)
+                got = launch_stage(spec, cfg.num_devices, env)
+            result = StageResult(Path(got["checkpoint"]), got["metrics"], got["global_step"],
+                                 got["resumed_from_step"], got["fingerprint"])
         else:
-            res = run_spec(spec, loggers=[run.logger()] if run is not None else [])
-            result = {"checkpoint": str(res.checkpoint), "metrics": res.metrics, "global_step": res.global_step,
-                      "resumed_from_step": res.resumed_from_step}
+            result = run_spec(spec, loggers=[run.logger()] if run is not None else [])
         if run is not None:
-            run.log_metrics(result["metrics"], step=result["global_step"])
-            run.client.set_tag(run.run_id, "nexus.resumed_from_step", str(result["resumed_from_step"]))
             register = (tracking or {}).get("register", {}).get(name)
-            version = record_checkpoint(run, result["checkpoint"], is_final(stage, name), tracking, register)
-    return {"checkpoint": result["checkpoint"], "metrics": result["metrics"], "global_step": result["global_step"],
-            "resumed_from_step": result["resumed_from_step"], "run_id": run.run_id if run is not None else None,
+            version = record_result(run, result, is_final(stage, name), tracking, register)
+    return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "global_step": result.global_step,
+            "resumed_from_step": result.resumed_from_step, "run_id": run.run_id if run is not None else None,
             "registered": {"name": version.name, "version": str(version.version)} if version else None,
             "started": started, "finished": time.time(), "pid": os.getpid()}
 
@@ -308,6 +316,24 @@ def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], emb
             record_checkpoint(run, path, kind in FINAL_BUILDS, tracking,
                               register_as=(tracking or {}).get("register", {}).get(f"build-{kind}"))
     return str(path)
+
+
+@task(name="remove_expert", task_run_name="remove-{domain}", **CACHED)
+def remove_domain_expert(moe: str, domain: str, out_dir: str, metadata: dict | None = None,
+                         tracking: dict | None = None) -> dict:
+    """Drop `domain`'s routed expert from the MoE `moe` (nexus.upcycling.remove_expert); returns
+    `{checkpoint, registered}` (registered: {name, version} or None)."""
+    from nexus.checkpoint import load_checkpoint, save_checkpoint
+    from nexus.upcycling import remove_expert
+
+    model = remove_expert(load_checkpoint(moe), domain)
+    with tracked(tracking, "remove", f"remove-{domain}", {"remove": domain}, {"moe": moe}) as run:
+        path = save_checkpoint(model, out_dir, metadata={**(metadata or {}), "built": "remove"},
+                               extra_files={TOKENIZER_FILE: Path(moe) / TOKENIZER_FILE})
+        version = run.log_checkpoint(path, register_as=(tracking or {}).get("register", {}).get(f"remove-{domain}")) \
+            if run is not None else None
+    return {"checkpoint": str(path),
+            "registered": {"name": version.name, "version": str(version.version)} if version else None}
 
 
 @task(task_run_name="evaluate", **CACHED)

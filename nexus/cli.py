@@ -10,6 +10,7 @@ import sys
 # command -> module whose add_parser(subparsers) registers it (one module may register several)
 COMMANDS: dict[str, str] = {
     "data": "nexus.data.cli",
+    "eval": "flows.lm_evaluation",
     "export": "nexus.interop.cli",
     "import": "nexus.interop.cli",
     "run": "flows.cli",
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NexusError as err:
-        print(f"nexus {args.command}: error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"nexus {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

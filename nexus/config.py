@@ -61,7 +61,8 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer: RMSNorm, RoPE, SwiGLU, no biases; dense, or MoE when `moe` is set."""
+    """A decoder-only transformer: RMSNorm, RoPE, SwiGLU, no biases (but optional q/k/v ones); dense, or MoE
+    when `moe` is set."""
 
     vocab_size: int = 512
     d_model: int = 64
@@ -76,6 +77,8 @@ class ModelConfig:
     parallel_blocks: bool = True
     """Parallel attention + FFN (the paper's, as in PaLM/GPT-J) or sequential (Llama) blocks."""
     tie_embeddings: bool = False
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2 has them); no other layer has biases."""
     init_std: float = 0.02
     moe: MoEConfig | None = None
 

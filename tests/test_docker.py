@@ -61,3 +61,24 @@ def test_readme_and_makefile_share_the_install_path():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^install: \$\(VENV\)/\.installed", makefile, re.MULTILINE)
     assert "make test" in (ROOT / "README.md").read_text() and "make demo" in (ROOT / "README.md").read_text()
+
+
+def test_runs_of_the_compose_worker_keep_their_outputs_on_named_volumes():
+    """The worker's project home, MLflow's artifacts and the databases are named volumes; the worker
+    tracks to the MLflow server, and runs as a non-root user that owns the home and can fetch the demo's
+    Debian corpora (apt's package lists stay in the image)."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    named = set(compose["volumes"])
+    services = compose["services"]
+    worker = services["worker"]
+    home = worker["environment"]["NEXUS_HOME"]
+    assert worker["environment"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow")
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in worker["volumes"]}
+    assert mounts.get(home) in named, f"the worker's project home {home} is not a named volume"
+    artifacts = re.search(r"--artifacts-destination (\S+)", services["mlflow"]["command"]).group(1)
+    assert {m.split(":")[1]: m.split(":")[0] for m in services["mlflow"]["volumes"]}.get(artifacts) in named
+    assert "--serve-artifacts" in services["mlflow"]["command"]
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert f"NEXUS_HOME={home}" in text and f"chown nexus {home}" in text, dockerfile.name
+        assert "apt-get update" in text and "rm -rf /var/lib/apt/lists" not in text, dockerfile.name

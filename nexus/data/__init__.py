@@ -18,6 +18,7 @@ from nexus.data.config import (
                                SourceConfig,
                                SplitConfig,
                                TokenizerConfig,
+                               check_domain_name,
 )
 from nexus.data.embeddings import (
                                Embedder,
@@ -33,6 +34,7 @@ from nexus.data.mixture import MixtureSampler, blend, mixture_weights, stage_wei
 from nexus.data.packing import PackedSplit
 from nexus.data.prepare import embed_prepared_domain, prepare_experiment
 from nexus.data.prepared import PreparedData, open_prepared
+from nexus.data.sources import check_folder_domain
 from nexus.data.presets import demo_config, preset, tiny_config
 from nexus.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -51,7 +53,9 @@ __all__ = [
                                "SplitConfig",
                                "TokenizerConfig",
                                "blend",
+                               "check_domain_name",
                                "check_embedding_dim",
+                               "check_folder_domain",
                                "cosine_similarity",
                                "demo_config",
                                "embed_domain",

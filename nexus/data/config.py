@@ -18,6 +18,16 @@ SOURCE_KINDS = ("debian", "folder", "hf", "stdlib")
 FORMATS = ("auto", "text", "jsonl", "dictd", "rst", "jargon", "fortunes", "python")
 Weighting = Literal["proportional", "uniform", "explicit"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME_LENGTH = 64
+
+
+def check_domain_name(name: str) -> str:
+    """A domain name is one safe path component (it names folders, registered models and experts):
+    a letter or digit first, then letters, digits, `_`, `.` or `-`, at most 64 characters."""
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"domain name {name!r} must match {_NAME.pattern} and have at most "
+                          f"{MAX_NAME_LENGTH} characters (no slash, space or leading dot)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -78,8 +88,7 @@ class DomainConfig:
     held_out: bool = False
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name or ""):
-            raise ConfigError(f"domain name {self.name!r} must match {_NAME.pattern}")
+        check_domain_name(self.name)
         if not self.sources:
             raise ConfigError(f"domain {self.name!r} has no sources")
         object.__setattr__(self, "sources", tuple(self.sources))

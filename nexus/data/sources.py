@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nexus.data import debian
-from nexus.data.config import SourceConfig
+from nexus.data.config import DomainConfig, SourceConfig, SplitConfig
 from nexus.data.formats import Document, list_files, parse_files
 from nexus.errors import DataError
 
@@ -184,10 +184,21 @@ def _read_hf(src: SourceConfig, domain: str) -> Iterator[Document]:
             yield text, f"{src.path}[{i}]"
 
 
+def check_folder_domain(name: str, folder: str, splits: SplitConfig | None = None) -> int:
+    """Read a new domain's folder the way `prepare_experiment` will, writing nothing: the name, the
+    files (present, UTF-8, valid JSONL) and documents enough for every split of `splits`. Returns the
+    number of documents. Costs one read of the folder; it lets a flow refuse bad input before any work."""
+    from nexus.data.documents import split_documents
+
+    (src,) = DomainConfig.folder(name, folder).sources
+    parts = split_documents(name, read_source(src, name, Path()), splits or SplitConfig(), folder)
+    return sum(len(p.text) for p in parts.values())
+
+
 def describe(src: SourceConfig) -> str:
     """Where a source reads from, for messages."""
     return src.path if src.kind in ("folder", "hf") else (
         f"Debian package {src.package}" if src.kind == "debian" else f"stdlib {stdlib_root()}")
 
 
-__all__ = ["STDLIB_EXCLUDE", "describe", "read_source", "source_identity", "stdlib_root"]
+__all__ = ["STDLIB_EXCLUDE", "check_folder_domain", "describe", "read_source", "source_identity", "stdlib_root"]

@@ -13,11 +13,12 @@ from nexus.io import atomic_write
 from nexus.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
+EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path,
-                    eos_token: str = "<|endoftext|>", min_frequency: int = 2) -> Path:
+                    eos_token: str = EOS_TOKEN, min_frequency: int = 2) -> Path:
     """Train a byte-level BPE on `texts` and write it atomically to `out_path` (a tokenizer.json).
 
     The 256 byte symbols are always in the vocabulary (any input encodes); special tokens come
@@ -37,7 +38,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path,
     return Path(out_path)
 
 
-def load_tokenizer(path: str | Path, eos_token: str = "<|endoftext|>"):
+def load_tokenizer(path: str | Path, eos_token: str = EOS_TOKEN):
     """A `transformers.PreTrainedTokenizerFast` from a tokenizer.json file or a local tokenizer dir.
 
     Exposes `.eos_token_id` and `len(tok)` (the vocabulary size, special tokens included).

@@ -5,6 +5,7 @@ The lm-eval model class lives in `nexus.evaluation.lm_eval_adapter` (imported on
 it registers `nexus` with lm-eval); plots import matplotlib on first use.
 """
 from nexus.evaluation.embeddings import EmbeddingGeometry, embedding_geometry
+from nexus.evaluation.gate import GateVerdict, promotion_gate
 from nexus.evaluation.perplexity import (
     Perplexity,
     domain_perplexities,
@@ -16,7 +17,7 @@ from nexus.evaluation.report import relative_gains, write_report
 from nexus.evaluation.routing import RoutingAnalysis, analyze_routing
 
 __all__ = [
-    "EmbeddingGeometry", "Perplexity", "RoutingAnalysis", "analyze_routing", "domain_perplexities",
-    "embedding_geometry", "evaluate_checkpoints", "relative_gains", "split_perplexity", "text_perplexity",
+    "EmbeddingGeometry", "GateVerdict", "Perplexity", "RoutingAnalysis", "analyze_routing", "domain_perplexities",
+    "embedding_geometry", "evaluate_checkpoints", "promotion_gate", "relative_gains", "split_perplexity", "text_perplexity",
     "write_report",
 ]

@@ -10,8 +10,11 @@ From the shell, run lm-eval's own CLI through this module (so the class is regis
     python -m nexus.evaluation.lm_eval_adapter run --model nexus --model_args path=ckpt/moe \
         --tasks nexus_heldout_code --include_path outputs/eval/tasks
 
+(`lm_eval --model nexus` does not work: lm-eval 0.4.13 finds no third-party model classes. Prefer
+`nexus eval`, which picks this class for a checkpoint and lm-eval's `hf` for an export.)
+
 Scoring is batched through `nexus.evaluation.perplexity.score_windows`, so `loglikelihood_rolling`
-and `text_perplexity` are one computation.
+and `text_perplexity` are one computation; `generate_until` decodes with the KV cache.
 """
 from __future__ import annotations
 
@@ -19,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from nexus.evaluation.generation import generate_tokens
 from nexus.evaluation.perplexity import Window, document_windows, score_windows
 from nexus.model.transformer import Transformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# lm-eval 0.4.13 loads its own model classes (`hf`, …) only into an empty registry: load them first.
+import lm_eval.models  # noqa: F401
+
 # Run as `python -m`, this file is `__main__`; the class is registered by importing the module
 # proper below instead (registering both copies under one name is an error in lm-eval).
 _register = register_model("nexus") if __name__ != "__main__" else (lambda cls: cls)
@@ -127,13 +133,11 @@ class NexusLM(TemplateLM):
 
     @torch.no_grad()
     def _generate(self, idx: torch.Tensor, until: list[str], temperature: float, max_new: int) -> list[str]:
-        """idx: (B, T) contexts of equal length -> B continuations, each cut at a stop string or EOS."""
+        """idx: (B, T) contexts of equal length -> B continuations, each cut at a stop string or EOS.
+        Decodes with the KV cache (`nexus.evaluation.generation`)."""
         start = idx.shape[1]
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new):
-            logits = self.model(idx[:, -self.max_length:]).logits[:, -1].float()
-            nxt = (logits.argmax(-1) if temperature <= 0
-                   else torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1))
+        for nxt in generate_tokens(self.model, idx, max_new, temperature, max_context=self.max_length):
             idx = torch.cat([idx, nxt.unsqueeze(-1)], dim=1)
             done |= nxt == self.eot_token_id
             if until:

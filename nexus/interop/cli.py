@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -19,19 +20,22 @@ def _run_import(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from nexus.interop.hf_export import export_checkpoint
-    from nexus.interop.hf_format import HF_CONFIG, read_json, tokenizer_files
+    from nexus.interop.hf_format import HF_CONFIG, NEXUS, read_json, tokenizer_files
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
+    results = [read_json(Path(path)) for path in args.results]
+    out = export_checkpoint(args.checkpoint, args.out_dir, remote_code=args.remote_code, results=results)
     arch = read_json(out / HF_CONFIG)["architectures"][0]
+    how = " (remote code: load with trust_remote_code=True)" if arch == NEXUS else ""
     tok = "with tokenizer" if tokenizer_files(out) else "without tokenizer files (none in the checkpoint)"
-    print(f"exported {args.checkpoint} -> {out} as {arch}, {tok}")
+    print(f"exported {args.checkpoint} -> {out} as {arch}{how}, {tok}")
     return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `import` and `export`."""
     imp = subparsers.add_parser(
-        "import", help="import a transformers Llama directory (safetensors) as a Nexus checkpoint")
+        "import", help="import a transformers directory (Llama, Mistral, Qwen2, or any `nexus export`) "
+                       "as a Nexus checkpoint")
     imp.add_argument("hf_dir", help="local transformers model directory (config.json + safetensors)")
     imp.add_argument("out_dir", help="Nexus checkpoint directory to write (replaced atomically)")
     imp.add_argument("--dtype", choices=_DTYPES, default=None, help="weight dtype (default: as stored)")
@@ -40,7 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     imp.set_defaults(func=_run_import)
 
     exp = subparsers.add_parser(
-        "export", help="export a Nexus checkpoint for transformers (dense: Llama, MoE: Qwen2-MoE)")
+        "export", help="export a Nexus checkpoint for transformers (Llama / Qwen2 / Qwen2-MoE where exact, "
+                       "else the remote-code NexusForCausalLM), with a model card")
     exp.add_argument("checkpoint", help="Nexus checkpoint directory")
     exp.add_argument("out_dir", help="transformers model directory to write (replaced atomically)")
+    exp.add_argument("--remote-code", action="store_true",
+                     help="always export as NexusForCausalLM (remote code), also for sequential-block models")
+    exp.add_argument("--results", action="append", default=[], metavar="JSON",
+                     help="lm-eval results (e.g. from `nexus eval`) for the model card; repeatable")
     exp.set_defaults(func=_run_export)

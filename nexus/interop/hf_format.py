@@ -1,9 +1,12 @@
 """The Hugging Face format, in one place, for both directions of interop.
 
-- `BLOCK_NAMES` / `GLOBAL_NAMES`: the one weight-name table (Nexus name -> HF name). Llama and
-  Qwen2-MoE name every non-FFN tensor identically, so the table serves import and both exports.
+- `BLOCK_NAMES` / `GLOBAL_NAMES`: the one weight-name table (Nexus name -> HF name). Llama, Mistral,
+  Qwen2, Qwen2-MoE and the remote-code `NexusForCausalLM` name every non-FFN tensor identically, so
+  the table serves import and every export.
 - `ffn_to_hf` / `ffn_from_hf`: a SwiGLU FFN, whose `w_in` fuses `[gate; up]` rows, as HF's separate
   `gate_proj`, `up_proj`, `down_proj` (dense MLP, shared expert and each routed expert alike).
+- `REMOTE_FFN_NAMES` / `remote_name`: `NexusForCausalLM` keeps the Nexus tensors as they are (fused
+  `gate_up_proj`, stacked experts), so its names are a bijection with the Nexus state dict.
 - Safetensors-only weight reading (single file or sharded index; never a pickle), tokenizer files,
   and `atomic_directory` for all-or-nothing writes.
 """
@@ -20,8 +23,19 @@ from nexus.errors import CheckpointError, NexusError
 from nexus.io import atomic_directory  # noqa: F401  (re-exported for hf_export)
 
 LLAMA = "LlamaForCausalLM"
+MISTRAL = "MistralForCausalLM"
+QWEN2 = "Qwen2ForCausalLM"
 QWEN2_MOE = "Qwen2MoeForCausalLM"
+NEXUS = "NexusForCausalLM"
+"""The remote-code architecture (`nexus/interop/remote/`), loaded with `trust_remote_code=True`."""
+DENSE_FAMILIES = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2}
+"""transformers `model_type` -> architecture of the dense models that import as seeds or experts."""
 HF_CONFIG = "config.json"
+NEXUS_KEY = "nexus"
+"""The key of an export's config.json that records the Nexus checkpoint it came from (model config,
+metadata, file names), so that importing it back restores the checkpoint exactly."""
+ROUTER_SIDECAR = "nexus_router.safetensors"
+"""Nexus-router tensors a Qwen2-MoE export cannot hold (projections P_r, domain embeddings D)."""
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -39,8 +53,24 @@ BLOCK_NAMES: dict[str, str] = {
     "attn.wk.weight": "self_attn.k_proj.weight",
     "attn.wv.weight": "self_attn.v_proj.weight",
     "attn.wo.weight": "self_attn.o_proj.weight",
+    "attn.wq.bias": "self_attn.q_proj.bias",
+    "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# Inside block i, the FFN of `NexusForCausalLM`: the Nexus tensors under transformers-style names.
+REMOTE_FFN_NAMES: dict[str, str] = {
+    "ffn.w_in.weight": "mlp.gate_up_proj.weight",
+    "ffn.w_out.weight": "mlp.down_proj.weight",
+    "ffn.shared.w_in.weight": "mlp.shared_expert.gate_up_proj.weight",
+    "ffn.shared.w_out.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn.experts.w_in": "mlp.experts.gate_up_proj",
+    "ffn.experts.w_out": "mlp.experts.down_proj",
+    "ffn.router.weight": "mlp.gate.weight",
+    "ffn.router.proj.w_in.weight": "mlp.router.gate_up_proj.weight",
+    "ffn.router.proj.w_out.weight": "mlp.router.down_proj.weight",
+}
+REMOTE_DOMAIN_EMBEDDINGS = "model.domain_embeddings"
 GLOBAL_NAMES: dict[str, str] = {
     "tok_emb.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -77,6 +107,18 @@ def non_ffn_to_hf(name: str) -> str | None:
     if parts[0] == "blocks" and len(parts) == 3 and parts[2] in BLOCK_NAMES:
         return block_prefix(int(parts[1])) + BLOCK_NAMES[parts[2]]
     return None
+
+
+def remote_name(name: str) -> str:
+    """The `NexusForCausalLM` name of a Nexus state-dict tensor (a bijection)."""
+    if name == "domain_embeddings":
+        return REMOTE_DOMAIN_EMBEDDINGS
+    if (hf := non_ffn_to_hf(name)) is not None:
+        return hf
+    parts = name.split(".", 2)
+    if parts[0] == "blocks" and len(parts) == 3 and parts[2] in REMOTE_FFN_NAMES:
+        return block_prefix(int(parts[1])) + REMOTE_FFN_NAMES[parts[2]]
+    raise KeyError(f"no NexusForCausalLM name for tensor {name!r}")
 
 
 def ffn_to_hf(w_in: torch.Tensor, w_out: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
@@ -132,10 +174,13 @@ def weight_files(hf_dir: Path) -> list[Path]:
     raise CheckpointError(f"{hf_dir}: no {SAFETENSORS} or {SAFETENSORS_INDEX} found")
 
 
-def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a transformers directory, read with safetensors (no pickle)."""
+def read_weights(hf_dir: Path, file_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers directory (or of its safetensors file `file_name`), read with
+    safetensors (no pickle)."""
+    if file_name is not None and not (hf_dir / file_name).is_file():
+        raise CheckpointError(f"{hf_dir}: {file_name} not found")
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files(hf_dir):
+    for path in [hf_dir / file_name] if file_name else weight_files(hf_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
                 state.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (safe_open is not iterable)

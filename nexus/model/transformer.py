@@ -3,6 +3,10 @@
 Blocks are parallel (attention and FFN read the same normalised input; the paper's choice) or
 sequential (Llama), by `ModelConfig.parallel_blocks`. The FFN is dense, or an `MoELayer` when
 `config.moe` is set; everything else is identical, which is what makes upcycling a weight copy.
+
+`forward(idx, cache=KVCache(...))` appends the keys and values of `idx` to a preallocated cache and
+attends over everything cached: the prefill (empty cache) computes exactly what the uncached
+forward computes, later calls feed only the new tokens (`nexus.evaluation.generation`).
 """
 from __future__ import annotations
 
@@ -43,12 +47,43 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, heads, T, head_dim)."""
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: (B, heads, T, head_dim) at positions start … start + T - 1."""
         T = x.shape[-2]
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class LayerCache:
+    """One layer's slice of a `KVCache`: `start` tokens are cached already."""
+
+    keys: torch.Tensor
+    """(B, kv_heads, max_seq_len, head_dim)"""
+    values: torch.Tensor
+    start: int
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: (B, kv_heads, T, head_dim) after the cached tokens; return all keys and values."""
+        end = self.start + k.shape[2]
+        self.keys[:, :, self.start:end] = k
+        self.values[:, :, self.start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for the first `length` tokens, preallocated to `max_seq_len`."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, config.kv_heads, config.max_seq_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+
+    def layers(self) -> list[LayerCache]:
+        return [LayerCache(k, v, self.length) for k, v in zip(self.keys, self.values)]
 
 
 class Attention(nn.Module):
@@ -57,21 +92,30 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
-        self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.d_model, self.kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.d_model, self.kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.d_model, self.kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.d_model, self.kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
+        start = cache.start if cache is not None else 0
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope(q), rope(k)
+        q, k = rope(q, start), rope(k, start)
+        if cache is not None:
+            cached_k, cached_v = cache.append(k, v)
+            if start:  # a prefill attends to its own k, v only: exactly the uncached computation
+                k, v = cached_k, cached_v
         if self.kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        else:  # query t (position start + t) sees keys 0 … start + t; one new token sees them all
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -94,12 +138,13 @@ class Block(nn.Module):
             return y.view_as(h), info
         return self.ffn(h), None
 
-    def forward(self, x, rope, domain_embeddings=None) -> tuple[torch.Tensor, RoutingInfo | None]:
+    def forward(self, x, rope, domain_embeddings=None,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, RoutingInfo | None]:
         h = self.attn_norm(x)
         if self.parallel:  # x + Attn(norm(x)) + FFN(norm(x))
             y, info = self._ffn(h, domain_embeddings)
-            return x + self.attn(h, rope) + y, info
-        x = x + self.attn(h, rope)
+            return x + self.attn(h, rope, cache) + y, info
+        x = x + self.attn(h, rope, cache)
         y, info = self._ffn(self.ffn_norm(x), domain_embeddings)
         return x + y, info
 
@@ -155,20 +200,27 @@ class Transformer(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif hasattr(module, "reset_parameters") and not isinstance(module, Transformer):
             module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor, logits: bool = True) -> ModelOutput:
-        """idx: (B, T) token ids, T <= max_seq_len. `logits=False` skips the LM head (training computes
-        the loss from `hidden` in chunks, never holding (B, T, vocab) logits)."""
-        if idx.shape[-1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {idx.shape[-1]} exceeds max_seq_len={self.config.max_seq_len}")
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, logits: bool = True) -> ModelOutput:
+        """idx: (B, T) token ids, T <= max_seq_len; with `cache`, the tokens after the `cache.length`
+        cached ones (which `idx` extends by T). `logits=False` skips the LM head (training computes the
+        loss from `hidden` in chunks, never holding (B, T, vocab) logits)."""
+        start = cache.length if cache is not None else 0
+        if start + idx.shape[-1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start + idx.shape[-1]} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.tok_emb(idx)
         routing: list[RoutingInfo] = []
-        for block in self.blocks:
-            x, info = block(x, self.rope, self.domain_embeddings)
+        layer_caches = cache.layers() if cache is not None else [None] * len(self.blocks)
+        for block, layer_cache in zip(self.blocks, layer_caches):
+            x, info = block(x, self.rope, self.domain_embeddings, layer_cache)
             if info is not None:
                 routing.append(info)
+        if cache is not None:
+            cache.length += idx.shape[-1]
         hidden = self.norm(x)
         aux = sum((r.aux_loss for r in routing), start=hidden.new_zeros(()))
         return ModelOutput(self.lm_head(hidden) if logits else None, aux, routing, hidden)
@@ -178,18 +230,6 @@ class Transformer(nn.Module):
         for block in self.blocks:
             if isinstance(block.ffn, MoELayer):
                 block.ffn.router.precompute(self.domain_embeddings)
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation of idx: (B, T)."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.max_seq_len:]).logits[:, -1]
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -1,7 +1,22 @@
-"""Training: one LightningModule and DataModule for every stage, and the stage functions flows call."""
-from nexus.training.config import TrainConfig
-from nexus.training.datamodule import MixtureDataModule
-from nexus.training.module import CausalLMModule
-from nexus.training.stages import StageResult, train_dense, train_moe
+"""Training: one LightningModule and DataModule for every stage, and the stage functions flows call.
 
-__all__ = ["CausalLMModule", "MixtureDataModule", "StageResult", "TrainConfig", "train_dense", "train_moe"]
+Names are imported on first use, so reading a `TrainConfig` (e.g. composing a config in the CLI)
+does not import Lightning.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "nexus.training.config", "MixtureDataModule": "nexus.training.datamodule",
+    "CausalLMModule": "nexus.training.module", "StageResult": "nexus.training.stages",
+    "train_dense": "nexus.training.stages", "train_moe": "nexus.training.stages",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'nexus.training' has no attribute {name!r}")

@@ -5,8 +5,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from nexus.errors import ConfigError
 
 RUNTIME_ONLY = ("progress_bar", "num_workers", "log_every_n_steps", "checkpoint_every_n_steps",
@@ -111,6 +109,8 @@ class TrainConfig:
         """The concrete Lightning precision string for this machine."""
         if self.precision != "auto":
             return self.precision
+        import torch  # here, not at import: composing a config must not import torch
+
         on_gpu = self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 

@@ -41,6 +41,7 @@ from nexus.model.transformer import Transformer
 from nexus.training.config import TrainConfig
 from nexus.training.datamodule import MixtureDataModule
 from nexus.training.module import CausalLMModule, TokenThroughput
+from nexus.training.progress import ProgressLog, quiet_lightning
 
 MODEL_DIR, LIGHTNING_DIR, STAGE_FILE, LAST_CKPT = "model", "lightning", "stage.json", "last.ckpt"
 
@@ -152,13 +153,15 @@ def build_trainer(config: TrainConfig, out_dir: Path, loggers: Sequence[Logger] 
     ckpt = ModelCheckpoint(dirpath=out_dir / LIGHTNING_DIR, every_n_train_steps=config.checkpoint_every_n_steps,
                            save_top_k=0, save_last=True, save_on_train_epoch_end=False)
     accumulate = config.grad_accum_steps
+    quiet_lightning()
+    progress = ProgressLog(f"{out_dir.parent.name}/{out_dir.name}")
     return L.Trainer(
         max_steps=config.max_steps, accelerator=config.accelerator, devices=config.num_devices,
         strategy=_strategy(config), precision=config.resolved_precision(),  # type: ignore[arg-type]
         accumulate_grad_batches=accumulate, gradient_clip_val=config.grad_clip or None,
         val_check_interval=config.val_every_n_steps * accumulate,  # counted in micro-batches
         check_val_every_n_epoch=None, limit_val_batches=config.limit_val_batches, num_sanity_val_steps=0,
-        log_every_n_steps=config.log_every_n_steps, callbacks=[TokenThroughput(), *callbacks, ckpt], logger=list(loggers) or False,
+        log_every_n_steps=config.log_every_n_steps, callbacks=[TokenThroughput(), progress, *callbacks, ckpt], logger=list(loggers) or False,
         default_root_dir=out_dir, enable_progress_bar=config.progress_bar, enable_model_summary=False,
         use_distributed_sampler=False)
 

@@ -77,3 +77,29 @@ def test_stdlib_source_reads_python_files_without_test_suites(tmp_path):
     assert not any("/test/" in f or "site-packages" in f for f in files)
     assert Path(files[0]).is_relative_to(stdlib_root())
     assert len(list(read_source(src, "code", tmp_path))) == 20
+
+
+def test_check_folder_domain_reads_like_prepare_and_writes_nothing(tmp_path):
+    from nexus.data import check_folder_domain
+    from nexus.data.config import SplitConfig
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    docs = [f"document number {i} of the new domain, long enough to keep" for i in range(60)]
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    before = sorted(tmp_path.rglob("*"))
+    assert check_folder_domain("new", str(folder), SplitConfig(validation=0.2, test=0.2)) == 60
+    assert sorted(tmp_path.rglob("*")) == before
+    (folder / "more.txt").write_bytes("caf\xe9".encode("latin-1") * 20)
+    with pytest.raises(DataError, match="more.txt.*UTF-8"):
+        check_folder_domain("new", str(folder))
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".hidden", "with space", "x" * 65, ""])
+def test_check_folder_domain_refuses_unsafe_names(tmp_path, name):
+    from nexus.data import check_folder_domain
+    from nexus.errors import ConfigError
+
+    (tmp_path / "a.txt").write_text("some text of a document")
+    with pytest.raises(ConfigError, match="domain name"):
+        check_folder_domain(name, str(tmp_path))

@@ -52,9 +52,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def overrides(out_dir: Path, *extra: str, uri: str | None = None, cache_dir: Path | None = None) -> list[str]:
-    """The micro experiment on the fixture corpora, deterministic on CPU (1 thread), under `out_dir`."""
+    """The micro experiment, deterministic on CPU (1 thread), writing to `out_dir`: given as a project
+    home (its parent) and a relative `out_dir`, as a user would."""
     tracking = [f"tracking.uri={uri}"] if uri else ["tracking.enabled=false"]
-    return [f"out_dir={out_dir}", f"data.corpora_dir={CORPORA}", f"data.cache_dir={cache_dir or out_dir / 'cache'}",
+    return [f"home={out_dir.parent}", f"out_dir={out_dir.name}", *([f"data.cache_dir={cache_dir}"] if cache_dir else []),
             "torch_threads=1", *tracking, *extra]
 
 
@@ -72,7 +73,13 @@ def start(out_dir: Path, *extra: str, prefect_home: Path, uri: str | None = None
     """Start `nexus run --experiment micro pipeline <overrides>` in its own session (process group).
     (`--experiment` goes before the flow name: see test_bad_inputs.test_cli_experiment_after_flow.)"""
     args = ["run", "--experiment", "micro", "pipeline", *overrides(out_dir, *extra, uri=uri, cache_dir=cache_dir)]
-    log = log or out_dir.parent / f"{out_dir.name}.log"
+    return start_cli(args, prefect_home=prefect_home, log=log or out_dir.parent / f"{out_dir.name}.log",
+                     api_url=api_url, **env)
+
+
+def start_cli(args: list[str], *, prefect_home: Path, log: Path, api_url: str | None = None,
+              **env: str) -> subprocess.Popen:
+    """Start `nexus <args>` (with the fault hook) in its own session (process group), output to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     if api_url:  # the session's Prefect server instead of a ~15 s ephemeral one per process
         env = {"PREFECT_API_URL": api_url, **env}

@@ -149,3 +149,33 @@ def test_cli_experiment_after_flow():
     assert args.experiment == "micro" and args.overrides == ["out_dir=x", "a.b=1"]
     with pytest.raises(SystemExit):
         parse_args(["run", "pipeline", "--experiment", "micro", "--bogus"])
+
+
+FAIL_FAST = """
+import sys
+from nexus.cli import main
+code = main(sys.argv[1:])
+print("prefect imported" if "prefect" in sys.modules else "prefect not imported")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "pipeline", "--experiment", "no-such-experiment"], ("no-such-experiment",)),
+    (["run", "pipeline", "--experiment", "micro", "train.moe.max_stepz=3"], ("max_stepz",)),
+    (["run", "pipeline", "--experiment", "micro", "+data.folders.extra=no/such/folder"], ("no/such/folder",)),
+    (["run", "extend", "--experiment", "micro", "--domain", "new", "--folder", "no/such/folder"], ("no/such/folder",)),
+], ids=["unknown-experiment", "bad-override", "missing-pipeline-folder", "missing-extension-folder"])
+def test_cli_fails_fast_before_prefect(tmp_path, args, words):
+    """A typo is one line and exit status 2, before Prefect is even imported (so no server starts)."""
+    import subprocess
+
+    from .conftest import PYTHON, env_for
+
+    proc = subprocess.run([PYTHON, "-c", FAIL_FAST, *args], cwd=tmp_path, capture_output=True, text=True,
+                          env=env_for(tmp_path / "prefect"), timeout=120, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("nexus run: error:"), proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert proc.stdout.strip() == "prefect not imported"
+    assert not (tmp_path / "prefect").exists() and list(tmp_path.iterdir()) == []  # nothing written

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import final_digest, finish, start, temp_leftovers
+from flows.tracking import configure as configure_tracking
+
+from .conftest import final_digest, finish, start, start_cli, temp_leftovers
 
 EXTRA = ("router.routers=[nexus]", "router.dense_merge=false")
 
@@ -52,8 +55,10 @@ def test_two_pipelines_share_store_and_root(tmp_path, api_url):
         assert stages and all(r.info.status == "FINISHED" for r in stages)
         artifact_uris |= {r.info.artifact_uri for r in [run, *stages]}
         moe = next(r for r in stages if r.data.tags.get("nexus.stage") == "moe")
-        local = Path(client.download_artifacts(moe.info.run_id, "checkpoint/model.safetensors",
-                                               str(tmp_path / f"dl-{name}")))
+        (output,) = moe.outputs.model_outputs  # the run's MLflow model holds the checkpoint
+        location = client.get_logged_model(output.model_id).artifact_location
+        local = Path(mlflow.artifacts.download_artifacts(f"{location}/artifacts/checkpoint/model.safetensors",
+                                                         dst_path=str(tmp_path / f"dl-{name}")))
         assert sha256_file(local) == moe.data.tags["nexus.checkpoint_sha256"] == digests[name]
     assert len(artifact_uris) == sum(1 + len(_runs_of(client, p)) for p in parents.values())
     versions = client.search_model_versions("name = 'nexus-micro-moe'")
@@ -61,6 +66,53 @@ def test_two_pipelines_share_store_and_root(tmp_path, api_url):
     assert {v.run_id for v in versions} == {next(r.info.run_id for r in _runs_of(client, p)
                                                  if r.data.tags.get("nexus.stage") == "moe") for p in parents.values()}
     assert temp_leftovers(root) == []
+
+
+def test_two_extensions_of_one_model_line_at_once(tmp_path, api_url):
+    """Two `nexus run extend` processes on the same line (the inbox schedule firing while someone extends
+    by hand): the model-line lock makes the second build on what the first left as champion, both
+    register distinct versions, and each summary names the base it was really built on."""
+    import mlflow
+
+    from flows.models import CHAMPION, TAG_BASE, line_aliases, resolve_model
+    from flows.pipeline import upcycle_pipeline
+    from nexus.checkpoint import read_checkpoint_config
+
+    from ..flows.conftest import domain_folder
+    from .conftest import overrides
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    args = overrides(out, *EXTRA, uri=uri)
+    previous = mlflow.get_tracking_uri()
+    try:
+        upcycle_pipeline("micro", args)
+    finally:
+        configure_tracking(previous)
+    procs = {d: start_cli(["run", "extend", "--experiment", "micro", "--domain", d, "--folder",
+                           str(domain_folder(tmp_path / "inputs" / d, corpus)), *args],
+                          prefect_home=tmp_path / f"prefect-{d}", log=tmp_path / f"{d}.log", api_url=api_url)
+             for d, corpus in {"kernel": "kernel-docs", "pydocs": "python-docs"}.items()}
+    logs = {d: finish(p, timeout=400) for d, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), {d: log[-3000:] for d, log in logs.items()}
+
+    summaries = {d: json.loads((out / "extensions" / d / "summary.json").read_text()) for d in procs}
+    client = MlflowClient(uri)
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'nexus-micro-moe'")}
+    mine = {d: s["registered_version"] for d, s in summaries.items()}
+    assert sorted(mine.values()) == ["2", "3"] and sorted(versions) == ["1", "2", "3"]
+    first, second = sorted(summaries.values(), key=lambda s: int(s["registered_version"]))
+    assert first["base"]["version"] == "1"
+    # the second waited for the line, then built on the champion the first left behind
+    assert second["line"]["waited_seconds"] > 0
+    assert second["base"]["version"] == (first["registered_version"] if first["line"]["promoted"] else "1")
+    for s in summaries.values():  # truthful: the named base has exactly the weights the run started from
+        named = resolve_model(f"models:/nexus-micro-moe/{s['base']['version']}", "nexus-micro-moe", uri)
+        assert named.sha256 == s["base"]["sha256"] == read_checkpoint_config(s["moe"])["sha256"]["model.safetensors"]
+        assert versions[s["registered_version"]].tags[TAG_BASE] == f"models:/nexus-micro-moe/{s['base']['version']}"
+        assert s["line"]["siblings"] == []  # no other version was built on the same base
+    aliases = line_aliases("nexus-micro-moe", client)
+    assert aliases["candidate"] == "3"
+    assert aliases[CHAMPION] in {"1", "2", "3"} and (aliases[CHAMPION] == "3") == second["line"]["promoted"]
 
 
 def test_experiment_creation_race(tmp_path, monkeypatch):
@@ -83,7 +135,7 @@ def test_experiment_creation_race(tmp_path, monkeypatch):
         monkeypatch.setattr(MlflowClient, "get_experiment_by_name", absent_at_first_look)
         assert tracking.get_or_create_experiment("nexus-race") == other and len(calls) == 2
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
 
 @pytest.fixture
@@ -104,7 +156,7 @@ def crashed(prefect_harness, tmp_path):
             upcycle_pipeline("micro", args)
         yield MlflowClient(uri), args
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
 
 def test_crashed_stage_runs_end_failed(crashed):
@@ -127,7 +179,7 @@ def test_rerun_links_to_failed_attempt(crashed):
     try:
         upcycle_pipeline("micro", [a for a in args if not a.startswith("train.expert.accelerator=")])
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
     new = [r for r in client.search_runs(exp_ids) if r.info.run_id not in failed]
     linked = {v for r in new for v in r.data.tags.values() if any(f in v for f in failed)}
     assert linked

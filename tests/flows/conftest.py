@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.tracking import configure as configure_tracking
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -15,23 +17,47 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 CORPORA = Path(__file__).resolve().parents[1] / "fixtures" / "corpora"
 
 
-@pytest.fixture(scope="session")
-def micro_moe(prefect_harness, tmp_path_factory):
-    """The micro pipeline run once per session with a real SQLite MLflow store (registered model
-    `nexus-micro-moe` version 1: the Nexus MoE). Shared by test_pipeline and test_inbox; tests that
-    extend it must pin `moe=` or compare registry versions relative to what they find."""
+def build_line(tmp_path_factory, name: str, *extra: str):
+    """A micro pipeline in a project home of its own, with the default SQLite MLflow store:
+    (out_dir, uri, overrides, summary); its Nexus MoE is version 1 (@champion) of `nexus-micro-moe`."""
     import mlflow
 
     from flows.pipeline import upcycle_pipeline
 
-    out = tmp_path_factory.mktemp("micro-moe")
-    uri = f"sqlite:///{out}/mlflow.db"
+    home = tmp_path_factory.mktemp(name)
     previous = mlflow.get_tracking_uri()
-    overrides = micro_overrides(out, uri)
+    overrides = micro_overrides(home, *extra, tracking=True)
     try:
-        yield out, uri, overrides, upcycle_pipeline("micro", overrides)
+        summary = upcycle_pipeline("micro", overrides)
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
+    return micro_out(home), micro_uri(home), overrides, summary
+
+
+@pytest.fixture(scope="session")
+def micro_moe(prefect_harness, tmp_path_factory):
+    """The micro pipeline run once per session (see `build_line`). Only test_pipeline extends it (with
+    `moe=` pinned to version 1); every other user only reads it. Tests that build model lines of their
+    own call `build_line`."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        yield build_line(tmp_path_factory, "micro-moe")
+    finally:
+        configure_tracking(previous)
+
+
+def domain_folder(dest: Path, corpus: str) -> Path:
+    """A new domain as a user brings one: a folder with a JSONL file, one document per paragraph of
+    the fixture corpus `corpus` (e.g. `kernel-docs`, `python-docs`, `code`)."""
+    import json
+
+    dest.mkdir(parents=True)
+    docs = [block.strip() for path in sorted((CORPORA / corpus).rglob("*")) if path.is_file()
+            for block in path.read_text().split("\n\n") if len(block.strip()) > 40]
+    (dest / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return dest
 
 
 def registry_versions(uri: str, name: str = "nexus-micro-moe") -> list[int]:
@@ -47,13 +73,20 @@ def mlflow_uri(tmp_path):
 
     previous = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
+    configure_tracking(uri)
     yield uri
-    mlflow.set_tracking_uri(previous)
+    configure_tracking(previous)
 
 
-def micro_overrides(out_dir: Path, uri: str | None = None, *extra: str) -> list[str]:
-    """The micro experiment on the fixture corpora, writing under `out_dir`."""
-    tracking = [f"tracking.uri={uri}"] if uri else ["tracking.enabled=false"]
-    return [f"out_dir={out_dir}", f"data.corpora_dir={CORPORA}", f"data.cache_dir={out_dir}/cache",
-            "torch_threads=1", *tracking, *extra]
+def micro_overrides(home: Path, *extra: str, tracking: bool = False) -> list[str]:
+    """The micro experiment as a user runs it from project home `home` (outputs in
+    `<home>/outputs/micro`, the MLflow store `<home>/outputs/mlflow.db` when `tracking`)."""
+    return [f"home={home}", "torch_threads=1", *([] if tracking else ["tracking.enabled=false"]), *extra]
+
+
+def micro_out(home: Path) -> Path:
+    return home / "outputs" / "micro"
+
+
+def micro_uri(home: Path) -> str:
+    return f"sqlite:///{home}/outputs/mlflow.db"

@@ -11,7 +11,7 @@ DOWNSTREAM = ["build-nexus", "moe-nexus", "evaluate"]
 
 
 def test_rerun_and_added_domain(prefect_harness, tmp_path):
-    overrides = micro_overrides(tmp_path, None, "router.routers=[nexus]", "router.dense_merge=false")
+    overrides = micro_overrides(tmp_path, "router.routers=[nexus]", "router.dense_merge=false")
     first = upcycle_pipeline("micro", overrides)
     assert all(first["states"][k] == "Completed" for k in UPSTREAM + DOWNSTREAM), first["states"]
 

@@ -1,14 +1,16 @@
 """Every conf/ file composes; invalid overrides fail at compose time naming the key or path."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows.config import CONF_DIR, compose
 from flows.extend import extend_from_inbox, extend_with_expert
 from flows.pipeline import upcycle_pipeline
-from nexus.errors import ConfigError
+from nexus.errors import ConfigError, NexusError
 
-from .conftest import micro_overrides
+from .conftest import domain_folder, micro_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -27,7 +29,7 @@ def test_paper_configs_document_the_paper():
 
 
 def test_overrides_apply(tmp_path):
-    cfg = compose("micro", micro_overrides(tmp_path, None, "train.expert.max_steps=7", "router.routers=[nexus]"))
+    cfg = compose("micro", micro_overrides(tmp_path, "train.expert.max_steps=7", "router.routers=[nexus]"))
     assert cfg.train.expert.max_steps == 7 and cfg.router.routers == ["nexus"]
     assert cfg.data.to_data_config("x", str(tmp_path)).initial_domains == ["dictionary", "lore"]
 
@@ -46,27 +48,27 @@ def test_overrides_apply(tmp_path):
 ])
 def test_invalid_override_names_the_key(tmp_path, override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
-        compose("micro", micro_overrides(tmp_path, None, override))
+        compose("micro", micro_overrides(tmp_path, override))
 
 
 def test_empty_domain_folder_fails(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.txt").write_text("")
     with pytest.raises(ConfigError, match="empty"):
-        compose("micro", micro_overrides(tmp_path, None, f"+data.folders.new={tmp_path / 'empty'}"))
+        compose("micro", micro_overrides(tmp_path, f"+data.folders.new={tmp_path / 'empty'}"))
 
 
 def test_flows_fail_before_training(prefect_harness, tmp_path):
     """Invalid input fails the flow run itself; no stage output directory is created."""
     with pytest.raises(ConfigError, match="max_stepz"):
-        upcycle_pipeline("micro", micro_overrides(tmp_path, None, "train.seed.max_stepz=1"))
-    with pytest.raises(ConfigError, match="missing-folder"):
-        extend_with_expert("micro", micro_overrides(tmp_path, None), domain="x",
+        upcycle_pipeline("micro", micro_overrides(tmp_path, "train.seed.max_stepz=1"))
+    with pytest.raises(NexusError, match="missing-folder"):
+        extend_with_expert("micro", micro_overrides(tmp_path), domain="x",
                            domain_folder=str(tmp_path / "missing-folder"))
     with pytest.raises(ConfigError, match="train.extension.max_steps"):
-        extend_with_expert("micro", micro_overrides(tmp_path, None, "train.extension.max_steps=many"), domain="x")
+        extend_with_expert("micro", micro_overrides(tmp_path, "train.extension.max_steps=many"), domain="x")
     with pytest.raises(ConfigError, match="cronn"):
-        extend_from_inbox("micro", micro_overrides(tmp_path, None, "extension.cronn=x"))
+        extend_from_inbox("micro", micro_overrides(tmp_path, "extension.cronn=x"))
     assert not (tmp_path / "seed").exists() and not (tmp_path / "extensions").exists()
 
 
@@ -75,10 +77,9 @@ def test_inbox_with_an_empty_domain_folder_fails_before_training(micro_moe, tmp_
     before any extension stage starts (also when another new folder is valid)."""
     out, _, overrides, _ = micro_moe
     inbox = tmp_path / "inbox"
-    (inbox / "aaa-valid").mkdir(parents=True)
-    (inbox / "aaa-valid" / "a.txt").write_text("some text for a valid new domain folder\n" * 4)
+    domain_folder(inbox / "aaa-valid", "kernel-docs")
     (inbox / "zzz-empty").mkdir()
-    with pytest.raises(ConfigError, match="zzz-empty"):
+    with pytest.raises(NexusError, match="zzz-empty"):
         extend_from_inbox("micro", overrides, inbox=str(inbox))
     assert not (out / "extensions" / "aaa-valid").exists()
 
@@ -94,7 +95,7 @@ def test_moe_options_are_checked_at_compose_time(override, match):
 
 def test_extension_refuses_an_embedder_of_another_dimension_before_training():
     """The packaged embedder gives 384-d vectors; a router built for 16-d embeddings must refuse it."""
-    from flows.extend import check_embedder
+    from flows.rounds import check_embedder
     from nexus.errors import DataError
 
     cfg = compose("micro", [])
@@ -102,6 +103,33 @@ def test_extension_refuses_an_embedder_of_another_dimension_before_training():
     check_embedder(cfg, {"router": "linear", "domain_embed_dim": 16}, "code")  # no embeddings used
     with pytest.raises(DataError, match=r"domain 'code': embedding embedder .* has dimension 384, but the router expects 16"):
         check_embedder(cfg, {"router": "nexus", "domain_embed_dim": 16}, "code")
+
+
+def test_every_default_path_resolves_against_the_project_home(tmp_path, monkeypatch):
+    """Relative defaults and relative user overrides land in the project home ($NEXUS_HOME, or the
+    `home` key a deployment records), never in the working directory of the process composing them."""
+    home, elsewhere = tmp_path / "home", tmp_path / "worker-tmp"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "a.txt").write_text("a document of a folder domain, relative to the home")
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("NEXUS_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose("micro", ["out_dir=runs/a", "+data.folders.extra=docs"])
+    assert cfg.home == str(home)
+    assert cfg.out_dir == str(home / "runs" / "a") and cfg.extension.inbox == str(home / "runs" / "a" / "inbox")
+    assert cfg.data.cache_dir == str(home / ".cache" / "nexus") and cfg.data.folders == {"extra": str(home / "docs")}
+    assert cfg.tracking.uri == f"sqlite:///{home}/outputs/mlflow.db"
+    assert Path(cfg.data.corpora_dir).is_dir()  # the tiny preset's corpora come with the repository
+    assert not any(elsewhere.iterdir())
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")  # the environment beats the default
+    assert compose("micro", []).tracking.uri == "http://127.0.0.1:5999"
+    assert compose("micro", ["tracking.uri=sqlite:///mine.db"]).tracking.uri == f"sqlite:///{home}/mine.db"
+    other = tmp_path / "other"  # the recorded `home` beats $NEXUS_HOME
+    assert compose("micro", [f"home={other}"]).out_dir == str(other / "outputs" / "micro")
+    monkeypatch.delenv("NEXUS_HOME")
+    assert compose("micro", []).out_dir == str(elsewhere / "outputs" / "micro")  # no home given: the cwd
 
 
 @pytest.mark.parametrize(("experiment", "named", "seed", "linear", "nexus"), [
@@ -130,6 +158,7 @@ def test_paper_experiments_compose_and_have_the_parameter_counts_of_their_names(
     assert counts["linear"]["total"] == linear and counts["nexus"]["total"] == nexus
     assert counts["nexus"]["active_inference"] == counts["linear"]["active_inference"]  # E precomputed
     assert cfg.router.dispatch == "grouped_mm" and cfg.train.moe.grad_accum_steps > 1
+    assert cfg.tracking.upload_checkpoints == "final"  # intermediate checkpoints stay out of MLflow
 
 
 def test_hf_domain_declared_in_the_config_is_streamed_prepared_and_reused(tmp_path):

@@ -19,7 +19,7 @@ from .conftest import micro_overrides
 
 
 def test_experts_overlap_on_dask(prefect_harness, tmp_path):
-    cfg = compose("micro", micro_overrides(tmp_path, None, "train.expert.max_steps=40"))
+    cfg = compose("micro", micro_overrides(tmp_path, "train.expert.max_steps=40"))
     data = prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data"))
     weights = _weights("seed", data)
     model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"]))

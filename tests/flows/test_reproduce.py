@@ -8,7 +8,7 @@ import math
 import pytest
 
 from flows.results import fmt, gain, mean_std
-from tests.flows.conftest import micro_overrides
+from tests.flows.conftest import micro_out, micro_overrides
 
 
 def test_gain_and_spread():
@@ -23,9 +23,9 @@ def test_gain_and_spread():
 def reproduction(prefect_harness, tmp_path_factory):
     from flows.reproduce import reproduce_paper
 
-    out = tmp_path_factory.mktemp("reproduce")
-    overrides = micro_overrides(out, f"sqlite:///{out}/mlflow.db", "router.continued_seed=true")
-    return out, reproduce_paper("micro", overrides, seeds=[0, 1], budgets=[2, 3], ablation_seeds=[1])
+    home = tmp_path_factory.mktemp("reproduce")
+    overrides = micro_overrides(home, "router.continued_seed=true", tracking=True)
+    return micro_out(home), reproduce_paper("micro", overrides, seeds=[0, 1], budgets=[2, 3], ablation_seeds=[1])
 
 
 def test_replicates_share_the_seed_model_and_differ_after_it(reproduction):

@@ -12,11 +12,11 @@ from flows.serve import build_deployments
 
 from .conftest import micro_overrides
 
-NAMES = {"micro-pipeline", "micro-extend", "micro-inbox", "micro-evaluate"}
+NAMES = {"micro-pipeline", "micro-extend", "micro-inbox", "micro-remove", "micro-evaluate"}
 
 
 def test_deployments_have_the_configured_schedule(tmp_path):
-    overrides = micro_overrides(tmp_path, None, "extension.cron='*/5 * * * *'")
+    overrides = micro_overrides(tmp_path, "extension.cron='*/5 * * * *'")
     deployments = {d.name: d for d in build_deployments("micro", overrides)}
     assert set(deployments) == NAMES
     inbox = deployments["micro-inbox"]
@@ -24,12 +24,12 @@ def test_deployments_have_the_configured_schedule(tmp_path):
     assert deployments["micro-pipeline"].parameters == {"experiment": "micro", "overrides": overrides}
     assert not deployments["micro-pipeline"].schedules
     hourly = {d.name: d for d in build_deployments("micro", micro_overrides(
-        tmp_path, None, "extension.interval_seconds=3600"))}["micro-inbox"]
+        tmp_path, "extension.interval_seconds=3600"))}["micro-inbox"]
     assert hourly.schedules[0].schedule.interval.total_seconds() == 3600
 
 
 def test_served_deployments_exist_and_run_with_overrides(prefect_harness, tmp_path):
-    overrides = micro_overrides(tmp_path, None, "extension.cron='*/5 * * * *'")
+    overrides = micro_overrides(tmp_path, "extension.cron='*/5 * * * *'")
     deployments = build_deployments("micro", overrides)
     ids = {d.name: d.apply() for d in deployments}
 
@@ -56,7 +56,7 @@ def test_served_deployments_exist_and_run_with_overrides(prefect_harness, tmp_pa
 
         # execute that flow run in this process, as a served deployment would
         result = run_flow(extend_from_inbox, flow_run=created, parameters=created.parameters)
-        assert result == {"inbox": str(empty), "extended": [], "versions": []}
+        assert result == {"inbox": str(empty), "extended": [], "versions": [], "skipped": {}}
         finished = client.read_flow_run(run.id)
         assert finished.state.is_completed(), finished.state
 
@@ -69,9 +69,32 @@ def test_nexus_serve_serves_these_deployments(monkeypatch, tmp_path):
 
     served = []
     monkeypatch.setattr(prefect, "serve", lambda *deployments, **kw: served.extend(deployments))
-    overrides = micro_overrides(tmp_path, None, "extension.interval_seconds=600")
+    overrides = micro_overrides(tmp_path, "extension.interval_seconds=600")
     assert main(["serve", "--experiment", "micro", *overrides]) == 0
     by_name = {d.name: d for d in served}
     assert set(by_name) == NAMES
     assert by_name["micro-inbox"].schedules[0].schedule.interval.total_seconds() == 600
     assert by_name["micro-extend"].parameters == {"experiment": "micro", "overrides": overrides}
+
+
+def test_deployments_record_the_project_home_for_workers(tmp_path, monkeypatch):
+    """`nexus deploy` run in a project home records it in the deployments' parameters and the worker
+    environment; shared result storage (a Prefect block) replaces the home's local results."""
+    from flows.serve import recorded_overrides, worker_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEXUS_HOME", raising=False)
+    for key in ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH",
+                "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK", "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK"):
+        monkeypatch.delenv(key, raising=False)
+    overrides, home = recorded_overrides("micro", ["train.moe.max_steps=2"])
+    assert home == str(tmp_path) and overrides == ["train.moe.max_steps=2", f"home={tmp_path}"]
+    deployments = {d.name: d for d in build_deployments("micro", overrides)}
+    assert all(d.parameters["overrides"] == overrides for d in deployments.values())
+    assert {n for n, d in deployments.items() if d.concurrency_limit == 1} == {
+        "micro-extend", "micro-inbox", "micro-remove"}
+    env = worker_env(home)
+    assert env["NEXUS_HOME"] == home and env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == f"{home}/.prefect/results"
+    shared = worker_env(home, "remote-file-system/nexus-results")
+    assert shared["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "remote-file-system/nexus-results"
+    assert "PREFECT_RESULTS_LOCAL_STORAGE_PATH" not in shared

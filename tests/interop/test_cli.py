@@ -1,13 +1,16 @@
 """`nexus import` / `nexus export` round trips through the real console entry point."""
 from __future__ import annotations
 
+import filecmp
+import json
+
 import torch
 
 from nexus.checkpoint import load_checkpoint, save_checkpoint
 from nexus.cli import main
 from nexus.interop import tokenizer_files
 from nexus.upcycling import upcycle
-from tests.interop import make_llama, max_diff, perturbed, tokens
+from tests.interop import make_llama, max_diff, nexus_model, perturbed, save_tokenizer, tokens
 
 
 def test_import_export_round_trip(tmp_path, capsys):
@@ -32,6 +35,29 @@ def test_import_export_round_trip(tmp_path, capsys):
     hf_moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe_hf").eval()
     with torch.no_grad():
         assert max_diff(hf_moe(idx).logits, moe.eval()(idx).logits) < 1e-5
+
+
+def test_paper_moe_exports_with_remote_code_and_imports_back(tmp_path, monkeypatch, capsys):
+    """A parallel-block Nexus MoE (the default of every shipped config), exported twice into the same
+    directory from a fresh working directory, loads in transformers and imports back bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    save_tokenizer(tmp_path / "tok")
+    moe = nexus_model(True, {"router": "nexus", "top_k": 1})
+    save_checkpoint(moe, "moe", extra_files=tokenizer_files(tmp_path / "tok"))
+    (tmp_path / "eval.json").write_text(json.dumps({"results": {"hellaswag": {"acc,none": 0.25}}}))
+    for _ in range(2):
+        assert main(["export", "moe", "hf", "--results", "eval.json"]) == 0
+        assert "as NexusForCausalLM (remote code: load with trust_remote_code=True)" in capsys.readouterr().out
+    assert "| hellaswag | acc | 0.25 |" in (tmp_path / "hf" / "README.md").read_text()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    idx = tokens()
+    with torch.no_grad():
+        assert max_diff(hf(idx).logits, moe(idx).logits) < 1e-5
+    assert main(["import", "hf", "back"]) == 0
+    files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert filecmp.cmpfiles("moe", "back", files, shallow=False)[0] == files
 
 
 def test_errors_exit_2_with_the_reason(tmp_path, capsys):

@@ -1,130 +1,85 @@
-"""Export to transformers: upcycled MoEs as Qwen2-MoE and dense models as Llama, logits-exact."""
+"""Export to transformers, every Nexus variant: logits and greedy generation equal ours, whether the
+export is a transformers architecture (Llama, Qwen2, Qwen2-MoE) or the remote-code NexusForCausalLM."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from nexus.checkpoint import load_checkpoint, save_checkpoint
-from nexus.config import tiny
-from nexus.interop import (
-    UnsupportedModelError,
-    export_checkpoint,
-    export_hf,
-    hf_config,
-    import_hf,
-    load_hf_model,
-    tokenizer_files,
+from nexus.checkpoint import save_checkpoint
+from nexus.errors import CheckpointError
+from nexus.evaluation.generation import generate
+from nexus.interop import NEXUS, export_checkpoint, export_hf
+from tests.interop import (
+    N_EXPERTS,
+    NEXUS_TOP1,
+    VARIANTS,
+    nexus_model,
+    rel_err,
+    tokens,
+    variant_model,
 )
-from nexus.model.transformer import Transformer
-from nexus.upcycling import merge_dense, upcycle
-from tests.interop import make_llama, max_diff, perturbed, tokens
 
-N_EXPERTS = 3
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def seed_dir(tmp_path_factory):
-    """An imported tiny Llama (GQA, tied embeddings): a Nexus checkpoint with tokenizer files."""
-    hf = tmp_path_factory.mktemp("hf")
-    make_llama(hf, tie_word_embeddings=True)
-    return import_hf(hf, tmp_path_factory.mktemp("seed") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def family(seed_dir):
-    seed = load_checkpoint(seed_dir).eval()
-    return seed, [perturbed(seed, seed=i + 1) for i in range(N_EXPERTS)]
-
-
-def _load_hf(directory):
+def load_hf(directory, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(directory).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, **kwargs).eval()
 
 
-ROUTER_STD = {"nexus": 0.15, "linear": 0.3}
-"""Router weight scales giving clear top-k choices yet unsaturated gates (mean top-1 prob ~0.5-0.75)."""
-
-
-def _upcycled(family, router: str, **moe) -> Transformer:
-    """An upcycled MoE with random router weights, the Nexus router precomputed."""
-    seed, experts = family
-    domains = torch.randn(N_EXPERTS, 16, generator=torch.Generator().manual_seed(0))
-    domains = domains if router == "nexus" else None
-    model = upcycle(seed, experts, domain_embeddings=domains, router=router, **moe)
-    gen = torch.Generator().manual_seed(1)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_export_logits_and_greedy_generation_equal_ours(tmp_path, name):
+    model, remote, arch = variant_model(name)
+    hf = load_hf(export_hf(model, tmp_path / "hf", remote_code=remote))
+    assert type(hf).__name__ == arch
+    assert (tmp_path / "hf" / "modeling_nexus.py").is_file() == (arch == NEXUS)
+    idx = tokens(length=20)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".router." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * ROUTER_STD[router])
-    model.eval()
-    model.precompute_routers()
-    return model
-
-
-MOE_CASES = {
-    "nexus-top1": {"router": "nexus", "top_k": 1},
-    "nexus-top2": {"router": "nexus", "top_k": 2},
-    "linear-top1": {"router": "linear", "top_k": 1},
-    "linear-top2": {"router": "linear", "top_k": 2},
-    "nexus-top2-normalized": {"router": "nexus", "top_k": 2, "normalize_gates": True},
-    "linear-top1-no-shared": {"router": "linear", "top_k": 1, "shared_expert": False},
-}
-
-
-@pytest.mark.parametrize("case", list(MOE_CASES))
-def test_exported_moe_logits_equal(tmp_path, family, seed_dir, case):
-    moe = _upcycled(family, **MOE_CASES[case])
-    out = export_hf(moe, tmp_path / "hf", tokenizer_dir=seed_dir)
-    hf = _load_hf(out)
-    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
-    assert hf.config.num_experts_per_tok == moe.config.moe.top_k
-    idx = tokens()
-    with torch.no_grad():
-        ours = moe(idx)
-        diff = max_diff(ours.logits, hf(idx).logits)
-    assert diff < 1e-5, diff
+        ours = model(idx)
+        assert rel_err(ours.logits, hf(idx).logits) < 1e-5
+    prompt = idx[:, :8]
+    greedy = hf.generate(prompt, max_new_tokens=32, do_sample=False)
+    assert greedy.shape == (2, 40)
+    assert torch.equal(greedy, generate(model, prompt, 32))
     for info in ours.routing:  # every expert gets tokens, and the gate values matter (not 0/1)
         assert (torch.bincount(info.expert_index.flatten(), minlength=N_EXPERTS) > 0).all()
-        assert 0.45 < info.probs.max(-1).values.mean() < 0.9
+        assert 0.4 < info.probs.max(-1).values.mean() < 0.95
 
 
-def test_generate_through_transformers(tmp_path, family, seed_dir):
-    from transformers import AutoTokenizer
+def test_demo_nexus_moe_exports_and_loads(tmp_path):
+    """The demo's architecture (conf/experiment/demo.yaml: parallel blocks, 4 domains, top-1, shared
+    expert, 384-dim domain embeddings, its 2048-token vocabulary) through `nexus export`'s code path."""
+    from flows.config import compose
+    from nexus.data.presets import demo_config
+    from nexus.model.transformer import Transformer
+    from nexus.upcycling import upcycle
 
-    moe = _upcycled(family, router="nexus", top_k=1)
-    out = export_checkpoint(save_checkpoint(moe, tmp_path / "moe", extra_files=tokenizer_files(seed_dir)),
-                            tmp_path / "hf")
-    tok = AutoTokenizer.from_pretrained(out)
-    hf = _load_hf(out)
-    prompt = tok("w3 w17 w42 w5", return_tensors="pt")
-    generated = hf.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert generated.shape == (1, prompt.input_ids.shape[1] + 6)
-    assert torch.equal(generated, moe.generate(prompt.input_ids, max_new_tokens=6))  # same greedy tokens
-    # no hf metadata in an upcycled checkpoint: the ids come from its tokenizer files
-    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id) == (1, 2)
-
-
-def test_dense_exports_as_llama_and_round_trips(tmp_path, family):
-    seed, experts = family
-    merged = merge_dense(seed, experts)
-    out = export_hf(merged, tmp_path / "hf")
-    hf = _load_hf(out)
-    assert type(hf).__name__ == "LlamaForCausalLM"
-    idx = tokens()
+    cfg = compose("demo")
+    names = [d.name for d in demo_config().domains if not d.held_out]
+    config = cfg.model.__class__(**{**cfg.model.to_dict(), "moe": None, "vocab_size": cfg.data.vocab_size})
+    torch.manual_seed(0)
+    seed = Transformer(config)
+    experts = [Transformer(config).reinit_(torch.Generator().manual_seed(i)) for i in range(len(names))]
+    moe = upcycle(seed, experts, domain_embeddings=torch.randn(len(names), 384), router="nexus",
+                  expert_names=names, **cfg.router.moe_options()).eval()
+    assert moe.config.parallel_blocks and moe.config.moe.top_k == 1 and moe.config.moe.shared_expert
+    out = export_checkpoint(save_checkpoint(moe, tmp_path / "moe"), tmp_path / "hf")
+    hf = load_hf(out)
+    assert type(hf).__name__ == NEXUS and hf.config.expert_names == names
+    idx = torch.randint(0, config.vocab_size, (2, config.max_seq_len))
     with torch.no_grad():
-        diff = max_diff(merged(idx).logits, hf(idx).logits)
-    assert diff < 1e-5, diff
-    back = load_hf_model(out)  # export then import is the identity, tensor for tensor
-    assert back.config == merged.config
-    for (name, a), b in zip(merged.state_dict().items(), back.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+        assert rel_err(moe(idx).logits, hf(idx).logits) < 1e-5
+    prompt = idx[:, :16]
+    assert torch.equal(hf.generate(prompt, max_new_tokens=32, do_sample=False), generate(moe, prompt, 32))
 
 
-def test_shared_expert_scaling_is_exact_in_bf16(tmp_path, family):
+def test_shared_expert_scaling_is_exact_in_bf16(tmp_path):
     """The doubled down_proj times sigmoid(0) = 0.5 is bit-exact, not just close: bf16 would show it."""
-    moe = _upcycled(family, router="linear", top_k=1).to(torch.bfloat16)
-    hf = _load_hf(export_hf(moe, tmp_path / "hf"))
+    moe = nexus_model(False, {"router": "linear", "top_k": 1}).to(torch.bfloat16)
+    hf = load_hf(export_hf(moe, tmp_path / "hf"))
     assert hf.dtype == torch.bfloat16
     shared = moe.blocks[0].ffn.shared
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
@@ -134,16 +89,54 @@ def test_shared_expert_scaling_is_exact_in_bf16(tmp_path, family):
         assert torch.equal(theirs, shared(x))
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_parallel_blocks_are_refused(tmp_path, moe):
-    config = tiny(parallel_blocks=True)
-    if moe:
-        config = config.with_moe(expert_names=["a", "b"], router="linear")
+def test_export_directory_is_hub_ready(tmp_path):
+    """Tokenizer (a bare Nexus tokenizer.json gets its tokenizer_config.json), generation config and
+    model card; what `push_to_hub` uploads (save_pretrained of the loaded model) loads again."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoTokenizer
+
+    from nexus.data.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = [f"the expert number {i} routes tokens to its domain" for i in range(50)]
+    tok_file = train_tokenizer(texts, vocab_size=96, out_path=tmp_path / "tokenizer.json")
+    model = nexus_model(True, NEXUS_TOP1)
+    ckpt = save_checkpoint(model, tmp_path / "moe", extra_files={"tokenizer.json": tok_file},
+                           metadata={"experiment": "demo", "domains": ["a", "b", "c"], "metrics": {"val_loss": 2.5},
+                                     "data": {"weights": {"expert_0": 0.5, "expert_1": 0.25, "expert_2": 0.25}}})
+    results = {"results": {"nexus_heldout_code": {"alias": "code", "byte_perplexity,none": 1.75,
+                                                  "byte_perplexity_stderr,none": "N/A"}}}
+    out = export_checkpoint(ckpt, tmp_path / "hf", results=[results])
+
+    ours, theirs = load_tokenizer(tok_file), AutoTokenizer.from_pretrained(out)
+    text = "the expert number 7 routes <|endoftext|> tokens"
+    assert theirs.encode(text) == ours.encode(text)  # special-token text stays text, no BOS added
+    assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_token_id, ours.pad_token_id)
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == ours.eos_token_id
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == ours.eos_token_id
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and "mixture-of-experts" in card.data.tags
+    for text in ("NexusForCausalLM", "trust_remote_code=True", "| 0 | expert_0 | 0.5 |", "| val_loss | 2.5 |",
+                 "| nexus_heldout_code | byte_perplexity | 1.75 |", str(ckpt.resolve())):
+        assert text in card.text, text
+
+    hf = load_hf(out)
+    hf.save_pretrained(tmp_path / "pushed")
+    assert (tmp_path / "pushed" / "modeling_nexus.py").is_file()
+    again = load_hf(tmp_path / "pushed")
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.equal(again(idx).logits, hf(idx).logits)
+
+
+def test_failed_export_leaves_the_directory_as_it_was(tmp_path):
+    model = nexus_model(True)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{not json")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep").write_text("old")
-    with pytest.raises(UnsupportedModelError, match="parallel_blocks=true"):
-        export_hf(Transformer(config), tmp_path / "hf")
-    with pytest.raises(UnsupportedModelError, match="parallel_blocks"):
-        hf_config(config, torch.float32)
-    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # untouched, no temporary left behind
-    assert (tmp_path / "hf" / "keep").read_text() == "old"
+    with pytest.raises(CheckpointError, match="tokenizer.json: corrupt JSON"):
+        export_hf(model, tmp_path / "hf", tokenizer_dir=tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no temporary left behind
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep"]

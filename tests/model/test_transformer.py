@@ -1,9 +1,9 @@
-"""The decoder: causality, block variants, GQA, tied embeddings, and that it learns."""
+"""The decoder: causality, block variants, GQA, q/k/v biases, tied embeddings, the KV cache, and that it learns."""
 import pytest
 import torch
 
 from nexus.config import tiny
-from nexus.model.transformer import Transformer, causal_lm_loss
+from nexus.model.transformer import KVCache, Transformer, causal_lm_loss
 from nexus.upcycling import upcycle
 
 
@@ -70,7 +70,35 @@ def test_upcycled_nexus_moe_learns_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0]
 
 
-def test_generate_appends_tokens():
-    model = Transformer(tiny()).eval()
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=5)
-    assert out.shape == (1, 8)
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_kv_cache_chunks_give_the_full_forward(parallel, moe):
+    """Prefill, then one token, then a chunk: each position's logits as in one uncached forward; the
+    prefill itself is the uncached computation exactly."""
+    config = tiny(parallel_blocks=parallel, n_kv_heads=2, qkv_bias=True)
+    model = Transformer(config.with_moe(expert_names=["a", "b", "c"], top_k=2, domain_embed_dim=8) if moe else config)
+    if moe:
+        model.domain_embeddings.normal_()
+    model.eval()
+    idx = torch.randint(0, 96, (2, 20))
+    cache = KVCache(model.config, batch_size=2)
+    with torch.no_grad():
+        full = model(idx).logits
+        chunks = [model(idx[:, a:b], cache=cache).logits for a, b in ((0, 7), (7, 8), (8, 20))]
+        assert torch.equal(chunks[0], model(idx[:, :7]).logits)
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence length 65 exceeds max_seq_len=64"):
+        model(torch.zeros(2, 45, dtype=torch.long), cache=cache)
+
+
+def test_qkv_biases_are_zero_initialised_and_used():
+    model = Transformer(tiny(qkv_bias=True)).eval()
+    biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    assert len(biases) == 3 * 2 and all(n.split(".")[-2] in ("wq", "wk", "wv") for n in biases)
+    idx = torch.randint(0, 96, (1, 10))
+    before = model(idx).logits
+    with torch.no_grad():
+        model.blocks[0].attn.wv.bias.fill_(0.5)
+    assert not torch.allclose(model(idx).logits, before)

@@ -70,11 +70,11 @@ class Processes:
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         self.log_dir, self.env, self.started = log_dir, env, []
 
-    def start(self, name: str, *cmd: str) -> Background:
+    def start(self, name: str, *cmd: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Background:
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                    cwd=self.log_dir, start_new_session=True)
+            proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env or self.env,
+                                    cwd=cwd or self.log_dir, start_new_session=True)
         bg = Background(name, proc, log)
         self.started.append(bg)
         return bg
@@ -112,7 +112,11 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     p_port, m_port = free_port(), free_port()
     prefect_url, mlflow_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{m_port}"
-    env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": f"{prefect_url}/api",
+    from flows.home import PREFECT_RESULT_SETTINGS
+
+    # The tests assert the defaults, so no result location of the developer's (or an earlier test's)
+    clean = {k: v for k, v in os.environ.items() if k not in (*PREFECT_RESULT_SETTINGS, "NEXUS_HOME")}
+    env = {**clean, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": f"{prefect_url}/api",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"{prefect_url}/api",
            "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",

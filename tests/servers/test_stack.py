@@ -1,7 +1,10 @@
-"""The shared-server topology without Docker: a real `prefect server`, `mlflow server`, work pool and
-process worker on 127.0.0.1. Deployments are registered with `nexus deploy`, a run is triggered
-through the REST API (as the UI's "Run" button does), both UIs are rendered in headless Chromium,
-and a worker killed mid-run is replaced and the run retried to completion."""
+"""The shared-server topology without Docker, used as a user uses it: a real `prefect server`, `mlflow
+server`, work pool and process worker on 127.0.0.1. `nexus deploy` runs in the project home; the worker
+runs in another directory (and runs every flow in a temporary one). Runs are triggered through the REST
+API with the deployments' **default parameters** (what the UI's Run button does), and everything they
+produce must land in the project home (checkpoints, the default SQLite MLflow store, the registry) or,
+with `MLFLOW_TRACKING_URI` set for the worker, on the MLflow server. Both UIs are rendered in headless
+Chromium; a worker killed mid-run is replaced and the run retried to completion."""
 from __future__ import annotations
 
 import json
@@ -15,25 +18,27 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.tracking import configure as configure_tracking
+
 pytestmark = pytest.mark.servers
 
 BIN = Path(sys.executable).parent
-CORPORA = Path(__file__).resolve().parents[1] / "fixtures" / "corpora"
 POOL = "nexus-test"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 ARTIFACTS = Path(os.environ.get("NEXUS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def overrides(stack, out: str) -> list[str]:
-    return [f"out_dir={stack.root / out}", f"data.corpora_dir={CORPORA}", f"data.cache_dir={stack.root}/cache",
-            "torch_threads=1", f"tracking.uri={stack.mlflow_url}"]
-
-
-def run_cli(stack, *cmd: str, timeout: int = 300) -> str:
-    done = subprocess.run(list(cmd), env=stack.env, cwd=stack.root, capture_output=True, text=True, timeout=timeout, check=False)
+def run_cli(stack, *cmd: str, timeout: int = 300, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    done = subprocess.run(list(cmd), env=env or stack.env, cwd=cwd or stack.root, capture_output=True, text=True,
+                          timeout=timeout, check=False)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done.stdout
+
+
+def sqlite_env(stack) -> dict[str, str]:
+    """The stack's environment without MLFLOW_TRACKING_URI: runs use the project home's SQLite store."""
+    return {k: v for k, v in stack.env.items() if k != "MLFLOW_TRACKING_URI"}
 
 
 def api(stack, method: str, path: str, **kwargs) -> dict | list:
@@ -78,46 +83,75 @@ def render(url: str, name: str, tmp: Path) -> str:
     return dom
 
 
-@pytest.fixture(scope="module")
-def deployed(stack):
-    run_cli(stack, str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process")
-    out = run_cli(stack, str(BIN / "nexus"), "deploy", "--pool", POOL, "--experiment", "micro",
-                  *overrides(stack, "default-out"))
-    assert "4 deployments" in out
-    worker = stack.procs.start("worker", str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process")
-    yield worker
+def deploy_from(stack, home: Path, pool: str, env: dict[str, str], worker_name: str):
+    """`nexus deploy --experiment micro` run in `home` (no overrides), then a process worker for `pool`
+    started in another directory."""
+    home.mkdir(parents=True, exist_ok=True)
+    run_cli(stack, str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process", env=env, cwd=home)
+    out = run_cli(stack, str(BIN / "nexus"), "deploy", "--pool", pool, "--experiment", "micro", env=env, cwd=home)
+    assert "5 deployments" in out
+    elsewhere = stack.root / f"{worker_name}-cwd"
+    elsewhere.mkdir(exist_ok=True)
+    return stack.procs.start(worker_name, str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type",
+                             "process", env=env, cwd=elsewhere)
 
 
-def test_triggered_deployment_runs_on_the_worker_and_lands_in_mlflow(stack, deployed, tmp_path):
-    run_id = trigger(stack, "upcycle_pipeline/micro-pipeline",
-                     {"overrides": overrides(stack, "run-1"), "expert_steps": 3})
-    run = wait_state(stack, run_id, TERMINAL, timeout=600, worker=deployed)
-    assert run["state_type"] == "COMPLETED", deployed.tail()
-    assert run["parameters"]["expert_steps"] == 3
-    assert (stack.root / "run-1" / "summary.json").is_file()
+def run_to_completion(stack, deployment: str, worker, parameters: dict | None = None) -> dict:
+    run = wait_state(stack, trigger(stack, deployment, parameters or {}), TERMINAL, timeout=600, worker=worker)
+    assert run["state_type"] == "COMPLETED", worker.tail()
+    return run
 
-    from mlflow import MlflowClient  # over HTTP, against the server
 
-    client = MlflowClient(stack.mlflow_url)
-    experiment = client.get_experiment_by_name("nexus-micro")
-    runs = client.search_runs([experiment.experiment_id], max_results=200)
-    stages = {r.data.tags.get("nexus.stage") for r in runs}
-    assert {"seed", "expert", "moe"} <= stages, stages
-    expert = next(r for r in runs if r.data.tags.get("nexus.stage") == "expert")
-    assert client.list_artifacts(expert.info.run_id), "expert run has no artifacts on the server"
-    assert any(r.info.status == "FINISHED" for r in runs)
+def test_ui_runs_with_default_parameters_keep_everything_in_the_project_home(stack, tmp_path):
+    """Pipeline, extension (the preset's held-out `code`) and inbox deployments, each with its default
+    parameters only, on a worker in another directory and with the default (SQLite) MLflow store."""
+    from mlflow import MlflowClient
+
+    from tests.flows.conftest import domain_folder
+
+    home = stack.root / "home"
+    worker = deploy_from(stack, home, POOL, sqlite_env(stack), "worker")
+    out = home / "outputs" / "micro"
+    pipeline = run_to_completion(stack, "upcycle_pipeline/micro-pipeline", worker)
+    assert pipeline["parameters"]["overrides"] == [f"home={home}"]  # recorded by `nexus deploy`
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "moe" / "nexus" / "model" / "model.safetensors").is_file()
+    assert all(Path(p).is_relative_to(home) for p in summary["checkpoints"].values())
+    extension = run_to_completion(stack, "extend_with_expert/micro-extend", worker)
+    assert (out / "extensions" / "code" / "summary.json").is_file()
+    domain_folder(out / "inbox" / "kernel", "kernel-docs")  # a user drops a new domain into the inbox
+    run_to_completion(stack, "extend_from_inbox/micro-inbox", worker)
+    assert (out / "extensions" / "kernel" / "finetuned" / "model" / "model.safetensors").is_file()
+
+    client = MlflowClient(f"sqlite:///{home}/outputs/mlflow.db")  # where the worker's runs went
+    versions = {int(v.version): v for v in client.search_model_versions("name = 'nexus-micro-moe'")}
+    assert sorted(versions) == [1, 2, 3]
+    from flows.mlflow_models import checkpoint_uri
+
+    assert all(Path(checkpoint_uri(v.source, client).removeprefix("file://")).is_relative_to(home)
+               for v in versions.values())  # the registered checkpoints live in the home's artifact store
+    assert client.get_registered_model("nexus-micro-moe").aliases["candidate"] == 3
+    runs = client.search_runs([client.get_experiment_by_name("nexus-micro").experiment_id], max_results=200)
+    assert {"pipeline", "seed", "expert", "moe", "extension"} <= {r.data.tags.get("nexus.stage") for r in runs}
+    assert not any((stack.root / "worker-cwd").iterdir())  # nothing in the worker's own directory
+    assert (home / ".prefect" / "results").is_dir()  # cached task results live in the home too
+    log = worker.tail(200_000)
+    assert "moe/nexus: step 4/4 (100%)" in log and "tok/s" in log  # training progress in the worker's log
+    assert "GPU available:" not in log
 
     if CHROMIUM is None:
         pytest.skip("chromium is not installed: UI check skipped (apt-get install chromium)")
-    prefect_dom = render(f"{stack.prefect_url}/runs/flow-run/{run_id}", "prefect-flow-run", tmp_path)
-    assert run["name"] in prefect_dom and "upcycle_pipeline" in prefect_dom
-    mlflow_dom = render(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs", "mlflow-experiment",
-                        tmp_path)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the table lists these first
-    assert "nexus-micro" in mlflow_dom and parents and all(r.info.run_name in mlflow_dom for r in parents)
-    assert f"<strong>{len(runs)}</strong> matching runs" in mlflow_dom  # every stage run, nested in its pipeline run
-    for name in ("prefect-flow-run", "mlflow-experiment"):
-        assert (ARTIFACTS / f"{name}.png").stat().st_size > 20_000  # a rendered page, not a blank one
+    artifacts = api(stack, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [extension["id"]]}}})
+    assert {a["type"] for a in artifacts} >= {"markdown", "table"}
+    markdown = next(a for a in artifacts if a["type"] == "markdown")
+    page = render(f"{stack.prefect_url}/artifacts/artifact/{markdown['id']}", "prefect-extension-summary", tmp_path)
+    assert "Promotion gate" in page and "Held-out perplexity" in page
+    page = render(f"{stack.prefect_url}/v2/runs/flow-run/{extension['id']}?tab=Artifacts",
+                  "prefect-extension-artifacts", tmp_path)  # the run page's Artifacts tab (the V2 UI takes ?tab=)
+    assert "extension-micro-summary" in page and "extension-micro-perplexity" in page
+    dep = api(stack, "GET", "/deployments/name/upcycle_pipeline/micro-pipeline")
+    form = render(f"{stack.prefect_url}/v2/deployments/deployment/{dep['id']}/run", "prefect-run-form", tmp_path)
+    assert "Training steps of each MoE" in form and "micro" in form  # descriptions and the experiment choice
 
 
 def mlflow_runs(stack) -> dict[str, tuple[str | None, str, str | None]]:
@@ -131,27 +165,30 @@ def mlflow_runs(stack) -> dict[str, tuple[str | None, str, str | None]]:
             for r in runs}
 
 
-def test_killed_worker_leaves_a_retryable_run_that_completes(stack, deployed):
-    earlier = mlflow_runs(stack)
-    out = stack.root / "run-2"
-    params = {"overrides": [*overrides(stack, "run-2"), "train.expert.checkpoint_every_n_steps=50"],
-              "expert_steps": 1500}
+def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes(stack, tmp_path):
+    """With MLFLOW_TRACKING_URI set for the worker, the runs land on the MLflow server (checkpoints in the
+    project home); a worker killed mid-run is replaced and the run, retried, completes."""
+    home = stack.root / "home-server"
+    worker = deploy_from(stack, home, f"{POOL}-server", stack.env, "worker-server")
+    out = home / "outputs" / "micro"
+    params = {"overrides": [f"home={home}", "train.expert.checkpoint_every_n_steps=50"], "expert_steps": 1500}
     run_id = trigger(stack, "upcycle_pipeline/micro-pipeline", params)
     deadline = time.monotonic() + 600
     while not list(out.glob("experts/*/lightning/last.ckpt")):  # an expert is mid-training
-        assert time.monotonic() < deadline and deployed.proc.poll() is None, deployed.tail()
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.tail()
         time.sleep(0.5)
-    deployed.kill()  # the worker and the flow-run process it started, without clean-up
+    worker.kill()  # the worker and the flow-run process it started, without clean-up
     before = task_states(stack, run_id)
     assert api(stack, "GET", f"/flow_runs/{run_id}")["state_type"] != "COMPLETED"
-    killed_attempt = {k: v for k, v in mlflow_runs(stack).items() if k not in earlier}
+    killed_attempt = mlflow_runs(stack)
 
     # What the UI's "Retry" does for a crashed run: schedule it again; a fresh worker picks it up.
     api(stack, "POST", f"/flow_runs/{run_id}/set_state",
         json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True})
-    worker = stack.procs.start("worker-2", str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process")
-    run = wait_state(stack, run_id, TERMINAL, timeout=600, worker=worker)
-    assert run["state_type"] == "COMPLETED", worker.tail()
+    again = stack.procs.start("worker-server-2", str(BIN / "prefect"), "worker", "start", "--pool", f"{POOL}-server",
+                              "--type", "process", cwd=stack.root / "worker-server-cwd")
+    run = wait_state(stack, run_id, TERMINAL, timeout=600, worker=again)
+    assert run["state_type"] == "COMPLETED", again.tail()
     after = task_states(stack, run_id)
     finished_before = [n for n, s in before.items() if s in ("Completed", "Cached")]
     assert finished_before, before
@@ -160,11 +197,49 @@ def test_killed_worker_leaves_a_retryable_run_that_completes(stack, deployed):
     steps = [json.loads((d / "model" / "config.json").read_text())["metadata"]["global_step"]
              for d in out.glob("experts/*")]
     assert steps and all(s == 1500 for s in steps), steps
+    assert not (home / "outputs" / "mlflow.db").exists()  # MLFLOW_TRACKING_URI won over the default
     final = mlflow_runs(stack)
     finished_in_killed_attempt = [k for k, (_, status, _) in killed_attempt.items() if status == "FINISHED"]
     assert all(final[k][1] == "FINISHED" for k in finished_in_killed_attempt)  # nothing lost
-    new_runs = {k: v for k, v in final.items() if k not in earlier}
+    new_runs = {k: v for k, v in final.items() if k not in killed_attempt}
     assert any(stage == "moe" and status == "FINISHED" for stage, status, _ in new_runs.values()), new_runs
     resumed = [int(step) for stage, status, step in new_runs.values()
                if stage == "expert" and status == "FINISHED" and step not in (None, "None")]
     assert resumed and max(resumed) >= 50, new_runs  # continued from the Lightning checkpoint, not step 0
+
+    # the registry on the server: an extension fetches the champion's checkpoint through the served
+    # artifacts, and the registered MoE loads as a pyfunc model from the server
+    run_to_completion(stack, "extend_with_expert/micro-extend", again)
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    client = MlflowClient(stack.mlflow_url)
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'nexus-micro-moe'")) == [1, 2]
+    assert (out / "models" / "nexus-micro-moe" / "v1" / "model.safetensors").is_file()  # fetched from the server
+    previous = mlflow.get_tracking_uri()
+    try:
+        configure_tracking(stack.mlflow_url)
+        scores = mlflow.pyfunc.load_model("models:/nexus-micro-moe/2").predict(pd.DataFrame({"text": ["a word"]}))
+    finally:
+        configure_tracking(previous)
+    assert scores["perplexity"][0] > 1
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed: UI check skipped (apt-get install chromium)")
+    experiment = client.get_experiment_by_name("nexus-micro")
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    prefect_dom = render(f"{stack.prefect_url}/runs/flow-run/{run_id}", "prefect-flow-run", tmp_path)
+    assert run["name"] in prefect_dom and "upcycle_pipeline" in prefect_dom
+    mlflow_dom = render(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs", "mlflow-experiment",
+                        tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert "nexus-micro" in mlflow_dom and parents and all(r.info.run_name in mlflow_dom for r in parents)
+    moes = {r.info.run_name: r.info.run_id for r in runs if r.data.tags.get("nexus.stage") == "moe"}
+    compare = render(f"{stack.mlflow_url}/#/compare-runs?runs={json.dumps([moes['nexus'], moes['linear']])}"
+                     f"&experiments={json.dumps([experiment.experiment_id])}", "mlflow-nexus-vs-linear", tmp_path)
+    assert "ppl/dictionary" in compare and "ppl/lore" in compare  # the two MoEs, side by side per domain
+    version = render(f"{stack.mlflow_url}/#/models/nexus-micro-moe/versions/1", "mlflow-model-version", tmp_path)
+    assert "held-out perplexity" in version and moes["nexus"] in version  # description, lineage to its run
+    for name in ("prefect-flow-run", "mlflow-experiment", "mlflow-nexus-vs-linear", "mlflow-model-version"):
+        assert (ARTIFACTS / f"{name}.png").stat().st_size > 20_000  # a rendered page, not a blank one
