@@ -2,6 +2,8 @@
 only that domain's expert/embedding and what depends on them (upcycling, MoE training, evaluation)."""
 from __future__ import annotations
 
+import pytest
+
 from flows.pipeline import upcycle_pipeline
 
 from .conftest import micro_overrides
@@ -41,6 +43,7 @@ def _in_worker(task):
     return code_version(task.fn), source
 
 
+@pytest.mark.slow  # a Dask cluster (~20 s); the slow Dask pipeline variant shows the rerun `Cached` too
 def test_cache_keys_are_the_same_inside_a_dask_worker():
     """The key's code version is a hash of the task's compiled code: a worker that got the function
     by value (no source file: `inspect.getsource` fails there) computes the flow process's key, so

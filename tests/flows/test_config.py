@@ -178,7 +178,7 @@ def test_hf_domain_declared_in_the_config_is_streamed_prepared_and_reused(tmp_pa
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "slimpajama"))
     source = (f"+data.hf.papers={{path:{tmp_path / 'slimpajama'},filter_field:meta.redpajama_set_name,"
               f"filter_value:RedPajamaArXiv}}")
-    cfg = compose("micro", micro_overrides(tmp_path, None, source, "data.domains=[dictionary,lore,papers]",
+    cfg = compose("micro", micro_overrides(tmp_path, source, "data.domains=[dictionary,lore,papers]",
                                            "data.num_proc=2"))
     assert cfg.data.hf_section("papers").streaming and cfg.data.num_proc == 2
     first = prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data"))

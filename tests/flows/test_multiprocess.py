@@ -1,8 +1,10 @@
 """The micro pipeline with two-rank DDP stages (seed, experts, MoE) on CPU/gloo, on the threads and
 the Dask runner: one flow run, one MLflow run per stage, the right number of steps, weights equal to
 one process training on the same global batch, no process left behind, and a rerun all `Cached`.
-The default suite runs it with a two-rank seed only (one torchrun, the rest in process); the slow
-variants make every training stage two-rank, on both runners (2-3 minutes each on 2 cores).
+All three are slow-marked (the CI budget): the lightest runs a two-rank seed only (one torchrun, the
+rest in process; 75-100 s on a loaded 2-core machine), the others make every training stage two-rank,
+on both runners (4-6 minutes each). The default suite covers the stage processes with
+tests/training/test_launch.py (two-rank FSDP stage equal to one process, no leak, no process left).
 
 Before stages ran as their own processes, Lightning re-executed `sys.argv` for rank 1: a second
 pipeline (a second flow run and MLflow pipeline run) started, and with Dask the experts inherited
@@ -21,10 +23,11 @@ from mlflow import MlflowClient
 from flows.config import as_dict, compose
 from flows.pipeline import _weights, upcycle_pipeline
 from flows.tasks import train_stage
+from flows.tracking import configure as configure_tracking
 from nexus.checkpoint import load_checkpoint, read_checkpoint_config
 from nexus.training.launch import DISTRIBUTED_ENV
 
-from .conftest import micro_overrides
+from .conftest import micro_out, micro_overrides, micro_uri
 
 ALL_STAGES = ("seed", "expert", "moe")
 
@@ -90,7 +93,7 @@ def _settled(before: set[int], timeout_s: float = 30) -> set[int]:
 @pytest.mark.parametrize(
     ("runner", "stages"),
     [
-        ("threads", ("seed",)),
+        pytest.param("threads", ("seed",), marks=pytest.mark.slow),
         pytest.param("threads", ALL_STAGES, marks=[pytest.mark.slow, pytest.mark.timeout(1200)]),
         pytest.param("dask", ALL_STAGES, marks=[pytest.mark.slow, pytest.mark.timeout(1200)]),
     ],
@@ -98,20 +101,20 @@ def _settled(before: set[int], timeout_s: float = 30) -> set[int]:
 def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, stages):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri, out = micro_uri(tmp_path), micro_out(tmp_path)
     # runner.gpus=1: placement as on a one-GPU machine (the stages still train on the CPU here), so the
     # two MoEs, which would share that GPU, must train one after the other (in process, 60 steps: long
     # enough that two MoEs started together overlap whatever the scheduling jitter; as two-rank stages
     # their process start alone takes longer)
     overrides = micro_overrides(
         tmp_path,
-        uri,
         "router.routers=[nexus,linear]",
         "router.dense_merge=false",
         f"runner.kind={runner}",
         "runner.gpus=1",
         *([] if "moe" in stages else ["train.moe.max_steps=60", "train.moe.val_every_n_steps=60"]),
         *two_ranks(*stages),
+        tracking=True,
     )
     previous = mlflow.get_tracking_uri()
     before = _descendants()
@@ -143,6 +146,15 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
         assert linear_run.info.start_time >= nexus_run.info.end_time, "MoEs sharing a GPU trained at once"
         seed_run = next(r for r in runs if r.data.tags.get("mlflow.runName") == "seed")
         assert "train/loss" in seed_run.data.metrics  # logged live by the stage's rank 0 into its run
+        # every stage's checkpoint is its run's MLflow model (output), read by the next stage (input)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        models = {m.source_run_id: m for m in client.search_logged_models(experiments)}
+        staged = [r for r in runs if r.data.tags.get("mlflow.runName") != "upcycle_pipeline"]
+        assert all(r.info.run_id in models for r in staged), "a stage without its logged model"
+        assert models[seed_run.info.run_id].metrics, "the seed's logged model has no metrics"
+        expert_run = next(r for r in runs if r.data.tags.get("mlflow.runName") == "lore")
+        inputs = client.get_run(expert_run.info.run_id).inputs.model_inputs  # (search_runs leaves them out)
+        assert [i.model_id for i in inputs] == [models[seed_run.info.run_id].model_id]
 
         cfg = compose("micro", overrides)
         for stage, key in (("seed", "seed"), ("expert", "expert:lore"), ("moe", "moe:nexus")):
@@ -151,7 +163,7 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
             assert meta["parallel"]["world_size"] == (2 if stage in stages else 1), (key, meta)
 
         # the two-rank seed equals one process training on the same global batch (2 x 4 sequences)
-        data = json.loads((tmp_path / "data" / "main" / "manifest.json").read_text())
+        data = json.loads((out / "data" / "main" / "manifest.json").read_text())
         weights = _weights(
             "seed",
             {
@@ -165,7 +177,7 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
             "seed",
             "seed",
             {**as_dict(cfg.train.seed), "devices": 1, "strategy": "auto", "batch_size": 8},
-            str(tmp_path / "data" / "main"),
+            str(out / "data" / "main"),
             weights,
             str(tmp_path / "single-seed"),
             "unused",
@@ -184,4 +196,4 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
         assert again["perplexity"] == first["perplexity"]
         assert not _settled(before)
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)

@@ -156,6 +156,33 @@ def test_lineage_walks_back_to_seed_from_store_alone(pipeline):
     assert nodes[runs["seed"]].checkpoint_sha256 and nodes[runs["seed"]].parents == []
 
 
+def test_intermediate_checkpoints_at_paper_size_are_logged_models_without_files(pipeline):
+    """`tracking.upload_checkpoints: final`: an intermediate stage's checkpoint (here an expert's) is
+    still its run's logged model, with params, metrics and lineage, but its files stay out of MLflow
+    and it is not registered; a final one is uploaded and registered as with `all`."""
+    from flows.tasks import record_checkpoint, record_result
+
+    client = MlflowClient()
+    final_mode = {"upload_checkpoints": "final"}
+    expert = pipeline["results"]["expert-a"]
+    with stage_run("expert", {"x": 1}, parent_run_id=pipeline["parent"], run_name="a-paper-size") as run:
+        assert record_result(run, expert, False, final_mode, register_as="nexus-never-registered") is None
+    (output,) = client.get_run(run.run_id).outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.params["d_model"] == "32" and "train/loss" in {m.key for m in model.metrics}
+    assert model.tags["nexus.checkpoint_uploaded"] == "false"
+    assert model.tags["nexus.checkpoint_path"] == str(Path(expert.checkpoint).resolve())
+    assert client.list_logged_model_artifacts(model.model_id) == []
+    assert not client.search_registered_models("name = 'nexus-never-registered'")
+    with stage_run("upcycle", {"x": 1}, parent_run_id=pipeline["parent"],
+                   input_checkpoints={"expert:a": expert.checkpoint}) as reader:
+        version = record_checkpoint(reader, pipeline["out"] / "upcycled", True, final_mode, "nexus-final-one")
+    assert [p.run_id for p in walk_lineage(reader.run_id).parents] == [run.run_id]  # lineage without the files
+    assert version is not None and client.list_logged_model_artifacts(reader.model_id)
+    with pytest.raises(ValueError, match="carries its checkpoint"):
+        run.log_checkpoint(expert.checkpoint, register_as="nexus-never-registered", upload=False)
+
+
 def test_failed_stage_run_is_marked_failed(pipeline):
     with pytest.raises(RuntimeError, match="boom"), pipeline_run(f"failing-{uuid.uuid4().hex[:8]}") as pid, \
             stage_run("seed", {"x": 1}, parent_run_id=pid) as run:
