@@ -5,9 +5,10 @@ pyfunc flavour of flows/pyfunc_model.py (a model from code, loadable with
 `mlflow.pyfunc.load_model`) with the checkpoint itself as its artifact `checkpoint`, so extension and
 export work from `models:/...` too. Its params are the architecture, its tags the stage and the
 weights' SHA-256, and it is the run's model *output*; every checkpoint a stage reads is a model *input*
-of its run. Registered versions point at the logged model (`models:/<model_id>`). Lineage is then
-MLflow's: model -> the run that produced it -> that run's input models -> ... back to the seed
-(`flows.tracking.walk_lineage` reads it run by run).
+of its run. Registered versions point at the logged model (`models:/<model_id>`). Paper-size
+intermediate checkpoints (`tracking.upload_checkpoints: final`) are logged models without files.
+Lineage is then MLflow's: model -> the run that produced it -> that run's input models -> ... back to
+the seed (`flows.tracking.walk_lineage` reads it run by run).
 """
 from __future__ import annotations
 

@@ -102,16 +102,16 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
     import mlflow
 
     uri, out = micro_uri(tmp_path), micro_out(tmp_path)
-    # runner.gpus=1: placement as on a one-GPU machine (the stages still train on the CPU here), so the
-    # two MoEs, which would share that GPU, must train one after the other (in process, 60 steps: long
-    # enough that two MoEs started together overlap whatever the scheduling jitter; as two-rank stages
-    # their process start alone takes longer)
+    # runner.gpus = the MoEs' devices: placement as on a machine with that many GPUs (the stages still
+    # train on the CPU here), so the two MoEs, which would share those GPUs, must train one after the
+    # other (in process, 60 steps: long enough that two MoEs started together overlap whatever the
+    # scheduling jitter; as two-rank stages their process start alone takes longer)
     overrides = micro_overrides(
         tmp_path,
         "router.routers=[nexus,linear]",
         "router.dense_merge=false",
         f"runner.kind={runner}",
-        "runner.gpus=1",
+        f"runner.gpus={2 if 'moe' in stages else 1}",  # a two-rank stage asks for two GPUs
         *([] if "moe" in stages else ["train.moe.max_steps=60", "train.moe.val_every_n_steps=60"]),
         *two_ranks(*stages),
         tracking=True,

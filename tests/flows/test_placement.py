@@ -82,6 +82,17 @@ def test_runner_annotations_and_moe_sequencing():
     )
 
 
+def test_a_stage_needing_more_gpus_than_a_machine_has_is_refused():
+    """A Dask/Ray task asking for more GPUs than any worker declares would wait forever: refused first."""
+    from flows.config import compose
+    from flows.pipeline import placement_of
+
+    cfg = compose("micro", ["runner.kind=dask", "runner.gpus=1", "train.expert.devices=2"])
+    with pytest.raises(ConfigError, match=r"train.expert.devices=2: more GPUs than a machine has \(runner.gpus=1\)"):
+        placement_of(cfg)
+    assert placement_of(compose("micro", ["runner.gpus=2", "train.expert.devices=2"]))["gpus"] == 2
+
+
 def test_local_dask_cluster_declares_its_gpus():
     from flows.runners import make_runner
 
