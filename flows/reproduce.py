@@ -16,7 +16,7 @@ seeded with `s`):
 Everything lands in `<out_dir>/results.json` (written after every replicate), then
 `flows.results.write_results` turns it into `<out_dir>/results/results.md` and its figures.
 
-    python -m flows.reproduce [--seeds 0 1 2] [--budgets 8 24] [--ablation-seeds 0] [--seed-only] [overrides...]
+    python -m flows.reproduce [--seeds 0 1 2] [--budgets 4 12] [--ablation-seeds 0] [--seed-only] [overrides...]
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def seed_key(cfg: PipelineConfig, data: dict) -> str:
 @flow(name="seed_model")
 def seed_model(experiment: str = "paper_regime", overrides: list[str] | None = None) -> str:
     """The experiment's dense seed, trained once per config under `<out_dir>/seed-<key>` (a rerun, or
-    another replicate, finds it finished and returns it at once). All of torch's threads."""
+    another replicate, finds it finished and returns it at once)."""
     cfg = compose(experiment, overrides or [])
     out = Path(cfg.out_dir).resolve()
     data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
@@ -80,7 +80,8 @@ def seed_model(experiment: str = "paper_regime", overrides: list[str] | None = N
     weights = _weights("seed", data, cfg.data.seed_domains)
     seed_dir = out / f"seed-{seed_key(cfg, data)[:12]}"
     result = submit(train_stage, "seed", "seed", as_dict(cfg.train.seed), data["dir"], weights, str(seed_dir),
-                    _fp(data, weights), model=model, val_domains=list(weights), torch_threads=0).result()
+                    _fp(data, weights), model=model, val_domains=list(weights),
+                    torch_threads=cfg.torch_threads).result()
     get_run_logger().info("seed model: %s", result["checkpoint"])
     return result["checkpoint"]
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Any key=value argument is a Hydra override (e.g. out_dir=...).")
     parser.add_argument("--experiment", default="paper_regime")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[8, 24],
+    parser.add_argument("--budgets", type=int, nargs="+", default=[4, 12],
                         help="finetuning steps of the extension (smallest first)")
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=None,
                         help="replicates that also run the recipe ablations (default: the first seed)")

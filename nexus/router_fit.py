@@ -7,14 +7,15 @@ on the layer's inputs x (stored once from a forward pass of the appended model o
 of the new domain (X_new) and of the earlier domains (X_old), so that the new expert wins the new
 domain's tokens and leaves the earlier ones alone:
 
-    L = mean_{x∈X_new} −log s_new(x) + mean_{x∈X_old} −log(1 − s_new(x))  [+ anchor]
+    L = mean_{x∈X_new} −log s_new(x) + mean_{x∈X_old} −log(1 − s_new(x))
 
-with `s = softmax(x · Eᵀ)` the layer's routing probabilities. Linear router: only the new row
-trains; it starts from `w_new = ‖w‖_mean · u`, u the unit direction of mean(X_new) − mean(X_old)
-(the new domain's mean hidden state relative to the earlier domains', scaled like the other rows).
-Nexus router: the projection `P_r` trains, and the earlier experts' embeddings are held by
-`anchor · ‖P_r(D_old) − E_old‖² / ‖E_old‖²` (E_old: their embeddings before the fit), so the router
-stays generated from domain embeddings and the earlier domains' routing barely moves.
+with `s = softmax(x · Eᵀ)` the layer's routing probabilities, fitted for the new row alone (the
+earlier rows fixed; convex in the row). The row starts from `w_new = ‖w‖_mean · u`, u the unit
+direction of mean(X_new) − mean(X_old): the new domain's mean hidden state relative to the earlier
+domains', scaled like the other rows. A linear router takes the fitted row as it is. A Nexus router's
+projection `P_r` is then edited (rank one, in closed form: `edit_projection`) so that `P_r(d_new)` is that
+row and `P_r(d_i)` stays exactly `e_i` for every earlier expert: the router stays generated from
+domain embeddings.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nexus.model.ffn import swiglu
 from nexus.model.moe import MoELayer
 from nexus.model.routers import LinearRouter
 from nexus.model.transformer import Transformer
@@ -72,8 +74,8 @@ def _top1_share(x: torch.Tensor, matrix: torch.Tensor, expert: int) -> float:
 
 
 def fit_new_expert_routing(model: Transformer, expert: int, new_windows: torch.Tensor,
-                           old_windows: torch.Tensor, steps: int = 100, lr: float = 1e-2,
-                           anchor: float = 10.0, batch_size: int = 16) -> RouterFit:
+                           old_windows: torch.Tensor, steps: int = 100, lr: float = 0.1,
+                           batch_size: int = 16) -> RouterFit:
     """Fit expert `expert`'s router entry in every MoE layer of `model` in place (see the module doc);
     `new_windows` / `old_windows`: (B, T) token windows of the new / the earlier domains."""
     x_new_layers = moe_layer_inputs(model, new_windows, batch_size)
@@ -86,52 +88,55 @@ def fit_new_expert_routing(model: Transformer, expert: int, new_windows: torch.T
         before = router(d).detach().float()
         stats.new_before.append(_top1_share(x_new, before, expert))
         stats.old_before.append(_top1_share(x_old, before, expert))
+        target = fit_router_row(before, expert, x_new, x_old, steps, lr)
         if isinstance(router, LinearRouter):
-            _fit_linear(router, expert, x_new, x_old, steps, lr)
+            with torch.no_grad():
+                router.weight[expert] = target[expert].to(router.weight.dtype)
         else:
-            _fit_nexus(router, d, expert, x_new, x_old, steps, lr, anchor)
+            edit_projection(router, d, expert, target[expert])
         after = router(d).detach().float()
         stats.new_after.append(_top1_share(x_new, after, expert))
         stats.old_after.append(_top1_share(x_old, after, expert))
     return stats
 
 
-def _fit_linear(router: LinearRouter, expert: int, x_new: torch.Tensor, x_old: torch.Tensor, steps: int,
-                lr: float) -> None:
-    weight = router.weight.detach().float()
-    others = torch.cat([weight[:expert], weight[expert + 1:]])
+def fit_router_row(matrix: torch.Tensor, expert: int, x_new: torch.Tensor, x_old: torch.Tensor, steps: int,
+                   lr: float = 0.1) -> torch.Tensor:
+    """The router matrix (n, h) with row `expert` fitted to `new_expert_loss` (convex in the row), the
+    other rows fixed. Start: `‖w‖_mean · u`, u the unit direction of mean(x_new) − mean(x_old); Adam
+    steps of `lr / mean ‖x‖` (logit changes of about `lr` per step)."""
+    others = torch.cat([matrix[:expert], matrix[expert + 1:]])
     direction = x_new.mean(0) - x_old.mean(0)
-    scale = others.norm(dim=-1).mean() / direction.norm().clamp_min(1e-12)
-    row = (direction * scale).clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([row], lr=lr * float(scale * direction.norm()))
+    row = (direction * others.norm(dim=-1).mean() / direction.norm().clamp_min(1e-12)).requires_grad_(True)
+    optimizer = torch.optim.Adam([row], lr=lr / float(torch.cat([x_new, x_old]).norm(dim=-1).mean()))
+
+    def full() -> torch.Tensor:
+        return torch.cat([matrix[:expert], row[None], matrix[expert + 1:]])
+
     for _ in range(steps):
-        matrix = torch.cat([weight[:expert], row[None], weight[expert + 1:]])
-        loss = new_expert_loss(x_new @ matrix.t(), x_old @ matrix.t(), expert)
+        loss = new_expert_loss(x_new @ full().t(), x_old @ full().t(), expert)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        router.weight[expert] = row.detach().to(router.weight.dtype)
+    return full().detach()
 
 
-def _fit_nexus(router, domain_embeddings: torch.Tensor, expert: int, x_new: torch.Tensor, x_old: torch.Tensor,
-               steps: int, lr: float, anchor: float) -> None:
-    old = [i for i in range(domain_embeddings.shape[0]) if i != expert]
-    with torch.no_grad():
-        held = router.expert_embeddings(domain_embeddings)[old].float()
-    params = [p for p in router.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    try:
-        for _ in range(steps):
-            matrix = router.expert_embeddings(domain_embeddings).float()
-            drift = (matrix[old] - held).pow(2).sum() / held.pow(2).sum().clamp_min(1e-12)
-            loss = new_expert_loss(x_new @ matrix.t(), x_old @ matrix.t(), expert) + anchor * drift
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
+@torch.no_grad()
+def edit_projection(router, domain_embeddings: torch.Tensor, expert: int, target: torch.Tensor) -> None:
+    """Edit a Nexus router's projection `P_r(d) = W2 · h(d)`, `h(d) = SwiGLU(W1 · d)`, so that
+    `P_r(d_expert) = target` while every other `P_r(d_i)` stays exactly as it was:
+
+        W2 ← W2 + (target − P_r(d_new)) · gᵀ / (g · h_new),   g = h_new − Proj_{span(h_i, i ≠ new)} h_new
+
+    g is orthogonal to every other expert's hidden activation, so their embeddings do not move; the
+    smallest such edit (rank one). Raises ValueError if h_new lies in the span of the others'."""
+    w_in, w_out = router.proj.w_in.weight, router.proj.w_out.weight
+    hidden = swiglu(domain_embeddings.to(w_in.dtype).float() @ w_in.float().t())  # (n, p)
+    others = torch.cat([hidden[:expert], hidden[expert + 1:]])
+    h_new = hidden[expert]
+    basis = torch.linalg.qr(others.t()).Q  # (p, n-1), orthonormal span of the others' activations
+    g = h_new - basis @ (basis.t() @ h_new)
+    if g.norm() <= 1e-6 * h_new.norm().clamp_min(1e-12):
+        raise ValueError("the new domain's projection activation lies in the span of the other experts'")
+    delta = target.float() - hidden[expert] @ w_out.float().t()
+    w_out += (torch.outer(delta, g) / (g @ h_new)).to(w_out.dtype)
