@@ -90,7 +90,8 @@ def seed_model(experiment: str = "paper_regime", overrides: list[str] | None = N
 def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | None = None,
                     seeds: list[int] | None = None, budgets: list[int] | None = None,
                     ablation_seeds: list[int] | None = None, domains: list[str] | None = None,
-                    recipes: list[str] | None = None) -> dict:
+                    recipes: list[str] | None = None, routers: list[str] | None = None,
+                    ablations: dict[str, list[str]] | None = None) -> dict:
     """Run the replicates (see the module doc); returns the results written to `<out_dir>/results.json`
     and the paths of the generated report."""
     from flows.results import write_results
@@ -99,12 +100,13 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
     log = get_run_logger()
     overrides, seeds = list(overrides or []), list(seeds if seeds is not None else [0, 1, 2])
     budgets, domains = list(budgets or [8, 24]), list(domains or DOMAINS)
-    recipes = list(recipes or RECIPES)
+    recipes, routers = list(recipes or RECIPES), list(routers or ROUTERS)
+    ablations = dict(RECIPE_ABLATIONS if ablations is None else ablations)
     ablation_seeds = [s for s in (ablation_seeds if ablation_seeds is not None else seeds[:1]) if s in seeds]
     base = compose(experiment, overrides)
     root = Path(base.out_dir).resolve()
     results: dict = {"experiment": experiment, "overrides": overrides, "seeds": seeds, "budgets": budgets,
-                     "domains": domains, "routers": list(ROUTERS), "recipes": recipes, "replicates": {},
+                     "domains": domains, "routers": routers, "recipes": recipes, "replicates": {},
                      "recipe_ablations": {}, "ablations": {},
                      "tokens_per_step": base.train.extension.batch_size * (base.data.seq_len or base.model.max_seq_len),
                      "steps": {k: getattr(base.train, k).max_steps for k in ("seed", "expert", "moe")}}
@@ -125,7 +127,7 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
         pipeline = upcycle_pipeline(experiment, run)
         runs[seed] = (run, pipeline["checkpoints"])
         extensions = {f"{d}/{v}/{r}/{b}": extend(run, pipeline["checkpoints"], d, v, r, b)
-                      for d in domains for v in ROUTERS for r in recipes for b in budgets}
+                      for d in domains for v in routers for r in recipes for b in budgets}
         results["replicates"][str(seed)] = {"pipeline": pipeline, "extensions": extensions,
                                             "seconds": round(time.time() - began, 1)}
         results["seconds"] = round(time.time() - start, 1)
@@ -136,8 +138,8 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
         run, moes = runs[seed]
         results["recipe_ablations"][str(seed)] = {
             name: {f"{d}/{v}": extend(run, moes, d, v, "paper", budgets[0], extra, "-" + _slug(name))
-                   for d in domains for v in ROUTERS}
-            for name, extra in RECIPE_ABLATIONS.items()}
+                   for d in domains for v in routers}
+            for name, extra in ablations.items()}
         results["seconds"] = round(time.time() - start, 1)
         atomic_write_text(root / "results.json", json.dumps(results, indent=1, default=str))
         log.info("recipe ablations of replicate %d done in %.0f s", seed, time.time() - began)
