@@ -19,7 +19,7 @@ domain embeddings.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,8 @@ class RouterFit:
     new_after: list[float]
     old_before: list[float]
     old_after: list[float]
+    edited: list[bool] = field(default_factory=list)
+    """Nexus router: per layer, whether the projection could be edited (see `edit_projection`)."""
 
     def to_dict(self) -> dict[str, list[float]]:
         return {k: list(v) for k, v in self.__dict__.items()}
@@ -93,7 +95,7 @@ def fit_new_expert_routing(model: Transformer, expert: int, new_windows: torch.T
             with torch.no_grad():
                 router.weight[expert] = target[expert].to(router.weight.dtype)
         else:
-            edit_projection(router, d, expert, target[expert])
+            stats.edited.append(edit_projection(router, d, expert, target[expert]))
         after = router(d).detach().float()
         stats.new_after.append(_top1_share(x_new, after, expert))
         stats.old_after.append(_top1_share(x_old, after, expert))
@@ -122,21 +124,23 @@ def fit_router_row(matrix: torch.Tensor, expert: int, x_new: torch.Tensor, x_old
 
 
 @torch.no_grad()
-def edit_projection(router, domain_embeddings: torch.Tensor, expert: int, target: torch.Tensor) -> None:
+def edit_projection(router, domain_embeddings: torch.Tensor, expert: int, target: torch.Tensor) -> bool:
     """Edit a Nexus router's projection `P_r(d) = W2 · h(d)`, `h(d) = SwiGLU(W1 · d)`, so that
     `P_r(d_expert) = target` while every other `P_r(d_i)` stays exactly as it was:
 
         W2 ← W2 + (target − P_r(d_new)) · gᵀ / (g · h_new),   g = h_new − Proj_{span(h_i, i ≠ new)} h_new
 
     g is orthogonal to every other expert's hidden activation, so their embeddings do not move; the
-    smallest such edit (rank one). Raises ValueError if h_new lies in the span of the others'."""
+    smallest such edit (rank one). Returns False, editing nothing, when h_new lies in the span of the
+    others' (e.g. a new domain whose embedding equals an earlier one's: no edit can separate them)."""
     w_in, w_out = router.proj.w_in.weight, router.proj.w_out.weight
     hidden = swiglu(domain_embeddings.to(w_in.dtype).float() @ w_in.float().t())  # (n, p)
     others = torch.cat([hidden[:expert], hidden[expert + 1:]])
     h_new = hidden[expert]
     basis = torch.linalg.qr(others.t()).Q  # (p, n-1), orthonormal span of the others' activations
     g = h_new - basis @ (basis.t() @ h_new)
-    if g.norm() <= 1e-6 * h_new.norm().clamp_min(1e-12):
-        raise ValueError("the new domain's projection activation lies in the span of the other experts'")
+    if g.norm() <= 1e-4 * h_new.norm() or h_new.norm() == 0:
+        return False
     delta = target.float() - hidden[expert] @ w_out.float().t()
     w_out += (torch.outer(delta, g) / (g @ h_new)).to(w_out.dtype)
+    return True

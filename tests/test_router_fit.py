@@ -50,3 +50,13 @@ def test_layer_inputs_and_loss():
     logits = torch.tensor([[0.0, 10.0]])
     assert new_expert_loss(logits, -logits, 1) < 1e-3  # new tokens on the new expert, old ones elsewhere
     assert new_expert_loss(-logits, logits, 1) > 10
+
+
+def test_a_new_domain_embedding_equal_to_an_earlier_one_leaves_the_projection_unedited():
+    model = _appended("nexus")
+    with torch.no_grad():
+        model.domain_embeddings[3] = model.domain_embeddings[1]  # nothing can separate expert 3 from expert 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit = fit_new_expert_routing(model, 3, _windows(48, 96, 1), _windows(0, 48, 2), steps=5)
+    assert fit.edited == [False, False]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
