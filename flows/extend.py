@@ -123,7 +123,8 @@ def _extend(cfg: PipelineConfig, plan: ExtensionPlan, shared: Path, out: Path, p
     appended = futures["build-extend"].result()
     if cfg.extension.router_init == "data":
         futures["fit-router"] = submit(fit_router, appended, str(out / "router-fit"), domain, dirs,
-                                       cfg.extension.router_fit_steps, seed=cfg.train.extension.seed, metadata=metadata)
+                                       cfg.extension.router_fit_steps, seed=cfg.train.extension.seed, metadata=metadata,
+                                       tracking=track)
         appended = futures["fit-router"].result()["checkpoint"]
     weights = extension_weights(plan.earlier, new, domain, cfg.extension.new_share)
     init, finetuned = appended, {}

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 
 from flows.config import PipelineConfig
-from flows.tasks import CACHED, OUTPUTS, TOKENIZER_FILE
+from flows.tasks import CACHED, OUTPUTS, TOKENIZER_FILE, tracked
 from nexus.training.config import TrainConfig
 
 NEW_EXPERT = "expert:new"
@@ -56,9 +56,10 @@ def _windows(data_dir: str, domain: str, split: str, n: int, seed: int):
 
 @task(task_run_name="fit-router-{domain}", **CACHED)
 def fit_router(checkpoint: str, out_dir: str, domain: str, dirs: dict[str, str], steps: int, windows: int = 64,
-               seed: int = 0, metadata: dict | None = None) -> dict:
+               seed: int = 0, metadata: dict | None = None, tracking: dict | None = None) -> dict:
     """The appended MoE with `domain`'s router entry fitted on training tokens (nexus.router_fit):
-    `windows` windows of the new domain, as many spread over the earlier domains `dirs` holds."""
+    `windows` windows of the new domain, as many spread over the earlier domains `dirs` holds. Logged
+    as an MLflow stage run (`router_fit`) whose input is the appended MoE, so lineage walks through it."""
     import torch
 
     from nexus.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
@@ -70,8 +71,12 @@ def fit_router(checkpoint: str, out_dir: str, domain: str, dirs: dict[str, str],
     old = torch.cat([_windows(dirs[d], d, "train", -(-windows // len(earlier)), seed) for d in earlier])
     fit = fit_new_expert_routing(model, expert, _windows(dirs[domain], domain, "train", windows, seed), old, steps)
     meta = {**(metadata or read_checkpoint_config(checkpoint).get("metadata", {})), "router_fit": fit.to_dict()}
-    path = save_checkpoint(model, out_dir, metadata=meta,
-                           extra_files={TOKENIZER_FILE: Path(checkpoint) / TOKENIZER_FILE})
+    config = {"steps": steps, "windows": windows, "seed": seed}
+    with tracked(tracking, "router_fit", f"fit-router-{domain}", config, {"appended": checkpoint}) as run:
+        path = save_checkpoint(model, out_dir, metadata=meta,
+                               extra_files={TOKENIZER_FILE: Path(checkpoint) / TOKENIZER_FILE})
+        if run is not None:
+            run.log_checkpoint(path)
     return {"checkpoint": str(path), "fit": fit.to_dict()}
 
 

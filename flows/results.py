@@ -250,7 +250,7 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     out, rep = Path(out_dir), Replicates(results)
     fig = out / "figures"
     seeds = ", ".join(rep.seeds)
-    default = rep.recipes[-1]
+    default = default_recipe(rep)
     paths = {"perplexity": plot_perplexity({m: mean_std_row(rep.ppl(m)) for m in rep.models}, fig / "perplexity.png",
                                            f"Held-out perplexity, mean over seeds {seeds} (lower is better)")}
     for domain in rep.new_domains:
@@ -292,6 +292,14 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     paths["markdown"] = out / "results.md"
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
     return paths
+
+
+def default_recipe(rep: Replicates) -> str:
+    """The product's default recipe (conf/config.yaml) if the run has it, else its last recipe."""
+    from flows.config import compose
+
+    name = compose(None, check=False).extension.recipe
+    return name if name in rep.recipes else rep.recipes[-1]
 
 
 def command(results: Mapping[str, Any]) -> str:
