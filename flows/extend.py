@@ -140,9 +140,10 @@ def _extend(cfg: PipelineConfig, plan: ExtensionPlan, shared: Path, out: Path, p
     evaluate = functools.partial(evaluate_models.submit, splits=dirs, split=cfg.eval.split,
                                  batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens,
                                  torch_threads=cfg.torch_threads)
+    evaluated = {"before": moe, f"expert:{domain}": expert, "appended": appended, "after": finetuned["checkpoint"]}
     # the base and the new expert once per domain (cached), whatever the recipe or budget
-    futures["evaluate-base"] = evaluate({"before": moe, f"expert:{domain}": expert})
-    futures["evaluate"] = evaluate({"appended": appended, "after": finetuned["checkpoint"]})
+    futures["evaluate-base"] = evaluate({k: evaluated[k] for k in ("before", f"expert:{domain}")})
+    futures["evaluate"] = evaluate({k: evaluated[k] for k in ("appended", "after")})
     results = merge_evaluations(futures["evaluate-base"].result(), futures["evaluate"].result())
     if cfg.eval.divergence_prompts:
         futures["divergence"] = divergence_metrics.submit(
@@ -150,8 +151,7 @@ def _extend(cfg: PipelineConfig, plan: ExtensionPlan, shared: Path, out: Path, p
             cfg.eval.divergence_prompts, cfg.eval.divergence_prompt_len, cfg.eval.divergence_new_tokens,
             cfg.torch_threads)
         results["divergence"] = futures["divergence"].result()
-    gate = judge(cfg, plan.line, base, results["perplexity"]["before"], results["perplexity"]["after"], domain,
-                 finetuned.get("registered"), f"+{domain}", parent)
+    gate = judge(cfg, plan.line, base, evaluated, results, domain, finetuned.get("registered"), f"+{domain}", parent)
     log.info("promotion gate of %s + %r:\n%s", base.label, domain, gate["table"])
     return {"domain": domain, "tag": tag, "router": base.moe["router"], "moe": moe,
             "moe_version": base.version, "base": base.describe(), "extended": finetuned["checkpoint"],
