@@ -17,6 +17,7 @@ projection `P_r` is then edited (rank one, in closed form: `edit_projection`) so
 row and `P_r(d_i)` stays exactly `e_i` for every earlier expert: the router stays generated from
 domain embeddings.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,13 +35,15 @@ def moe_layer_inputs(model: Transformer, windows: torch.Tensor, batch_size: int 
     """The input of every MoE layer for token windows (B, T): a list over layers of (B·T, d_model)."""
     layers = [b.ffn for b in model.blocks if isinstance(b.ffn, MoELayer)]
     seen: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [layer.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].detach().float()))
-             for i, layer in enumerate(layers)]
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].detach().float()))
+        for i, layer in enumerate(layers)
+    ]
     was_training = model.training
     try:
         model.eval()
         for start in range(0, windows.shape[0], batch_size):
-            model(windows[start:start + batch_size].to(model.tok_emb.weight.device))
+            model(windows[start : start + batch_size].to(model.tok_emb.weight.device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -75,9 +78,15 @@ def _top1_share(x: torch.Tensor, matrix: torch.Tensor, expert: int) -> float:
     return float(((x @ matrix.t()).argmax(-1) == expert).float().mean())
 
 
-def fit_new_expert_routing(model: Transformer, expert: int, new_windows: torch.Tensor,
-                           old_windows: torch.Tensor, steps: int = 100, lr: float = 0.1,
-                           batch_size: int = 16) -> RouterFit:
+def fit_new_expert_routing(
+    model: Transformer,
+    expert: int,
+    new_windows: torch.Tensor,
+    old_windows: torch.Tensor,
+    steps: int = 100,
+    lr: float = 0.1,
+    batch_size: int = 16,
+) -> RouterFit:
     """Fit expert `expert`'s router entry in every MoE layer of `model` in place (see the module doc);
     `new_windows` / `old_windows`: (B, T) token windows of the new / the earlier domains."""
     x_new_layers = moe_layer_inputs(model, new_windows, batch_size)
@@ -102,18 +111,19 @@ def fit_new_expert_routing(model: Transformer, expert: int, new_windows: torch.T
     return stats
 
 
-def fit_router_row(matrix: torch.Tensor, expert: int, x_new: torch.Tensor, x_old: torch.Tensor, steps: int,
-                   lr: float = 0.1) -> torch.Tensor:
+def fit_router_row(
+    matrix: torch.Tensor, expert: int, x_new: torch.Tensor, x_old: torch.Tensor, steps: int, lr: float = 0.1
+) -> torch.Tensor:
     """The router matrix (n, h) with row `expert` fitted to `new_expert_loss` (convex in the row), the
     other rows fixed. Start: `‖w‖_mean · u`, u the unit direction of mean(x_new) − mean(x_old); Adam
     steps of `lr / mean ‖x‖` (logit changes of about `lr` per step)."""
-    others = torch.cat([matrix[:expert], matrix[expert + 1:]])
+    others = torch.cat([matrix[:expert], matrix[expert + 1 :]])
     direction = x_new.mean(0) - x_old.mean(0)
     row = (direction * others.norm(dim=-1).mean() / direction.norm().clamp_min(1e-12)).requires_grad_(True)
     optimizer = torch.optim.Adam([row], lr=lr / float(torch.cat([x_new, x_old]).norm(dim=-1).mean()))
 
     def full() -> torch.Tensor:
-        return torch.cat([matrix[:expert], row[None], matrix[expert + 1:]])
+        return torch.cat([matrix[:expert], row[None], matrix[expert + 1 :]])
 
     for _ in range(steps):
         loss = new_expert_loss(x_new @ full().t(), x_old @ full().t(), expert)
@@ -135,7 +145,7 @@ def edit_projection(router, domain_embeddings: torch.Tensor, expert: int, target
     others' (e.g. a new domain whose embedding equals an earlier one's: no edit can separate them)."""
     w_in, w_out = router.proj.w_in.weight, router.proj.w_out.weight
     hidden = swiglu(domain_embeddings.to(w_in.dtype).float() @ w_in.float().t())  # (n, p)
-    others = torch.cat([hidden[:expert], hidden[expert + 1:]])
+    others = torch.cat([hidden[:expert], hidden[expert + 1 :]])
     h_new = hidden[expert]
     basis = torch.linalg.qr(others.t()).Q  # (p, n-1), orthonormal span of the others' activations
     g = h_new - basis @ (basis.t() @ h_new)

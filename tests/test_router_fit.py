@@ -1,6 +1,7 @@
 """The data-informed router entry: after the fit the new expert wins the new domain's tokens and
 leaves the earlier domains' alone; a linear router changes only the new row, a Nexus router keeps
 the earlier experts' embeddings."""
+
 import pytest
 import torch
 

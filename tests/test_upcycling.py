@@ -205,7 +205,7 @@ def test_compatibility_ignores_init_settings_and_resolves_kv_heads():
 
 
 def test_fresh_router_initialisation_is_deterministic_and_leaves_global_rng_alone(family):
-    seed, experts, D = family
+    seed, experts, _ = family
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)

@@ -11,6 +11,7 @@ model M reads the same text teacher-forced and predicts greedily at every positi
 Teacher forcing keeps every position comparable after the first divergence (free-running outputs
 differ everywhere after it). A model against itself never diverges; `first` is None for such prompts.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -52,8 +53,14 @@ class Divergence:
         return float(np.median(self._positions())) if self.first else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"first": self.first, "share": self.share, "new_tokens": self.new_tokens, "never": self.never,
-                "mean_first": self.mean_first, "median_first": self.median_first}
+        return {
+            "first": self.first,
+            "share": self.share,
+            "new_tokens": self.new_tokens,
+            "never": self.never,
+            "mean_first": self.mean_first,
+            "median_first": self.median_first,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Divergence:
@@ -67,12 +74,13 @@ def held_out_prompts(tokens: Any, n_prompts: int, prompt_len: int) -> torch.Tens
     if span < 0:
         raise ValueError(f"divergence prompts: {len(ids)} tokens cannot hold a {prompt_len}-token prompt")
     starts = np.linspace(0, span, num=n_prompts).astype(np.int64)
-    return torch.stack([ids[s:s + prompt_len] for s in starts])
+    return torch.stack([ids[s : s + prompt_len] for s in starts])
 
 
 @torch.no_grad()
-def divergence(reference: Transformer, other: Transformer, prompts: torch.Tensor, new_tokens: int,
-               batch_size: int = 16) -> Divergence:
+def divergence(
+    reference: Transformer, other: Transformer, prompts: torch.Tensor, new_tokens: int, batch_size: int = 16
+) -> Divergence:
     """Divergent-token metrics of `other` against `reference`'s greedy continuations of `prompts` (B, T);
     T + new_tokens must fit both models' context (no sliding window)."""
     length = prompts.shape[1] + new_tokens
@@ -81,17 +89,22 @@ def divergence(reference: Transformer, other: Transformer, prompts: torch.Tensor
     first: list[int | None] = []
     diverged = 0
     for start in range(0, prompts.shape[0], batch_size):
-        p = prompts[start:start + batch_size].to(reference.tok_emb.weight.device)
+        p = prompts[start : start + batch_size].to(reference.tok_emb.weight.device)
         seq = generate(reference, p, new_tokens)  # (B, T + N)
-        y = seq[:, p.shape[1]:]
-        logits = other(seq[:, :-1].to(other.tok_emb.weight.device)).logits[:, p.shape[1] - 1:]
+        y = seq[:, p.shape[1] :]
+        logits = other(seq[:, :-1].to(other.tok_emb.weight.device)).logits[:, p.shape[1] - 1 :]
         differs = (logits.argmax(-1).to(y.device) != y).cpu()
         diverged += int(differs.sum())
         first += [int(row.nonzero()[0]) if row.any() else None for row in differs]
     return Divergence(first, diverged / max(1, len(first) * new_tokens), new_tokens)
 
 
-def divergence_by_domain(reference: Transformer, other: Transformer, prompts: Mapping[str, torch.Tensor],
-                         new_tokens: int, batch_size: int = 16) -> dict[str, Divergence]:
+def divergence_by_domain(
+    reference: Transformer,
+    other: Transformer,
+    prompts: Mapping[str, torch.Tensor],
+    new_tokens: int,
+    batch_size: int = 16,
+) -> dict[str, Divergence]:
     """`divergence` per domain, `prompts` {domain: (B, T)}."""
     return {d: divergence(reference, other, p, new_tokens, batch_size) for d, p in prompts.items()}

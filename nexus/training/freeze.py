@@ -17,6 +17,7 @@ so gradient clipping and Adam's moments ignore them, and are copied back after e
 step (`FrozenRows.restore`), which undoes the decoupled weight decay AdamW applies to every row.
 Frozen values are therefore bit-identical after training.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,10 @@ def check_trainable(trainable: Sequence[str]) -> None:
         raise ConfigError("train.trainable is empty: name at least one parameter group (e.g. all)")
     for group in trainable:
         if group not in GROUPS and not (group.startswith("expert:") and len(group) > len("expert:")):
-            raise ConfigError(f"train.trainable: unknown parameter group {group!r}; groups: "
-                              f"{', '.join(GROUPS)}, expert:NAME")
+            raise ConfigError(
+                f"train.trainable: unknown parameter group {group!r}; groups: "
+                f"{', '.join(GROUPS)}, expert:NAME"
+            )
 
 
 def param_group(name: str) -> str:
@@ -79,6 +82,7 @@ def _zero_rows(rows: list[int]):
         grad = grad.clone()
         grad[rows] = 0
         return grad
+
     return hook
 
 

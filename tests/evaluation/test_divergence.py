@@ -1,5 +1,6 @@
 """Divergent-token metrics: a model never diverges from itself, nor from itself with its Nexus routers
 precomputed; a different model diverges at a finite position, and the counts follow the definition."""
+
 import copy
 
 import numpy as np
@@ -42,8 +43,12 @@ def test_a_model_never_diverges_from_itself_nor_from_its_precomputed_router():
 
 def test_another_model_diverges_at_a_finite_position_matching_teacher_forced_argmax():
     moe = _moe()
-    other = extend(moe, Transformer(moe.config.dense()).reinit_(torch.Generator().manual_seed(9)),
-                   domain_embedding=torch.randn(8), lam=0.5).eval()
+    other = extend(
+        moe,
+        Transformer(moe.config.dense()).reinit_(torch.Generator().manual_seed(9)),
+        domain_embedding=torch.randn(8),
+        lam=0.5,
+    ).eval()
     got = divergence(moe, other, PROMPTS, 16, batch_size=4)
     assert got.share > 0 and got.never < 1 and 0 <= got.mean_first < 16
     assert all(f is None or 0 <= f < 16 for f in got.first)

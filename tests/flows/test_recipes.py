@@ -1,5 +1,6 @@
 """Extension recipes (conf/recipe/, `extension.*`) through `extend_with_expert` on the micro experiment:
 each option changes only what it says."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,15 +19,31 @@ def test_recipes_compose_and_map_onto_training_stages():
     [(name, train)] = finetune_stages(protect, "code")
     assert name == "finetune" and train.trainable == ["router", "expert:code"]
     assert train.warmup_frac == 0.0 and train.min_lr_ratio == 1.0 and train.max_steps == 10
-    paper = compose("micro", ["recipe=paper", "train.extension.max_steps=10", "extension.router_warmup_steps=3",
-                              "extension.lr_scale=0.5", "extension.schedule=decay"])
+    paper = compose(
+        "micro",
+        [
+            "recipe=paper",
+            "train.extension.max_steps=10",
+            "extension.router_warmup_steps=3",
+            "extension.lr_scale=0.5",
+            "extension.schedule=decay",
+        ],
+    )
     (w, warm), (f, main) = finetune_stages(paper, "code")
     assert (w, f) == ("warmup", "finetune") and warm.max_steps + main.max_steps == 10
     assert warm.trainable == ["router", "expert:code"] and main.trainable == ["all"]
-    assert main.lr == warm.lr == paper.train.extension.lr / 2 and main.warmup_frac == 0.0 and main.min_lr_ratio < 1
-    for bad, key in [("extension.linear_router=keep", "linear_router"), ("extension.schedule=step", "schedule"),
-                     ("extension.lam=2", "lam"), ("extension.trainable=[routers]", "routers"),
-                     ("extension.router_warmup_steps=4", "router_warmup_steps")]:
+    assert (
+        main.lr == warm.lr == paper.train.extension.lr / 2
+        and main.warmup_frac == 0.0
+        and main.min_lr_ratio < 1
+    )
+    for bad, key in [
+        ("extension.linear_router=keep", "linear_router"),
+        ("extension.schedule=step", "schedule"),
+        ("extension.lam=2", "lam"),
+        ("extension.trainable=[routers]", "routers"),
+        ("extension.router_warmup_steps=4", "router_warmup_steps"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             compose("micro", [bad])
 
@@ -38,11 +55,16 @@ def extensions(micro_moe):
     _, _, overrides, summary = micro_moe
     quiet = [*overrides, "tracking.enabled=false"]
     moes = summary["checkpoints"]
-    protect = extend_with_expert("micro", [*quiet, "recipe=protect"], moe=moes["moe:nexus"], domain="code",
-                                 tag="protect")
-    reset = extend_with_expert("micro", [*quiet, "recipe=paper", "extension.linear_router=reset",
-                                         "extension.router_warmup_steps=2"],
-                               moe=moes["moe:linear"], domain="code", tag="paper-reset")
+    protect = extend_with_expert(
+        "micro", [*quiet, "recipe=protect"], moe=moes["moe:nexus"], domain="code", tag="protect"
+    )
+    reset = extend_with_expert(
+        "micro",
+        [*quiet, "recipe=paper", "extension.linear_router=reset", "extension.router_warmup_steps=2"],
+        moe=moes["moe:linear"],
+        domain="code",
+        tag="paper-reset",
+    )
     return moes, protect, reset
 
 
@@ -55,7 +77,9 @@ def test_protect_trains_only_the_new_expert_and_the_router(extensions):
     for key, tensor in after.items():
         group = param_group(key)
         if group == "non_ffn":
-            assert torch.equal(tensor, before[key]) and torch.equal(tensor, appended[key]), key  # λ = 0, frozen
+            assert torch.equal(tensor, before[key]) and torch.equal(tensor, appended[key]), (
+                key
+            )  # λ = 0, frozen
         elif group == "experts":
             assert torch.equal(tensor[:2], before[key]) and not torch.equal(tensor[2], appended[key][2]), key
         elif group == "shared":

@@ -1,5 +1,6 @@
 """`TrainConfig.trainable` through the real Lightning Trainer: frozen tensors and frozen expert rows are
 bit-identical after training, everything trainable moves."""
+
 import pytest
 import torch
 
@@ -27,8 +28,16 @@ def _finetune(tmp_path, router: str, trainable: list[str]):
 
     before = _moe(router)
     save_checkpoint(before, tmp_path / "init")
-    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-2, val_every_n_steps=4, limit_val_batches=1,
-                      log_every_n_steps=2, progress_bar=False, trainable=trainable)
+    cfg = TrainConfig(
+        max_steps=4,
+        batch_size=4,
+        lr=1e-2,
+        val_every_n_steps=4,
+        limit_val_batches=1,
+        log_every_n_steps=2,
+        progress_bar=False,
+        trainable=trainable,
+    )
     data = MixtureDataModule(TRAIN, VAL, {"a": 1.0, "b": 1.0}, cfg.batch_size, cfg.max_steps)
     result = train_moe(cfg, data, tmp_path / "run", init_checkpoint=tmp_path / "init")
     return before.state_dict(), load_checkpoint(result.checkpoint).state_dict()
@@ -40,7 +49,9 @@ def test_new_expert_and_router_train_everything_else_stays_bit_identical(tmp_pat
     for key, tensor in before.items():
         group = param_group(key)
         if group == "experts":
-            assert torch.equal(after[key][:2], tensor[:2]), key  # old experts: rows frozen, weight decay undone
+            assert torch.equal(after[key][:2], tensor[:2]), (
+                key
+            )  # old experts: rows frozen, weight decay undone
             assert not torch.equal(after[key][2], tensor[2]), key  # the new expert trained
         elif group == "router":
             assert not torch.equal(after[key], tensor), key
