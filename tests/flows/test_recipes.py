@@ -60,7 +60,13 @@ def extensions(micro_moe):
     )
     reset = extend_with_expert(
         "micro",
-        [*quiet, "recipe=paper", "extension.linear_router=reset", "extension.router_warmup_steps=2"],
+        [
+            *quiet,
+            "recipe=paper",
+            "extension.linear_router=reset",
+            "extension.router_warmup_steps=2",
+            "extension.new_share=0.25",
+        ],
         moe=moes["moe:linear"],
         domain="code",
         tag="paper-reset",
@@ -104,3 +110,15 @@ def test_paper_recipe_with_a_reset_linear_router_and_a_router_warmup(extensions)
     assert warm["train_config"]["max_steps"] == 2 and warm["train_config"]["trainable"] == ["all"]
     assert reset["finetune_steps"] == 4 and "precomputed router" not in reset["divergence"]
     assert reset["recipe"]["linear_router"] == "reset" and reset["recipe"]["router_init"] == "random"
+
+
+def test_new_share_changes_only_the_new_domains_share_of_the_mix(extensions):
+    _, protect, reset = extensions
+    default, quarter = protect["finetune_weights"], reset["finetune_weights"]
+    assert default["code"] == pytest.approx(0.5) and quarter["code"] == pytest.approx(
+        0.25
+    )  # data default: 0.5
+    assert sum(quarter.values()) == pytest.approx(1.0) and set(quarter) == set(default)
+    earlier = [d for d in default if d != "code"]
+    for d in earlier:  # the earlier domains keep their proportions
+        assert quarter[d] / 0.75 == pytest.approx(default[d] / 0.5), d
