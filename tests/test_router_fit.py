@@ -10,6 +10,8 @@ from nexus.model.transformer import Transformer
 from nexus.router_fit import fit_new_expert_routing, moe_layer_inputs, new_expert_loss
 from nexus.upcycling import extend, upcycle
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small matmuls: a second thread only adds contention
+
 
 def _appended(router: str) -> Transformer:
     torch.manual_seed(0)
