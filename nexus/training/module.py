@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from nexus.model.transformer import Transformer, causal_lm_loss
 from nexus.training.config import TrainConfig
+from nexus.training.freeze import FrozenRows, apply_trainable
 from nexus.training.routing_stats import routing_counts, share_metrics
 from nexus.training.schedule import warmup_cosine_scheduler
 
@@ -36,6 +37,7 @@ class CausalLMModule(L.LightningModule):
         self.start_step = 0
         """The global step `fit` started at: > 0 when it resumed from a Lightning checkpoint."""
         self._compiled = False
+        self.frozen_rows: FrozenRows | None = None
 
     def configure_model(self) -> None:
         if self.config.compile and not self._compiled:
@@ -63,11 +65,17 @@ class CausalLMModule(L.LightningModule):
             self.log_dict(metrics)
         return lm_loss + out.aux_loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.frozen_rows is not None:  # after the optimizer step: undo weight decay on frozen rows
+            self.frozen_rows.restore()
+
     def on_train_start(self) -> None:
         self.start_step = self.trainer.global_step
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW; matrices decay, vectors (norm gains) do not."""
+        """AdamW over the trainable parameters (`config.trainable`); matrices decay, vectors (norm gains)
+        do not."""
+        self.frozen_rows = apply_trainable(self.model, self.config.trainable)
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.config.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
