@@ -47,7 +47,7 @@ test-all: install system-deps
 bench: install
 	$(PY) -m benchmarks
 
-# The paper's experiment at CPU scale (docs/results.md); e.g. `make reproduce ARGS="--seeds 0"`.
+# The paper's experiment in the paper's regime at CPU size (docs/results.md); e.g. `make reproduce ARGS="--seeds 0"`.
 reproduce: install
 	$(PY) -m flows.reproduce $(ARGS)
 

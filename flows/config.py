@@ -230,6 +230,28 @@ class ExtensionSection:
     gate_tolerance: float = 0.05
     """Promotion gate: a new version becomes `champion` only when the new domain's held-out perplexity
     improves and every earlier domain's stays within this relative tolerance (0.05: at most 5 % worse)."""
+    # The extension recipe (conf/recipe/*.yaml sets these; `recipe=<name>` picks one):
+    recipe: str = "custom"
+    """The recipe's name, recorded in summaries (conf/recipe/<name>.yaml)."""
+    lam: float | None = None
+    """Non-FFN merge `φ_f = (1 − λ) φ_moe + λ φ_new`; None: the paper's 1/(n+1); 0 keeps the MoE's own."""
+    linear_router: str = "append"
+    """A linear router: keep its trained rows and append a fresh one, or `reset` it whole (the paper's)."""
+    router_init: str = "random"
+    """The new expert's router entry: `random` (linear: a fresh row; Nexus: `P_r(d_new)` as it is) or
+    `data` (fitted on the new and earlier domains' training tokens, nexus.router_fit)."""
+    router_fit_steps: int = 100
+    """Optimiser steps of the `data` router fit (on stored MoE-layer inputs: seconds)."""
+    trainable: list[str] = field(default_factory=lambda: ["all"])
+    """Parameter groups the finetune trains (nexus.training.freeze); `expert:new` is the new expert."""
+    router_warmup_steps: int = 0
+    """Steps of the finetune spent first on the router and the new expert only (part of the budget)."""
+    schedule: str = "rewarm"
+    """Finetune LR: `rewarm` (train.extension's warmup + cosine), `constant`, or `decay` (cosine, no warmup)."""
+    lr_scale: float = 1.0
+    """The finetune's peak LR is `lr_scale · train.extension.lr`."""
+    new_share: float | None = None
+    """The new domain's share of the finetuning mix; None: data.extension_new_share."""
 
 
 @dataclass
@@ -240,6 +262,11 @@ class EvalSection:
     """Per domain and model (None: the whole split)."""
     device: str = "auto"
     """`auto`: a GPU of its own when there is one (leased like a stage's), else the CPU; or `cpu`/`cuda:N`."""
+    divergence_prompts: int = 8
+    """Divergent-token metrics of an extension: held-out prompts per earlier domain (0: off)."""
+    divergence_prompt_len: int = 32
+    divergence_new_tokens: int = 32
+    """Greedy tokens generated per prompt (prompt + continuation must fit the model's context)."""
 
 
 @dataclass
@@ -329,6 +356,7 @@ def validate(cfg: PipelineConfig) -> None:
         check_seed_checkpoint(cfg.seed_checkpoint)
     if not cfg.extension.gate_tolerance >= 0:
         raise ConfigError(f"extension.gate_tolerance must be >= 0, got {cfg.extension.gate_tolerance}")
+    check_recipe(cfg)
     if cfg.eval.split not in ("train", "validation", "test"):
         raise ConfigError(f"eval.split must be train|validation|test, got {cfg.eval.split!r}")
     check_writable_dir(cfg.out_dir, "out_dir")
@@ -341,6 +369,33 @@ def validate(cfg: PipelineConfig) -> None:
             MoEConfig(expert_names=experts, router=router, **cfg.router.moe_options())
         except ConfigError as err:
             raise ConfigError(f"router section: {err}") from err
+
+
+def check_recipe(cfg: PipelineConfig) -> None:
+    """The extension recipe's values (flows/recipes.py applies them)."""
+    from nexus.training.freeze import check_trainable
+    from nexus.upcycling import LINEAR_ROUTER_MODES
+
+    ext = cfg.extension
+    choices = {"linear_router": LINEAR_ROUTER_MODES, "router_init": ("random", "data"),
+               "schedule": ("rewarm", "constant", "decay")}
+    for key, allowed in choices.items():
+        if getattr(ext, key) not in allowed:
+            raise ConfigError(f"extension.{key} must be one of {list(allowed)}, got {getattr(ext, key)!r}")
+    if ext.lam is not None and not 0 <= ext.lam <= 1:
+        raise ConfigError(f"extension.lam must be in [0, 1] or null, got {ext.lam}")
+    if ext.new_share is not None and not 0 < ext.new_share <= 1:
+        raise ConfigError(f"extension.new_share must be in (0, 1] or null, got {ext.new_share}")
+    if ext.lr_scale <= 0 or ext.router_fit_steps < 0 or ext.router_warmup_steps < 0:
+        raise ConfigError("extension.lr_scale must be > 0, router_fit_steps and router_warmup_steps >= 0")
+    if ext.router_warmup_steps >= cfg.train.extension.max_steps:
+        raise ConfigError(f"extension.router_warmup_steps={ext.router_warmup_steps} leaves no finetune "
+                          f"steps of train.extension.max_steps={cfg.train.extension.max_steps}")
+    check_trainable(ext.trainable)
+    if cfg.eval.divergence_prompts and (cfg.eval.divergence_prompt_len + cfg.eval.divergence_new_tokens
+                                        > cfg.model.max_seq_len):
+        raise ConfigError("eval.divergence_prompt_len + divergence_new_tokens exceed model.max_seq_len="
+                          f"{cfg.model.max_seq_len}")
 
 
 def check_seed_checkpoint(path: str) -> None:

@@ -11,6 +11,7 @@ was built on the champion). See flows/models.py for model lines and references.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -25,6 +26,7 @@ from flows.models import (
     versions_built_on,
 )
 from flows.pipeline import knob_overrides, states_of, tracking_context, write_summary
+from flows.recipes import divergence_metrics, finetune_stages, fit_router, recipe_of
 from flows.rounds import (
     ExtensionPlan,
     check_embedder,
@@ -114,27 +116,59 @@ def _extend(cfg: PipelineConfig, plan: ExtensionPlan, shared: Path, out: Path, p
     metadata = {**meta, "domains": [*names, domain], "domain_data": records, "base": base.describe()}
     futures["build-extend"] = submit(build_model,
         "extend", str(out / "extended"), meta["seed_checkpoint"], {"moe": moe, domain: expert},
-        {domain: futures["embed"].result()}, metadata=metadata, init_seed=cfg.router.init_seed, tracking=track)
-    weights = extension_weights(plan.earlier, new, domain)
+        {domain: futures["embed"].result()}, lam=cfg.extension.lam, metadata=metadata,
+        init_seed=cfg.router.init_seed, extend_options={"linear_router": cfg.extension.linear_router},
+        tracking=track)
     dirs = {d: r["data_dir"] for d, r in records.items()}
-    futures["finetune"] = submit(train_stage,
-        "extension", f"extended-{domain}", as_dict(cfg.train.extension), new["dir"], weights,
-        str(out / "finetuned"), hash_json([[r["fingerprint"] for r in records.values()], weights]),
-        init_checkpoint=futures["build-extend"].result(), val_domains=list(records), extra_dirs=dirs,
-        metadata=metadata, torch_threads=cfg.torch_threads, tracking=track)
-    finetuned = futures["finetune"].result()
-    evaluated = {"before": moe, f"expert:{domain}": expert, "appended": futures["build-extend"].result(),
-                 "after": finetuned["checkpoint"]}
-    futures["evaluate"] = evaluate_models.submit(evaluated, dirs, cfg.eval.split, cfg.eval.batch_size,
-                                                 cfg.eval.max_tokens, cfg.torch_threads)
-    results = futures["evaluate"].result()
+    appended = futures["build-extend"].result()
+    if cfg.extension.router_init == "data":
+        futures["fit-router"] = submit(fit_router, appended, str(out / "router-fit"), domain, dirs,
+                                       cfg.extension.router_fit_steps, seed=cfg.train.extension.seed, metadata=metadata,
+                                       tracking=track)
+        appended = futures["fit-router"].result()["checkpoint"]
+    weights = extension_weights(plan.earlier, new, domain, cfg.extension.new_share)
+    init, finetuned = appended, {}
+    for stage, train in finetune_stages(cfg, domain):
+        futures[stage] = submit(train_stage,
+            "extension", f"extended-{domain}" if stage == "finetune" else f"{stage}-{domain}", as_dict(train),
+            new["dir"], weights, str(out / ("finetuned" if stage == "finetune" else stage)),
+            hash_json([[r["fingerprint"] for r in records.values()], weights]), init_checkpoint=init,
+            val_domains=list(records), extra_dirs=dirs, metadata=metadata, torch_threads=cfg.torch_threads,
+            tracking=track)
+        finetuned = futures[stage].result()
+        init = finetuned["checkpoint"]
+    evaluate = functools.partial(evaluate_models.submit, splits=dirs, split=cfg.eval.split,
+                                 batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens,
+                                 torch_threads=cfg.torch_threads)
+    evaluated = {"before": moe, f"expert:{domain}": expert, "appended": appended, "after": finetuned["checkpoint"]}
+    # the base and the new expert once per domain (cached), whatever the recipe or budget
+    futures["evaluate-base"] = evaluate({k: evaluated[k] for k in ("before", f"expert:{domain}")})
+    futures["evaluate"] = evaluate({k: evaluated[k] for k in ("appended", "after")})
+    results = merge_evaluations(futures["evaluate-base"].result(), futures["evaluate"].result())
+    if cfg.eval.divergence_prompts:
+        futures["divergence"] = divergence_metrics.submit(
+            moe, {"appended": appended, "after": finetuned["checkpoint"]}, dict(plan_dirs(plan)), cfg.eval.split,
+            cfg.eval.divergence_prompts, cfg.eval.divergence_prompt_len, cfg.eval.divergence_new_tokens,
+            cfg.torch_threads)
+        results["divergence"] = futures["divergence"].result()
     gate = judge(cfg, plan.line, base, evaluated, results, domain, finetuned.get("registered"), f"+{domain}", parent)
     log.info("promotion gate of %s + %r:\n%s", base.label, domain, gate["table"])
     return {"domain": domain, "tag": tag, "router": base.moe["router"], "moe": moe,
             "moe_version": base.version, "base": base.describe(), "extended": finetuned["checkpoint"],
-            "domains": list(records), "finetune_weights": weights,
-            "finetune_steps": cfg.train.extension.max_steps, **gate["summary"], **results,
-            "states": states_of(futures)}
+            "appended_checkpoint": appended, "domains": list(records), "finetune_weights": weights,
+            "finetune_steps": cfg.train.extension.max_steps, "recipe": recipe_of(cfg),
+            "router_fit": futures["fit-router"].result()["fit"] if "fit-router" in futures else None,
+            **gate["summary"], **results, "states": states_of(futures)}
+
+
+def plan_dirs(plan: ExtensionPlan) -> dict[str, str]:
+    """{earlier domain: its prepared data dir}: where the divergence prompts come from."""
+    return {d: r["data_dir"] for d, r in plan.earlier.items()}
+
+
+def merge_evaluations(*parts: dict) -> dict:
+    """`evaluate_models` results of disjoint model sets, as one."""
+    return {key: {name: value for part in parts for name, value in part[key].items()} for key in parts[0]}
 
 
 @flow(name="extend_from_inbox")

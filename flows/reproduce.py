@@ -1,19 +1,22 @@
-"""`reproduce_paper`: the paper's experiment at CPU scale, several replicates (docs/results.md).
+"""`reproduce_paper`: the paper's experiment in the paper's regime at CPU size, several replicates
+(docs/results.md; experiment `paper_regime`).
 
-Per replicate seed `s` (experts, MoE training, finetunes, data order and router initialisation all
-seeded with `s`; the dense seed model is pretrained once and shared, as the paper branches every
-expert from one seed):
-1. `upcycle_pipeline`: 4 domain experts, Nexus and linear-router MoEs (same data, steps and
+The dense seed is pretrained once, much longer than anything after it (`seed_model`: cached under
+`<out_dir>/seed-<key>`, the key hashing its model, training and data, so replicates and reruns reuse
+it). Per replicate seed `s` (experts, MoE training, finetunes, data order and router initialisation all
+seeded with `s`):
+1. `upcycle_pipeline`: the domain experts, Nexus and linear-router MoEs (same data, steps and
    load-balancing factor), dense merge, the data-matched continued seed;
-2. `extend_with_expert` with the held-out domain, for both routers, at each finetuning budget;
-3. (`ablation_seeds`) the paper's two ablations of the MoE stage: load-balancing factor 0.0005
-   (default 0.05) and uniform instead of size-proportional domain sampling; and the extension's
-   finetuning mix (new-domain share 0.25 and 0.75 instead of 0.5) at the middle budget.
+2. `extend_with_expert` for each held-out domain x router variant (`nexus`, `linear-reset`: the
+   paper's baseline, `linear-append`: the trained rows kept) x extension recipe (conf/recipe/) x
+   finetuning budget;
+3. after every replicate (`ablation_seeds`): the paper's recipe with one factor changed at a time
+   (`RECIPE_ABLATIONS`), at the smallest budget.
 
 Everything lands in `<out_dir>/results.json` (written after every replicate), then
 `flows.results.write_results` turns it into `<out_dir>/results/results.md` and its figures.
 
-    python -m flows.reproduce [--seeds 0 1 2] [--budgets 40 100 200] [--ablation-seeds 0] [overrides...]
+    python -m flows.reproduce [--seeds 0 1 2] [--budgets 4 12] [--ablation-seeds 0] [--seed-only] [overrides...]
 """
 from __future__ import annotations
 
@@ -26,13 +29,26 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.config import as_dict, compose
+from flows.config import PipelineConfig, as_dict, compose
 from flows.extend import extend_with_expert
-from flows.pipeline import moe_phase, tracking_context, upcycle_pipeline
-from flows.tasks import evaluate_models, prepare_data
+from flows.pipeline import _fp, _weights, upcycle_pipeline
+from flows.tasks import prepare_data, submit, train_stage
+from nexus.data.cache import fingerprint as hash_json
 
-ABLATIONS = {"load-balance 0.0005": ["router.load_balance_coef=0.0005"], "uniform sampling": ["data.weighting=uniform"]}
-EXTENSION_ABLATIONS = {f"new share {share}": [f"data.extension_new_share={share}"] for share in (0.25, 0.75)}
+DOMAINS = ("code", "german")
+ROUTERS = {"nexus": "nexus", "linear-reset": "linear", "linear-append": "linear"}
+"""Router variant -> the MoE it extends; `linear-*` set `extension.linear_router`."""
+RECIPES = ("paper", "protect")
+RECIPE_ABLATIONS = {
+    "λ = 0": ["extension.lam=0.0"],
+    "constant LR": ["extension.schedule=constant"],
+    "train new expert + router": ["extension.trainable=[router,expert:new]"],
+    "… + non-FFN": ["extension.trainable=[router,expert:new,non_ffn]"],
+    "router warm-up (2 steps)": ["extension.router_warmup_steps=2"],
+    "data-informed router entry": ["extension.router_init=data"],
+    "new share 0.25": ["extension.new_share=0.25"],
+}
+"""One factor of the `paper` recipe changed at a time (`recipe=paper` plus these overrides)."""
 
 
 def replicate_overrides(seed: int, out_dir: Path, seed_model: str | None) -> list[str]:
@@ -42,81 +58,98 @@ def replicate_overrides(seed: int, out_dir: Path, seed_model: str | None) -> lis
             *([f"seed_checkpoint={seed_model}"] if seed_model else [])]
 
 
-@flow(name="moe_ablation")
-def moe_ablation(experiment: str, overrides: list[str], name: str, checkpoints: dict[str, str]) -> dict:
-    """The MoE stage again under `overrides` (e.g. another load-balancing factor), from the
-    replicate's seed, experts and domain embeddings; returns the MoEs' evaluation."""
-    from nexus.data import open_prepared
+def variant_overrides(variant: str) -> list[str]:
+    return [f"extension.linear_router={variant.removeprefix('linear-')}"] if variant.startswith("linear-") else []
 
-    cfg = compose(experiment, overrides)
-    cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, dense_merge=False, sparse_upcycling=False))
+
+def seed_key(cfg: PipelineConfig, data: dict) -> str:
+    """What the seed depends on: architecture, seed-stage training config, its data and mix."""
+    model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
+    weights = _weights("seed", data, cfg.data.seed_domains)
+    return hash_json([model, cfg.train.seed.identity(), _fp(data, weights)])
+
+
+@flow(name="seed_model")
+def seed_model(experiment: str = "paper_regime", overrides: list[str] | None = None) -> str:
+    """The experiment's dense seed, trained once per config under `<out_dir>/seed-<key>` (a rerun, or
+    another replicate, finds it finished and returns it at once)."""
+    cfg = compose(experiment, overrides or [])
     out = Path(cfg.out_dir).resolve()
-    with tracking_context(cfg, f"moe_ablation:{name}") as parent:
-        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": {},
-                 "upload_checkpoints": cfg.tracking.upload_checkpoints} if parent else None
-        data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
-        domains = list(data["fingerprints"])
-        prepared = open_prepared(data["dir"])
-        embeddings = {d: str(prepared.embedding_path(d)) for d in domains}
-        experts = {d: checkpoints[f"expert:{d}"] for d in domains}
-        meta = {"data_dir": data["dir"], "experiment": cfg.name, "domains": domains,
-                "seed_checkpoint": checkpoints["seed"], "ablation": name}
-        _, trained = moe_phase(cfg, data, checkpoints["seed"], experts, embeddings,
-                               out / "ablations" / name.replace(" ", "-"), meta, track)
-        moes = {f"moe:{k}": f.result()["checkpoint"] for k, f in trained.items()}
-        results = evaluate_models.submit(moes, {d: data["dir"] for d in domains}, cfg.eval.split,
-                                         cfg.eval.batch_size, cfg.eval.max_tokens, cfg.torch_threads).result()
-    return {"name": name, "overrides": ABLATIONS.get(name, []), "checkpoints": moes, **results}
+    data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
+    model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
+    weights = _weights("seed", data, cfg.data.seed_domains)
+    seed_dir = out / f"seed-{seed_key(cfg, data)[:12]}"
+    result = submit(train_stage, "seed", "seed", as_dict(cfg.train.seed), data["dir"], weights, str(seed_dir),
+                    _fp(data, weights), model=model, val_domains=list(weights),
+                    torch_threads=cfg.torch_threads).result()
+    get_run_logger().info("seed model: %s", result["checkpoint"])
+    return result["checkpoint"]
 
 
 @flow(name="reproduce_paper")
-def reproduce_paper(experiment: str = "small", overrides: list[str] | None = None, seeds: list[int] | None = None,
-                    budgets: list[int] | None = None, ablation_seeds: list[int] | None = None,
-                    domain: str = "code") -> dict:
-    """Run the replicates (see the module docstring); returns the results written to
-    `<out_dir>/results.json` and the paths of the generated report."""
+def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | None = None,
+                    seeds: list[int] | None = None, budgets: list[int] | None = None,
+                    ablation_seeds: list[int] | None = None, domains: list[str] | None = None,
+                    recipes: list[str] | None = None, routers: list[str] | None = None,
+                    ablations: dict[str, list[str]] | None = None) -> dict:
+    """Run the replicates (see the module doc); returns the results written to `<out_dir>/results.json`
+    and the paths of the generated report."""
     from flows.results import write_results
     from nexus.io import atomic_write_text
 
     log = get_run_logger()
     overrides, seeds = list(overrides or []), list(seeds if seeds is not None else [0, 1, 2])
-    budgets = list(budgets or [40, 100, 200])
+    budgets, domains = list(budgets or [8, 24]), list(domains or DOMAINS)
+    recipes, routers = list(recipes or RECIPES), list(routers or ROUTERS)
+    ablations = dict(RECIPE_ABLATIONS if ablations is None else ablations)
     ablation_seeds = [s for s in (ablation_seeds if ablation_seeds is not None else seeds[:1]) if s in seeds]
     base = compose(experiment, overrides)
     root = Path(base.out_dir).resolve()
     results: dict = {"experiment": experiment, "overrides": overrides, "seeds": seeds, "budgets": budgets,
-                     "domain": domain, "replicates": {}, "ablations": {}, "extension_ablations": {},
-                     "tokens_per_step": base.train.extension.batch_size * (base.data.seq_len or base.model.max_seq_len)}
-    start, seed_model = time.time(), None
+                     "domains": domains, "routers": routers, "recipes": recipes, "replicates": {},
+                     "recipe_ablations": {}, "ablations": {},
+                     "tokens_per_step": base.train.extension.batch_size * (base.data.seq_len or base.model.max_seq_len),
+                     "steps": {k: getattr(base.train, k).max_steps for k in ("seed", "expert", "moe")}}
+    start = time.time()
+    results["seed_model"] = seed_model(experiment, overrides)
+    results["seed_seconds"] = round(time.time() - start, 1)
+
+    def extend(run: list[str], moes: dict, domain: str, variant: str, recipe: str, steps: int,
+               extra: list[str] | None = None, suffix: str = "") -> dict:
+        tag = f"{variant}-{recipe}-{steps}{suffix}"
+        return extend_with_expert(experiment, [*run, f"recipe={recipe}", *variant_overrides(variant), *(extra or [])],
+                                  domain=domain, moe=moes[f"moe:{ROUTERS[variant]}"], finetune_steps=steps, tag=tag)
+
+    runs = {}
     for seed in seeds:
         began = time.time()
-        run = [*overrides, *replicate_overrides(seed, root / f"seed{seed}", seed_model)]
+        run = [*overrides, *replicate_overrides(seed, root / f"seed{seed}", results["seed_model"])]
         pipeline = upcycle_pipeline(experiment, run)
-        seed_model = seed_model or pipeline["checkpoints"]["seed"]
-        routers = [k.removeprefix("moe:") for k in pipeline["checkpoints"] if k.startswith("moe:")]
-        # the extensions run one after another: give each the whole machine (0: torch's default threads)
-        def extend(router: str, steps: int, extra: list[str] | None = None, suffix: str = "",
-                   run: list[str] = run, moe: dict = pipeline["checkpoints"]) -> dict:
-            return extend_with_expert(experiment, [*run, "torch_threads=0", *(extra or [])], domain=domain,
-                                      moe=moe[f"moe:{router}"], finetune_steps=steps, tag=f"{router}-{steps}{suffix}")
-
-        extensions = {f"{router}/{steps}": extend(router, steps) for router in routers for steps in budgets}
+        runs[seed] = (run, pipeline["checkpoints"])
+        extensions = {f"{d}/{v}/{r}/{b}": extend(run, pipeline["checkpoints"], d, v, r, b)
+                      for d in domains for v in routers for r in recipes for b in budgets}
         results["replicates"][str(seed)] = {"pipeline": pipeline, "extensions": extensions,
                                             "seconds": round(time.time() - began, 1)}
-        if seed in ablation_seeds:
-            results["ablations"][str(seed)] = {
-                name: moe_ablation(experiment, [*run, *extra], name, pipeline["checkpoints"])
-                for name, extra in ABLATIONS.items()}
-            mid = budgets[len(budgets) // 2]
-            results["extension_ablations"][str(seed)] = {
-                name: {router: extend(router, mid, extra, "-" + name.replace(" ", "-")) for router in routers}
-                for name, extra in EXTENSION_ABLATIONS.items()}
         results["seconds"] = round(time.time() - start, 1)
         atomic_write_text(root / "results.json", json.dumps(results, indent=1, default=str))
         log.info("replicate %d done in %.0f s", seed, time.time() - began)
+    for seed in ablation_seeds:  # after every replicate: the main comparison first
+        began = time.time()
+        run, moes = runs[seed]
+        results["recipe_ablations"][str(seed)] = {
+            name: {f"{d}/{v}": extend(run, moes, d, v, "paper", budgets[0], extra, "-" + _slug(name))
+                   for d in domains for v in routers}
+            for name, extra in ablations.items()}
+        results["seconds"] = round(time.time() - start, 1)
+        atomic_write_text(root / "results.json", json.dumps(results, indent=1, default=str))
+        log.info("recipe ablations of replicate %d done in %.0f s", seed, time.time() - began)
     report = write_results(results, root / "results")
     log.info("results: %s (%.0f s)", report["markdown"], results["seconds"])
     return {**results, "report": {k: str(v) for k, v in report.items()}}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.encode("ascii", "ignore").decode()).strip("-").lower()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,17 +157,22 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m flows.reproduce", description=__doc__.split("\n\n")[0],
                                      epilog="Any key=value argument is a Hydra override (e.g. out_dir=...).")
-    parser.add_argument("--experiment", default="small")
+    parser.add_argument("--experiment", default="paper_regime")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[40, 100, 200],
-                        help="finetuning steps of the extension (the paper's 200M / 500M / 1B tokens, scaled)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[4, 12],
+                        help="finetuning steps of the extension (smallest first)")
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=None,
-                        help="replicates that also run the ablations (default: the first seed)")
+                        help="replicates that also run the recipe ablations (default: the first seed)")
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), help="held-out domains to extend with")
+    parser.add_argument("--seed-only", action="store_true", help="train (or find) the cached seed model and stop")
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # Hydra key=value, anywhere
     args = parser.parse_args([a for a in argv if a not in overrides])
     offline_env()
-    out = reproduce_paper(args.experiment, overrides, args.seeds, args.budgets, args.ablation_seeds)
+    if args.seed_only:
+        print(f"\nseed model: {seed_model(args.experiment, overrides)}")
+        return 0
+    out = reproduce_paper(args.experiment, overrides, args.seeds, args.budgets, args.ablation_seeds, args.domains)
     print(f"\nresults: {out['report']['markdown']} ({out['seconds']:.0f} s)")
     return 0
 

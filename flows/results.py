@@ -3,7 +3,10 @@
 
 Perplexities are held-out (the test split); a domain average is the mean of the per-domain
 perplexities; a relative gain of A over B is `(ppl_B − ppl_A) / ppl_B`, computed per seed, then
-averaged (positive: A is better).
+averaged (positive: A is better). Of an extension: the initial domains' change is
+`ppl_after / ppl_before − 1` (before: the MoE before the extension), `worst` the largest over the
+initial domains; the gap closed on the new domain is `(ppl_before − ppl_after) / (ppl_before −
+ppl_expert)` (expert: the new domain's dense expert; 1 = as good as the expert).
 """
 from __future__ import annotations
 
@@ -47,14 +50,16 @@ class Replicates:
 
     def __init__(self, results: Mapping[str, Any]) -> None:
         self.results = results
-        self.runs = [results["replicates"][str(s)] for s in results["seeds"] if str(s) in results["replicates"]]
+        self.seeds = [str(s) for s in results["seeds"] if str(s) in results["replicates"]]
+        self.runs = [results["replicates"][s] for s in self.seeds]
         first = self.runs[0]["pipeline"]
         self.domains: list[str] = list(first["domains"])
         self.models = [m for m in MODELS if m in first["perplexity"]]
-        self.routers = [m.removeprefix("moe:") for m in self.models if m.startswith("moe:")]
         self.budgets: list[int] = list(results["budgets"])
-        self.mid_budget = self.budgets[len(self.budgets) // 2]  # where the finetuning-mix ablation runs
-        self.new: str = results["domain"]
+        self.new_domains: list[str] = list(results["domains"])
+        self.variants: list[str] = list(results["routers"])
+        self.recipes: list[str] = list(results["recipes"])
+        self.tokens_per_step: int = results.get("tokens_per_step", 1)
 
     def ppl(self, model: str) -> list[dict[str, float]]:
         """Per seed: {domain: perplexity, "average": mean over the initial domains}."""
@@ -66,8 +71,156 @@ class Replicates:
             out.append({**row, "average": average(row, self.domains)})
         return out
 
-    def extension(self, router: str, steps: int, model: str = "after") -> list[dict[str, float]]:
-        return [run["extensions"][f"{router}/{steps}"]["perplexity"][model] for run in self.runs]
+    def extensions(self, domain: str, variant: str, recipe: str, budget: int) -> list[dict]:
+        return [run["extensions"][f"{domain}/{variant}/{recipe}/{budget}"] for run in self.runs]
+
+
+def initial_change(ext: Mapping[str, Any], model: str, domains: Sequence[str]) -> tuple[float, float]:
+    """(average, worst) relative change of the initial domains' perplexity, `model` vs `before`."""
+    ppl = ext["perplexity"]
+    changes = [ppl[model][d] / ppl["before"][d] - 1 for d in domains]
+    return float(np.mean(changes)), float(max(changes))
+
+
+def gap_closed(ext: Mapping[str, Any], model: str) -> float:
+    new, ppl = ext["domain"], ext["perplexity"]
+    before, expert = ppl["before"][new], ppl[f"expert:{new}"][new]
+    return (before - ppl[model][new]) / (before - expert) if before != expert else float("nan")
+
+
+def new_expert_shares(ext: Mapping[str, Any], model: str) -> dict[str, float]:
+    """The new expert's top-1 share (layer mean) of every domain's tokens."""
+    from nexus.evaluation.routing import RoutingAnalysis
+
+    routing = RoutingAnalysis.from_dict(ext["routing_analysis"][model])
+    shares = routing.layer_mean("top1_share")[:, routing.experts.index(ext["domain"])]
+    return dict(zip(routing.domains, shares.tolist()))
+
+
+def divergence_summary(ext: Mapping[str, Any], model: str) -> tuple[float, float, float]:
+    """(mean, median first divergent position, share of divergent tokens) over the earlier domains'
+    prompts (a never-diverging prompt counts as the continuation length)."""
+    from nexus.evaluation.divergence import Divergence
+
+    parts = [Divergence.from_dict(v) for v in ext.get("divergence", {}).get(model, {}).values()]
+    if not parts:
+        return float("nan"), float("nan"), float("nan")
+    pooled = Divergence([f for p in parts for f in p.first], float(np.mean([p.share for p in parts])),
+                        parts[0].new_tokens)
+    return pooled.mean_first, pooled.median_first, pooled.share
+
+
+def _row_cells(rep: Replicates, exts: list[dict], model: str) -> list[str]:
+    new = exts[0]["domain"]
+    changes = [initial_change(e, model, rep.domains) for e in exts]
+    shares = [new_expert_shares(e, model) for e in exts]
+    others = [max(v for d, v in s.items() if d != new) for s in shares]
+    fdt = [divergence_summary(e, model) for e in exts]
+    return [fmt(e["perplexity"][model][new] for e in exts), fmt((gap_closed(e, model) for e in exts), 0, True),
+            fmt((c[0] for c in changes), 1, True), fmt((c[1] for c in changes), 1, True),
+            fmt((s[new] for s in shares), 2), fmt(others, 2), fmt((f[0] for f in fdt), 1), fmt((f[2] for f in fdt), 2)]
+
+
+EXTENSION_HEADER = ["new-domain ppl", "gap closed", "initial: avg change", "initial: worst", "new expert: own share",
+                    "new expert: largest other share", "FDT mean", "divergent share"]
+
+
+def extension_table(rep: Replicates, domain: str) -> list[str]:
+    """Per router variant and recipe: right after appending (0 steps), then after each budget."""
+    rows = []
+    for variant in rep.variants:
+        for recipe in rep.recipes:
+            first = rep.extensions(domain, variant, recipe, rep.budgets[0])
+            rows.append([variant, recipe, "0 (appended)", *_row_cells(rep, first, "appended")])
+            for budget in rep.budgets:
+                exts = rep.extensions(domain, variant, recipe, budget)
+                rows.append([variant, recipe, f"{budget} ({budget * rep.tokens_per_step:,})",
+                             *_row_cells(rep, exts, "after")])
+    return _table(["router", "recipe", "finetune steps (tokens)", *EXTENSION_HEADER], rows)
+
+
+def targets_table(rep: Replicates, default: str) -> list[str]:
+    """The issue's acceptance targets, per new domain, for the default recipe at every budget."""
+    rows = []
+    for domain in rep.new_domains:
+        for variant in rep.variants:
+            for budget in rep.budgets:
+                exts = rep.extensions(domain, variant, default, budget)
+                worst = [initial_change(e, "after", rep.domains)[1] for e in exts]
+                gaps = [gap_closed(e, "after") for e in exts]
+                own = [new_expert_shares(e, "after")[domain] for e in exts]
+                appended = [new_expert_shares(e, "appended") for e in exts]
+                largest = [max(s, key=s.get) == domain for s in appended]
+                rows.append([domain, variant, budget, _verdict(worst, lambda v: v <= 0.02, 1, True),
+                             _verdict(gaps, lambda v: v >= 0.8, 0, True), _verdict(own, lambda v: v >= 0.5, 2),
+                             f"{sum(largest)}/{len(largest)} seeds"])
+    return _table(["new domain", "router", "finetune steps", "initial domains within 2 % (worst)",
+                   "gap closed >= 80 %", "own share >= 0.50", "own domain largest right after appending"], rows)
+
+
+def _verdict(values: list[float], ok: Callable[[float], bool], digits: int, percent: bool = False) -> str:
+    mean = mean_std(values)[0]
+    return f"{fmt(values, digits, percent)} ({'met' if ok(mean) else 'missed'})"
+
+
+def router_gains_table(rep: Replicates) -> list[str]:
+    """Nexus vs each linear variant on the new domain and on the initial domains (per recipe, budget)."""
+    rows = []
+    others = [v for v in rep.variants if v != "nexus"]
+    for domain in rep.new_domains:
+        for recipe in rep.recipes:
+            for budget in rep.budgets:
+                nexus = rep.extensions(domain, "nexus", recipe, budget)
+                row = [domain, recipe, budget]
+                for other in others:
+                    base = rep.extensions(domain, other, recipe, budget)
+                    row.append(fmt((gain(n["perplexity"]["after"][domain], b["perplexity"]["after"][domain])
+                                    for n, b in zip(nexus, base)), 1, True))
+                rows.append(row)
+    return _table(["new domain", "recipe", "finetune steps", *(f"Nexus vs {o} on the new domain" for o in others)],
+                  rows)
+
+
+def precomputed_check(rep: Replicates) -> str:
+    """How often the precomputed Nexus router's greedy output differed from the live router's."""
+    checks = [d for run in rep.runs for e in run["extensions"].values()
+              for d in e.get("divergence", {}).get("precomputed router", {}).values()]
+    diverged = sum(1 for d in checks for f in d["first"] if f is not None)
+    prompts = sum(len(d["first"]) for d in checks)
+    return (f"Precomputed vs live Nexus router (every Nexus MoE before an extension, {prompts} prompts): "
+            f"{diverged} prompts diverged, divergent-token share "
+            f"{max((d['share'] for d in checks), default=float('nan')):.3f} at most.")
+
+
+def ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
+    """The `paper` recipe with one factor changed (seeds of `recipe_ablations`, smallest budget)."""
+    ablations = results.get("recipe_ablations", {})
+    seeds = list(ablations)
+    if not seeds:
+        return []
+    budget = rep.budgets[0]
+    names = [*(["paper (as is)"] if "paper" in rep.recipes else []), *ablations[seeds[0]]]
+    rows = []
+    for domain in rep.new_domains:
+        for variant in rep.variants:
+            for name in names:
+                exts = ([results["replicates"][s]["extensions"][f"{domain}/{variant}/paper/{budget}"] for s in seeds]
+                        if name == "paper (as is)" else [ablations[s][name][f"{domain}/{variant}"] for s in seeds])
+                rows.append([domain, variant, name, *_row_cells(rep, exts, "after")])
+    return _table(["new domain", "router", "recipe", *EXTENSION_HEADER], rows)
+
+
+def cosine_table(rep: Replicates) -> list[str]:
+    """MiniLM cosine of every new domain's embedding with each initial domain's (from the run's files)."""
+    from nexus.evaluation.embeddings import EmbeddingGeometry
+
+    rows = []
+    for domain in rep.new_domains:
+        ext = rep.extensions(domain, "nexus", rep.recipes[0], rep.budgets[0])[0]
+        geometry = EmbeddingGeometry.from_dict(ext["embeddings"]["appended"])
+        i = geometry.names.index(domain)
+        rows.append([domain, *(f"{geometry.domain_similarity[i][geometry.names.index(d)]:.2f}" for d in rep.domains)])
+    return _table(["new domain", *rep.domains], rows)
 
 
 def main_table(rep: Replicates) -> list[str]:
@@ -87,181 +240,74 @@ def gains_table(rep: Replicates) -> list[str]:
     return _table(["Nexus MoE", *cols], rows)
 
 
-def extension_rows(rep: Replicates) -> tuple[list[str], dict]:
-    """Table of the new domain's and the old domains' perplexity per budget, and the curves."""
-    tokens = rep.results.get("tokens_per_step", 1)
-    curves: dict[str, dict] = {f"new domain `{rep.new}`": {}, "initial domains (average)": {}}
-    rows = []
-    for router in rep.routers:
-        points = [(0, rep.extension(router, rep.budgets[0], "appended"))]
-        points += [(steps, rep.extension(router, steps)) for steps in rep.budgets]
-        before = [average(p, rep.domains) for p in rep.extension(router, rep.budgets[0], "before")]
-        for steps, per_seed in points:
-            old = [average(p, rep.domains) for p in per_seed]
-            rows.append([router, steps, f"{steps * tokens / 1000:.0f}k", fmt(p[rep.new] for p in per_seed),
-                         fmt(old), fmt((gain(o, b) for o, b in zip(old, before)), 1, True)])
-        x = [s * tokens / 1000 for s, _ in points]
-        for panel, value in zip(curves, (lambda p: p[rep.new], lambda p: average(p, rep.domains))):
-            stats = [mean_std(value(p) for p in per_seed) for _, per_seed in points]
-            curves[panel][router] = (x, [m for m, _ in stats], [s for _, s in stats])
-    header = ["router", "finetune steps", "tokens", f"`{rep.new}` ppl", "initial domains avg ppl",
-              "initial domains: gain over the MoE before the extension"]
-    return _table(header, rows), curves
-
-
-def extension_gains(rep: Replicates) -> list[str]:
-    if not {"nexus", "linear"} <= set(rep.routers):
-        return []
-    rows = []
-    for steps in ["appended", *rep.budgets]:
-        model, budget = ("appended", rep.budgets[0]) if steps == "appended" else ("after", steps)
-        pairs = list(zip(rep.extension("nexus", budget, model), rep.extension("linear", budget, model)))
-        rows.append([steps if steps != "appended" else "0 (appended)",
-                     fmt((gain(n[rep.new], lin[rep.new]) for n, lin in pairs), 1, True),
-                     fmt((gain(average(n, rep.domains), average(lin, rep.domains)) for n, lin in pairs), 1, True)])
-    return _table(["finetune steps", f"Nexus vs linear on `{rep.new}`", "Nexus vs linear, initial domains avg"], rows)
-
-
-def routing_table(rep: Replicates) -> list[str]:
-    """Own-domain expert's top-1 share per domain (paper Fig. 4), and the new expert's share of the
-    new domain's tokens after each extension (Fig. 5)."""
-    from nexus.evaluation.routing import RoutingAnalysis
-
-    rows = []
-    for router in rep.routers:
-        shares = [RoutingAnalysis.from_dict(run["pipeline"]["routing_analysis"][f"moe:{router}"]).own_expert_share()
-                  for run in rep.runs]
-        rows.append([f"`moe:{router}`", *(fmt((s[d] for s in shares), 2) for d in rep.domains), "–"])
-        for steps in [0, *rep.budgets]:
-            key, model = (f"{router}/{rep.budgets[0]}", "appended") if steps == 0 else (f"{router}/{steps}", "after")
-            ext = [RoutingAnalysis.from_dict(run["extensions"][key]["routing_analysis"][model]).own_expert_share()
-                   for run in rep.runs]
-            rows.append([f"`moe:{router}` + `{rep.new}`, {steps} steps", *(fmt((s[d] for s in ext), 2) for d in rep.domains),
-                         fmt((s[rep.new] for s in ext), 2)])
-    return _table(["model", *rep.domains, rep.new], rows)
-
-
-def ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
-    from nexus.evaluation.routing import RoutingAnalysis
-
-    seeds = [s for s in results["ablations"]]
-    if not seeds:
-        return []
-
-    def stats(source: Callable[[str], dict], router: str) -> tuple[list[float], list[float]]:
-        avg = [average(source(s)["perplexity"][f"moe:{router}"], rep.domains) for s in seeds]
-        own = [float(np.mean(list(RoutingAnalysis.from_dict(source(s)["routing_analysis"][f"moe:{router}"])
-                                   .own_expert_share().values()))) for s in seeds]
-        return avg, own
-
-    variants: dict[str, Callable[[str], dict]] = {
-        "default (0.05, proportional)": lambda s: results["replicates"][s]["pipeline"]}
-    for name in results["ablations"][seeds[0]]:
-        variants[name] = lambda s, name=name: results["ablations"][s][name]
-    rows = []
-    for name, source in variants.items():
-        nexus_avg, nexus_own = stats(source, "nexus")
-        linear_avg, linear_own = stats(source, "linear")
-        rows.append([name, fmt(nexus_avg), fmt(linear_avg), fmt((gain(n, lin) for n, lin in zip(nexus_avg, linear_avg)), 1, True),
-                     fmt(nexus_own, 2), fmt(linear_own, 2)])
-    return _table(["MoE stage", "Nexus avg ppl", "linear avg ppl", "Nexus vs linear", "Nexus own-domain share",
-                   "linear own-domain share"], rows)
-
-
-def extension_ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
-    """The finetuning mix at the middle budget: the replicate's default (new share 0.5) vs the ablations."""
-    ablations = results.get("extension_ablations", {})
-    seeds = list(ablations)
-    if not seeds:
-        return []
-    variants: dict[str, Callable[[str, str], dict]] = {
-        "new share 0.5 (default)": lambda s, router: results["replicates"][s]["extensions"][f"{router}/{rep.mid_budget}"]}
-    for name in ablations[seeds[0]]:
-        variants[name] = lambda s, router, name=name: ablations[s][name][router]
-    rows = []
-    for name, source in variants.items():
-        row = [name]
-        for router in rep.routers:
-            after = [source(s, router)["perplexity"]["after"] for s in seeds]
-            before = [average(source(s, router)["perplexity"]["before"], rep.domains) for s in seeds]
-            old = [average(p, rep.domains) for p in after]
-            row += [fmt(p[rep.new] for p in after), fmt(old), fmt((gain(o, b) for o, b in zip(old, before)), 1, True)]
-        rows.append(row)
-    header = ["finetuning mix", *(f"{r}: {c}" for r in rep.routers for c in
-                                  (f"`{rep.new}` ppl", "initial avg ppl", "initial vs before"))]
-    return _table(header, rows)
-
-
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write `results.md` and `figures/*.png` for a `reproduce_paper` result; returns their paths."""
     from nexus.evaluation.embeddings import EmbeddingGeometry
-    from nexus.evaluation.plots import plot_curves, plot_embedding_similarity, plot_perplexity, plot_routing
+    from nexus.evaluation.plots import plot_embedding_similarity, plot_perplexity, plot_routing
     from nexus.evaluation.routing import RoutingAnalysis
     from nexus.io import atomic_write_text
 
     out, rep = Path(out_dir), Replicates(results)
     fig = out / "figures"
-    first = rep.runs[0]
-    seeds = ", ".join(str(s) for s in results["seeds"] if str(s) in results["replicates"])
+    seeds = ", ".join(rep.seeds)
+    default = default_recipe(rep)
     paths = {"perplexity": plot_perplexity({m: mean_std_row(rep.ppl(m)) for m in rep.models}, fig / "perplexity.png",
                                            f"Held-out perplexity, mean over seeds {seeds} (lower is better)")}
-    table, curves = extension_rows(rep)
-    before = {panel: {} for panel in curves}
-    for router in rep.routers:
-        old = [average(p, rep.domains) for p in rep.extension(router, rep.budgets[0], "before")]
-        before["initial domains (average)"][router] = mean_std(old)[0]
-    paths["extension"] = plot_curves(curves, fig / "extension_curves.png", "finetuning tokens (thousands)",
-                                     {p: "held-out perplexity" for p in curves},
-                                     f"Extension with `{rep.new}`: mean ± std over seeds {seeds}", before,
-                                     "{} MoE before the extension")
-    for router in rep.routers:
-        paths[f"routing_{router}"] = plot_routing(
-            RoutingAnalysis.from_dict(first["pipeline"]["routing_analysis"][f"moe:{router}"]),
-            fig / f"routing_{router}.png", title=f"moe:{router} (seed {results['seeds'][0]}): top-1 routing share")
-        ext = first["extensions"][f"{router}/{rep.budgets[-1]}"]["routing_analysis"]["after"]
-        paths[f"routing_{router}_extended"] = plot_routing(
-            RoutingAnalysis.from_dict(ext), fig / f"routing_{router}_extended.png",
-            title=f"moe:{router} + {rep.new}, {rep.budgets[-1]} finetune steps: top-1 routing share")
-    # Fig. 8 with the new domain: the Nexus MoE right after `rep.new`'s expert is appended
-    appended = first["extensions"].get(f"nexus/{rep.budgets[0]}", {}).get("embeddings", {}).get("appended")
-    if appended:
-        paths["embeddings"] = plot_embedding_similarity(
-            EmbeddingGeometry.from_dict(appended), fig / "embeddings.png",
-            f"Domain embeddings d_i vs expert embeddings e_i (cosine): moe:nexus + {rep.new}, "
-            f"appended (seed {results['seeds'][0]})")
-
+    for domain in rep.new_domains:
+        ext = rep.extensions(domain, "nexus", default, rep.budgets[-1])[0]
+        for model in ("appended", "after"):
+            paths[f"routing_{domain}_{model}"] = plot_routing(
+                RoutingAnalysis.from_dict(ext["routing_analysis"][model]), fig / f"routing_nexus_{domain}_{model}.png",
+                title=f"moe:nexus + {domain} ({default}, {'appended' if model == 'appended' else f'{rep.budgets[-1]} steps'},"
+                      f" seed {rep.seeds[0]}): top-1 routing share")
+        paths[f"embeddings_{domain}"] = plot_embedding_similarity(
+            EmbeddingGeometry.from_dict(ext["embeddings"]["appended"]), fig / f"embeddings_{domain}.png",
+            f"Domain vs expert embeddings (cosine): moe:nexus + {domain}, appended (seed {rep.seeds[0]})")
+    steps = results.get("steps", {})
     lines = [f"# Results: `{results['experiment']}`, seeds {seeds}", "",
              f"Regenerate: `{command(results)}`.", "",
-             f"Wall time {results.get('seconds', 0) / 60:.1f} min; per replicate "
+             f"Wall time {results.get('seconds', 0) / 60:.1f} min (seed model {results.get('seed_seconds', 0) / 60:.1f} "
+             "min, 0 when cached); per replicate "
              + ", ".join(f"seed {s}: {r['seconds'] / 60:.1f} min" for s, r in results["replicates"].items()) + ".",
+             (f"Steps: seed {steps.get('seed')}, each expert {steps.get('expert')}, each MoE {steps.get('moe')}; "
+             f"finetunes {', '.join(map(str, rep.budgets))} ({rep.tokens_per_step} tokens a step)."),
              "Every cell: mean ± standard deviation over the seeds. Perplexity on the held-out test split.", "",
              "## Held-out perplexity after upcycling", "", *main_table(rep), "",
              f"![perplexity]({paths['perplexity'].relative_to(out)})", "",
              "## Relative gain of the Nexus MoE (positive: Nexus has the lower perplexity)", "", *gains_table(rep), "",
-             f"## Extension with `{rep.new}`", "",
-             "Step 0 is the MoE right after the new expert is appended (no finetuning).", "", *table, "",
-             *extension_gains(rep), "", f"![extension]({paths['extension'].relative_to(out)})", "",
-             "## Routing: top-1 share of the own-domain expert (layer mean)", "", *routing_table(rep), ""]
-    lines += [f"![{k}]({p.relative_to(out)})" for k, p in paths.items() if k.startswith(("routing", "embeddings"))]
+             "## New domains: MiniLM cosine with the initial domains", "", *cosine_table(rep), ""]
+    for domain in rep.new_domains:
+        lines += [f"## Extension with `{domain}`", "",
+                  ("0 steps: right after appending. Shares: the new expert's top-1 share (layer mean); FDT: first "
+                  "divergent token of the MoE's greedy continuations of the initial domains' held-out prompts."), "",
+                  *extension_table(rep, domain), ""]
+    lines += [f"## Targets (recipe `{default}`)", "", *targets_table(rep, default), "",
+              "## Nexus vs the linear router after the extension", "", *router_gains_table(rep), "",
+              precomputed_check(rep), ""]
     ablations = ablation_table(results, rep)
     if ablations:
-        lines += ["", f"## Ablations of the MoE stage (seeds {', '.join(results['ablations'])})", "", *ablations]
-    mixes = extension_ablation_table(results, rep)
-    if mixes:
-        seeds_run = ", ".join(results["extension_ablations"])
-        lines += ["", f"## Ablation of the extension's finetuning mix ({rep.mid_budget} steps, seeds {seeds_run})",
-                  "", *mixes]
+        lines += [(f"## Recipe ablations (`paper` with one factor changed; {rep.budgets[0]} steps, seeds "
+                  f"{', '.join(results['recipe_ablations'])})"), "", *ablations, ""]
+    lines += [f"![{k}]({p.relative_to(out)})" for k, p in paths.items() if k != "perplexity"]
     paths["markdown"] = out / "results.md"
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
     return paths
 
 
+def default_recipe(rep: Replicates) -> str:
+    """The product's default recipe (conf/config.yaml) if the run has it, else its last recipe."""
+    from flows.config import compose
+
+    name = compose(None, check=False).extension.recipe
+    return name if name in rep.recipes else rep.recipes[-1]
+
+
 def command(results: Mapping[str, Any]) -> str:
     """The `python -m flows.reproduce` command line that produces `results`."""
-    ablations = " ".join(map(str, results["ablations"])) if results["ablations"] else ""
+    ablations = " ".join(map(str, results["recipe_ablations"])) if results.get("recipe_ablations") else ""
     return " ".join(["python -m flows.reproduce", f"--experiment {results['experiment']}",
                      "--seeds", *map(str, results["seeds"]), "--budgets", *map(str, results["budgets"]),
-                     f"--ablation-seeds {ablations}".rstrip(), *results["overrides"]])
+                     f"--ablation-seeds {ablations}".rstrip(), "--domains", *results["domains"], *results["overrides"]])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ before Prefect is even imported), its finetuning mix, its promotion gate and how
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,12 +182,16 @@ def round_report(summary: dict) -> str:
                         if siblings else []))
 
 
-def extension_weights(earlier: dict[str, dict], new: dict, domain: str) -> dict[str, float]:
-    """The finetuning mix: `extension_new_share` of the new domain, the rest over every earlier domain
-    (each read from where it was prepared)."""
+def extension_weights(earlier: dict[str, dict], new: dict, domain: str, share: float | None = None
+                      ) -> dict[str, float]:
+    """The finetuning mix: `share` (None: the data config's `extension_new_share`) of the new domain, the
+    rest over every earlier domain (each read from where it was prepared)."""
     from nexus.data import MixtureConfig, open_prepared, stage_weights
 
     opened = {p: open_prepared(p) for p in {r["data_dir"] for r in earlier.values()}}
     counts = {d: opened[r["data_dir"]].token_counts()[d] for d, r in earlier.items()}
     counts[domain] = new["token_counts"][domain]
-    return stage_weights("extension", counts, list(earlier), MixtureConfig(**new["config"]["mixture"]), domain=domain)
+    mixture = MixtureConfig(**new["config"]["mixture"])
+    if share is not None:
+        mixture = dataclasses.replace(mixture, extension_new_share=share)
+    return stage_weights("extension", counts, list(earlier), mixture, domain=domain)

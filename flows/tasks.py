@@ -285,9 +285,10 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
 @task(task_run_name="build-{kind}", **CACHED)
 def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], embeddings: dict[str, str] | None = None,
                 moe_options: dict | None = None, lam: float | None = None, metadata: dict | None = None,
-                init_seed: int = 0, tracking: dict | None = None) -> str:
+                init_seed: int = 0, extend_options: dict | None = None, tracking: dict | None = None) -> str:
     """Combine checkpoints (nexus.upcycling): kind `nexus`/`linear` (upcycle), `merge` (dense merge),
-    `sparse` (sparse upcycling of the seed), `extend` (`experts` = {"moe": path, <new domain>: path})."""
+    `sparse` (sparse upcycling of the seed), `extend` (`experts` = {"moe": path, <new domain>: path};
+    `extend_options`: further keywords of `extend`, e.g. `linear_router`)."""
     from nexus.checkpoint import load_checkpoint, save_checkpoint
     from nexus.data import load_domain_embeddings
     from nexus.upcycling import extend, merge_dense, sparse_upcycle, upcycle
@@ -298,7 +299,7 @@ def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], emb
     emb = load_domain_embeddings(list(embeddings.values()), names)[1] if embeddings else None
     if kind == "extend":
         model = extend(load["moe"], load[names[0]], domain_embedding=emb[0] if emb is not None else None,
-                       name=names[0], lam=lam, init_seed=init_seed)
+                       name=names[0], lam=lam, init_seed=init_seed, **(extend_options or {}))
     elif kind == "merge":
         model = merge_dense(load_checkpoint(seed), [load[n] for n in names])
     elif kind == "sparse":

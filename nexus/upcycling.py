@@ -21,6 +21,8 @@ from nexus.errors import IncompatibleModelsError
 from nexus.model.transformer import Transformer
 
 _FFN_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.")
+LINEAR_ROUTER_MODES = ("append", "reset")
+"""How `extend` treats a linear router: keep the trained rows and append a fresh one, or re-draw all."""
 
 
 def is_ffn_key(name: str) -> bool:
@@ -180,13 +182,16 @@ def extend(
     name: str | None = None,
     lam: float | None = None,
     init_seed: int = 0,
+    linear_router: str = "append",
 ) -> Transformer:
     """Append one dense expert to a trained MoE (paper §3, "Efficient adaptation to new domains").
 
     The new expert's FFN is appended to every block's routed experts; old experts, the shared
     expert and the Nexus projection are untouched (the router needs no restart: `e_new = P_r(d_new)`).
     Non-FFN parameters become `φ_f = (1 − λ) · φ_moe + λ · φ_new` with `λ = 1/(n+1)` by default.
-    A linear router gets a freshly initialised row for the new expert (from `init_seed`)."""
+    A linear router keeps its trained rows and gets a freshly initialised one for the new expert
+    (`linear_router="append"`), or is re-initialised whole (`"reset"`: the paper's baseline, §5.2
+    "the router weights are reset after extending the MoE layers"); fresh rows come from `init_seed`."""
     mcfg = _check_moe(moe)
     n = mcfg.n_experts
     name = name if name is not None else f"expert_{n}"
@@ -198,6 +203,9 @@ def extend(
     lam = 1.0 / (n + 1) if lam is None else float(lam)
     if not 0.0 <= lam <= 1.0:
         raise IncompatibleModelsError(f"lambda must be in [0, 1], got {lam}")
+    if linear_router not in LINEAR_ROUTER_MODES:
+        raise IncompatibleModelsError(f"linear_router must be one of {LINEAR_ROUTER_MODES}, got {linear_router!r}")
+    reset = mcfg.router == "linear" and linear_router == "reset"
 
     out = _resized_moe(moe, [*mcfg.expert_names, name], init_seed)
     state, old, new = out.state_dict(), moe.state_dict(), new_expert.state_dict()
@@ -206,6 +214,8 @@ def extend(
     for key, tensor in old.items():
         if not is_ffn_key(key):
             continue
+        if key.endswith("router.weight") and reset:
+            continue  # every row stays as `_resized_moe` drew it
         if ".ffn.experts." in key or key.endswith("router.weight"):
             state[key][:n].copy_(tensor)  # old rows; row n is the new expert / fresh router row
         else:

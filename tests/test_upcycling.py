@@ -97,6 +97,41 @@ def test_extend_keeps_old_experts_and_applies_lambda_exactly(family, router):
         assert torch.equal(ext.domain_embeddings[:3], D) and torch.equal(ext.domain_embeddings[3], d_new)
 
 
+@pytest.mark.parametrize("router", ["nexus", "linear"])
+def test_extend_with_lambda_zero_keeps_every_non_ffn_weight_exactly(family, router):
+    seed, experts, D = family
+    moe = upcycle(seed, experts, domain_embeddings=D, router=router)
+    ext = extend(moe, dense(), domain_embedding=torch.randn(M), name="code", lam=0.0)
+    for key in non_ffn_keys(moe):
+        assert torch.equal(ext.state_dict()[key], moe.state_dict()[key]), key
+    assert not torch.equal(extend(moe, dense(), domain_embedding=torch.randn(M), lam=0.5).tok_emb.weight,
+                           moe.tok_emb.weight)
+
+
+def test_linear_router_reset_redraws_every_row_and_append_keeps_the_trained_ones(family):
+    seed, experts, D = family
+    moe = upcycle(seed, experts, router="linear", init_seed=1)
+    with torch.no_grad():
+        for block in moe.blocks:
+            block.ffn.router.weight.mul_(3.0)  # "trained" rows, unlike any fresh draw
+    appended = extend(moe, dense(), name="code", init_seed=7)
+    reset = extend(moe, dense(), name="code", init_seed=7, linear_router="reset")
+    for block, old, app in zip(reset.blocks, moe.blocks, appended.blocks):
+        w, w_old = block.ffn.router.weight, old.ffn.router.weight
+        assert w.shape == (4, 32)
+        assert all(not torch.equal(w[i], w_old[i]) for i in range(3))  # every old row re-initialised
+        assert torch.equal(app.ffn.router.weight[:3], w_old)
+        assert torch.equal(w[3], app.ffn.router.weight[3])  # both draw the new row from init_seed
+        assert w.std() < w_old.std() / 2  # the fresh init scale, not the trained rows'
+    again = extend(moe, dense(), name="code", init_seed=7, linear_router="reset")
+    assert torch.equal(again.blocks[0].ffn.router.weight, reset.blocks[0].ffn.router.weight)
+    nexus = upcycle(seed, experts, domain_embeddings=D)  # a Nexus router has no rows to reset
+    ext = extend(nexus, dense(), domain_embedding=torch.randn(M), linear_router="reset")
+    assert torch.equal(ext.blocks[0].ffn.router.proj.w_in.weight, nexus.blocks[0].ffn.router.proj.w_in.weight)
+    with pytest.raises(IncompatibleModelsError, match="linear_router"):
+        extend(moe, dense(), linear_router="keep")
+
+
 def test_extend_leaves_old_expert_outputs_unchanged(family):
     seed, experts, D = family
     moe = upcycle(seed, experts, domain_embeddings=D)
@@ -170,7 +205,7 @@ def test_compatibility_ignores_init_settings_and_resolves_kv_heads():
 
 
 def test_fresh_router_initialisation_is_deterministic_and_leaves_global_rng_alone(family):
-    seed, experts, D = family
+    seed, experts, _ = family
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)

@@ -130,7 +130,7 @@ FORMATS: dict[str, tuple[tuple[str, ...], Parser]] = {
     "dictd": (("*.index",), _dictd),
     "rst": (("*.rst.txt", "*.rst"), _whole),
     "jargon": (("jargon.txt.gz", "jargon.txt"), _jargon),
-    "fortunes": (("fortunes/*",), _fortunes),
+    "fortunes": (("fortunes/*", "fortunes/*/*"), _fortunes),  # fortunes/<language>/* (e.g. fortunes-de)
     "python": (("*.py",), _python),
 }
 

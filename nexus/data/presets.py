@@ -29,6 +29,9 @@ DEMO_PACKAGES: dict[str, dict[str, str]] = {
     "python-docs": {"python3-doc": "rst"},
     "lore": {"jargon-text": "jargon", "fortunes": "fortunes"},
 }
+# Held-out domains for extensions, besides the stdlib's `code`: one that no initial domain documents
+# (German quotes, jokes, proverbs and recipes; MiniLM cosine < 0.3 with every initial domain, docs/results.md).
+HELD_OUT_PACKAGES: dict[str, dict[str, str]] = {"german": {"fortunes-de": "fortunes"}}
 # domain (a subfolder of the fixture corpora) -> format
 TINY_FORMATS: dict[str, str] = {
     "dictionary": "dictd", "kernel-docs": "rst", "python-docs": "rst", "lore": "jargon", "code": "python",
@@ -39,6 +42,7 @@ def demo_config(**overrides: Any) -> DataConfig:
     """The demo experiment; `overrides` replace DataConfig fields (e.g. out_dir, cache_dir)."""
     domains = [DomainConfig.debian(name, pkgs, skip_undecodable=True) for name, pkgs in DEMO_PACKAGES.items()]
     domains.append(DomainConfig("code", (SourceConfig("stdlib"),), held_out=True))
+    domains += [DomainConfig.debian(name, pkgs, held_out=True) for name, pkgs in HELD_OUT_PACKAGES.items()]
     cfg = DataConfig(
         experiment="demo", domains=tuple(domains),
         tokenizer=TokenizerConfig(vocab_size=4096, sample_chars_per_domain=2_000_000),

@@ -44,6 +44,8 @@ class TrainConfig:
     limit_val_batches: int = 8
     """Validation batches per domain."""
     seed: int = 0
+    trainable: list[str] = dataclasses.field(default_factory=lambda: ["all"])
+    """Parameter groups this stage trains (nexus.training.freeze): `all`, or e.g. `[router, expert:code]`."""
     accelerator: str = "auto"
     devices: int | str = "auto"
     """Devices (processes) of this stage: a number, or "auto" = 1 (never "all GPUs": the pipeline
@@ -67,6 +69,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.trainable = list(self.trainable)
+        from nexus.training.freeze import check_trainable
+
+        check_trainable(self.trainable)
         for key in ("max_steps", "batch_size", "grad_accum_steps", "val_every_n_steps", "limit_val_batches",
                     "log_every_n_steps", "checkpoint_every_n_steps"):
             if getattr(self, key) < 1:

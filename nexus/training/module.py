@@ -28,6 +28,7 @@ import torch
 from nexus.model.moe import load_balance_loss
 from nexus.model.transformer import Block, ModelOutput, Transformer
 from nexus.training.config import TrainConfig
+from nexus.training.freeze import FrozenRows, apply_trainable
 from nexus.training.loss import chunked_cross_entropy
 from nexus.training.routing_stats import routing_counts, share_metrics
 from nexus.training.schedule import warmup_cosine_scheduler
@@ -45,6 +46,7 @@ class CausalLMModule(L.LightningModule):
         self.start_step = 0
         """The global step `fit` started at: > 0 when it resumed from a Lightning checkpoint."""
         self._configured = False
+        self.frozen_rows: FrozenRows | None = None
 
     def configure_model(self) -> None:
         if self._configured:  # Lightning calls it again for every fit/validate
@@ -103,11 +105,17 @@ class CausalLMModule(L.LightningModule):
             self.log_dict(metrics)
         return lm_loss + aux_loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.frozen_rows is not None:  # after the optimizer step: undo weight decay on frozen rows
+            self.frozen_rows.restore()
+
     def on_train_start(self) -> None:
         self.start_step = self.trainer.global_step
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW; matrices decay, vectors (norm gains) do not."""
+        """AdamW over the trainable parameters (`config.trainable`); matrices decay, vectors (norm gains)
+        do not."""
+        self.frozen_rows = apply_trainable(self.model, self.config.trainable)
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.config.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]

@@ -20,10 +20,11 @@ CORPORA = Path(__file__).parents[1] / "fixtures" / "corpora"
 def test_presets_have_four_initial_domains_and_held_out_code():
     for cfg in (demo_config(), tiny_config(CORPORA)):
         assert cfg.initial_domains == ["dictionary", "kernel-docs", "python-docs", "lore"]
-        assert cfg.held_out_domains == ["code"]
+    assert tiny_config(CORPORA).held_out_domains == ["code"]
+    assert demo_config().held_out_domains == ["code", "german"]
     assert demo_config().resolved_out_dir() == "outputs/data/demo"
     assert {s.package for d in demo_config().domains for s in d.sources if s.kind == "debian"} == {
-        "dict-gcide", "linux-doc", "python3-doc", "jargon-text", "fortunes"}
+        "dict-gcide", "linux-doc", "python3-doc", "jargon-text", "fortunes", "fortunes-de"}
 
 
 def test_duplicate_domain_names_are_a_data_error_naming_the_domain():

@@ -85,3 +85,14 @@ def test_bad_jsonl_line_names_file_line_and_key(tmp_path, line, match):
     with pytest.raises(DataError, match=match) as err:
         docs(tmp_path, "jsonl")
     assert f"{f}:2" in str(err.value) and "'dom'" in str(err.value)
+
+
+def test_fortunes_in_a_language_subfolder_are_read_and_their_indexes_skipped(tmp_path):
+    """The layout of fortunes-de (`usr/share/games/fortunes/de/<file>` next to `<file>.dat` indexes)."""
+    lang = tmp_path / "usr" / "share" / "games" / "fortunes" / "de"
+    lang.mkdir(parents=True)
+    (lang / "zitate").write_text("Erster Spruch.\n%\nZweiter Spruch.\n")
+    (lang / "zitate.dat").write_bytes(b"\x00\x02binary index")
+    (tmp_path / "usr" / "share" / "games" / "fortunes" / "top").write_text("Top level.\n")
+    assert sorted(t.strip() for t, _ in docs(tmp_path, "fortunes")) == ["Erster Spruch.", "Top level.",
+                                                                        "Zweiter Spruch."]

@@ -1,8 +1,8 @@
 """A model line extended round after round, the way a user drives it (the `nexus` CLI, in process,
 against the real Prefect test harness, a real SQLite MLflow store and real micro training):
 
-1. `nexus run extend` with a harmful finetune (a huge learning rate): registered as a candidate, its
-   gate fails, `champion` stays on version 1;
+1. `nexus run extend` with a harmful finetune (the `paper` recipe, which trains every weight, at a
+   huge learning rate): registered as a candidate, its gate fails, `champion` stays on version 1;
 2. `nexus run inbox` with three new domain folders (and the harmful one, not retried on the same
    champion): three rounds, each building on the champion of its time, every earlier domain in the
    finetuning mix and the evaluation;
@@ -47,7 +47,7 @@ def scenario(prefect_harness, tmp_path_factory):
     try:
         harmful = domain_folder(tmp_path_factory.mktemp("inputs") / HARMFUL, "python-docs")
         assert cli("run", "extend", "--experiment", "micro", "--domain", HARMFUL, "--folder", str(harmful),
-                   *overrides, "train.extension.lr=3.0") == 0
+                   *overrides, "recipe=paper", "train.extension.lr=3.0") == 0
         inbox = out / "inbox"  # the micro experiment's extension.inbox: ${out_dir}/inbox
         for name, corpus in INBOX.items():
             domain_folder(inbox / name, corpus)

@@ -68,11 +68,11 @@ def task_states(stack, run_id: str) -> dict[str, str]:
     return {r["name"]: r["state_name"] for r in runs}
 
 
-def render(url: str, name: str, tmp: Path) -> str:
-    """Screenshot `url` into ARTIFACTS/<name>.png and return its rendered DOM."""
+def render(url: str, name: str, tmp: Path, height: int = 900) -> str:
+    """Screenshot `url` (a 1400 x `height` window) into ARTIFACTS/<name>.png and return its rendered DOM."""
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--hide-scrollbars", "--window-size=1400,900", "--virtual-time-budget=20000"]
+             "--hide-scrollbars", f"--window-size=1400,{height}", "--virtual-time-budget=20000"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     profile = str(tmp / f"chromium-{name}")
     subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}-s", f"--screenshot={ARTIFACTS / name}.png", url],
@@ -134,7 +134,8 @@ def test_ui_runs_with_default_parameters_keep_everything_in_the_project_home(sta
     runs = client.search_runs([client.get_experiment_by_name("nexus-micro").experiment_id], max_results=200)
     assert {"pipeline", "seed", "expert", "moe", "extension"} <= {r.data.tags.get("nexus.stage") for r in runs}
     assert not any((stack.root / "worker-cwd").iterdir())  # nothing in the worker's own directory
-    assert (home / ".prefect" / "results").is_dir()  # cached task results live in the home too
+    job_env = api(stack, "GET", f"/deployments/{pipeline['deployment_id']}")["job_variables"].get("env")
+    assert (home / ".prefect" / "results").is_dir(), job_env  # cached task results live in the home too
     log = worker.tail(200_000)
     assert "moe/nexus: step 4/4 (100%)" in log and "tok/s" in log  # training progress in the worker's log
     assert "GPU available:" not in log
@@ -237,9 +238,11 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
     assert "nexus-micro" in mlflow_dom and parents and all(r.info.run_name in mlflow_dom for r in parents)
     moes = {r.info.run_name: r.info.run_id for r in runs if r.data.tags.get("nexus.stage") == "moe"}
     compare = render(f"{stack.mlflow_url}/#/compare-runs?runs={json.dumps([moes['nexus'], moes['linear']])}"
-                     f"&experiments={json.dumps([experiment.experiment_id])}", "mlflow-nexus-vs-linear", tmp_path)
+                     f"&experiments={json.dumps([experiment.experiment_id])}", "mlflow-nexus-vs-linear", tmp_path,
+                     height=2200)  # tall enough for the metrics rows below the chart
     assert "ppl/dictionary" in compare and "ppl/lore" in compare  # the two MoEs, side by side per domain
     version = render(f"{stack.mlflow_url}/#/models/nexus-micro-moe/versions/1", "mlflow-model-version", tmp_path)
     assert "held-out perplexity" in version and moes["nexus"] in version  # description, lineage to its run
+    assert {"champion", "candidate"} <= set(client.get_registered_model("nexus-micro-moe").aliases)
     for name in ("prefect-flow-run", "mlflow-experiment", "mlflow-nexus-vs-linear", "mlflow-model-version"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 20_000  # a rendered page, not a blank one
