@@ -88,7 +88,9 @@ def test_a_stage_needing_more_gpus_than_a_machine_has_is_refused():
     from flows.pipeline import placement_of
 
     cfg = compose("micro", ["runner.kind=dask", "runner.gpus=1", "train.expert.devices=2"])
-    with pytest.raises(ConfigError, match=r"train.expert.devices=2: more GPUs than a machine has \(runner.gpus=1\)"):
+    with pytest.raises(
+        ConfigError, match=r"train.expert.devices=2: more GPUs than a machine has \(runner.gpus=1\)"
+    ):
         placement_of(cfg)
     assert placement_of(compose("micro", ["runner.gpus=2", "train.expert.devices=2"]))["gpus"] == 2
 
