@@ -60,12 +60,13 @@ def states_of(futures: dict[str, Any]) -> dict[str, str]:
 
 
 def placement_of(cfg: PipelineConfig) -> dict:
-    """What tasks need to place stages: runner kind, GPUs per machine, stages per GPU. A stage asking for
-    more GPUs than a machine has is refused here: its task would wait forever for a worker."""
+    """What tasks need to place stages: runner kind, GPUs per machine, stages per GPU. On Dask/Ray, a
+    stage asking for more GPUs than a machine has is refused here: its task would wait forever for a
+    worker (in threads, the GPU lease refuses it when the stage starts)."""
     gpus = cfg.runner.gpus if cfg.runner.gpus is not None else len(visible_gpus())
     for stage in ("seed", "expert", "moe", "extension"):
         devices = getattr(cfg.train, stage).num_devices
-        if gpus and devices > gpus:
+        if cfg.runner.kind in ("dask", "ray") and gpus and devices > gpus:
             raise ConfigError(f"train.{stage}.devices={devices}: more GPUs than a machine has (runner.gpus={gpus})")
     return {"kind": cfg.runner.kind, "gpus": gpus, "stages_per_gpu": cfg.runner.stages_per_gpu}
 

@@ -111,7 +111,7 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
         "router.routers=[nexus,linear]",
         "router.dense_merge=false",
         f"runner.kind={runner}",
-        f"runner.gpus={2 if 'moe' in stages else 1}",  # a two-rank stage asks for two GPUs
+        f"runner.gpus={2 if 'moe' in stages else 1}",  # on Dask a two-rank stage asks for two GPUs
         *([] if "moe" in stages else ["train.moe.max_steps=60", "train.moe.val_every_n_steps=60"]),
         *two_ranks(*stages),
         tracking=True,

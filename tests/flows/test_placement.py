@@ -92,7 +92,12 @@ def test_a_stage_needing_more_gpus_than_a_machine_has_is_refused():
         ConfigError, match=r"train.expert.devices=2: more GPUs than a machine has \(runner.gpus=1\)"
     ):
         placement_of(cfg)
-    assert placement_of(compose("micro", ["runner.gpus=2", "train.expert.devices=2"]))["gpus"] == 2
+    assert (
+        placement_of(compose("micro", ["runner.kind=dask", "runner.gpus=2", "train.expert.devices=2"]))[
+            "gpus"
+        ]
+        == 2
+    )
 
 
 def test_local_dask_cluster_declares_its_gpus():
