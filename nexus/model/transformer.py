@@ -3,6 +3,8 @@
 Blocks are parallel (attention and FFN read the same normalised input; the paper's choice) or
 sequential (Llama), by `ModelConfig.parallel_blocks`. The FFN is dense, or an `MoELayer` when
 `config.moe` is set; everything else is identical, which is what makes upcycling a weight copy.
+With `config.moe.attention_experts` (BAM), the attention is a mixture of attention experts too
+(`nexus.model.attention_experts.AttentionExperts`).
 
 `forward(idx, cache=KVCache(...))` appends the keys and values of `idx` to a preallocated cache and
 attends over everything cached: the prefill (empty cache) computes exactly what the uncached
