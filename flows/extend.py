@@ -123,13 +123,12 @@ def _extend(cfg: PipelineConfig, plan: ExtensionPlan, shared: Path, out: Path, p
         init_checkpoint=futures["build-extend"].result(), val_domains=list(records), extra_dirs=dirs,
         metadata=metadata, torch_threads=cfg.torch_threads, tracking=track)
     finetuned = futures["finetune"].result()
-    futures["evaluate"] = evaluate_models.submit(
-        {"before": moe, f"expert:{domain}": expert, "appended": futures["build-extend"].result(),
-         "after": finetuned["checkpoint"]}, dirs, cfg.eval.split, cfg.eval.batch_size, cfg.eval.max_tokens,
-        cfg.torch_threads)
+    evaluated = {"before": moe, f"expert:{domain}": expert, "appended": futures["build-extend"].result(),
+                 "after": finetuned["checkpoint"]}
+    futures["evaluate"] = evaluate_models.submit(evaluated, dirs, cfg.eval.split, cfg.eval.batch_size,
+                                                 cfg.eval.max_tokens, cfg.torch_threads)
     results = futures["evaluate"].result()
-    gate = judge(cfg, plan.line, base, results["perplexity"]["before"], results["perplexity"]["after"], domain,
-                 finetuned.get("registered"), f"+{domain}", parent)
+    gate = judge(cfg, plan.line, base, evaluated, results, domain, finetuned.get("registered"), f"+{domain}", parent)
     log.info("promotion gate of %s + %r:\n%s", base.label, domain, gate["table"])
     return {"domain": domain, "tag": tag, "router": base.moe["router"], "moe": moe,
             "moe_version": base.version, "base": base.describe(), "extended": finetuned["checkpoint"],

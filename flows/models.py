@@ -50,7 +50,8 @@ class ResolvedModel:
     name: str | None = None
     version: str | None = None
     source: str | None = None
-    """The registered version's artifact URI (downloaded by `fetch_checkpoint` when not local)."""
+    """The artifact URI of the registered version's checkpoint (downloaded by `fetch_checkpoint` when
+    not local)."""
     run_id: str | None = None
     """The MLflow run that registered the version."""
 
@@ -124,12 +125,15 @@ def resolve_model(ref: str | None, default_name: str, tracking_uri: str, what: s
         have = sorted(client.get_registered_model(name).aliases)
         raise ConfigError(f"{what} {ref!r}: {name!r} has no " + (
             f"alias {alias!r} (aliases: {have or 'none'})" if alias else f"version {version}")) from err
-    local = _local_dir(mv.source)
+    from flows.mlflow_models import checkpoint_uri
+
+    source = checkpoint_uri(mv.source, client)
+    local = _local_dir(source)
     try:
-        config = read_checkpoint_config(local) if local else _remote_config(mv.source)
+        config = read_checkpoint_config(local) if local else _remote_config(source)
     except CheckpointError as err:
         raise ConfigError(f"{what} {ref!r}: version {mv.version} of {name!r} is not a Nexus checkpoint ({err})") from err
-    return ResolvedModel(ref, config, str(local) if local else None, name, str(mv.version), mv.source, mv.run_id)
+    return ResolvedModel(ref, config, str(local) if local else None, name, str(mv.version), source, mv.run_id)
 
 
 def fetch_checkpoint(model: ResolvedModel, cache_dir: str | os.PathLike) -> str:

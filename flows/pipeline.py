@@ -136,6 +136,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                                      cfg.eval.split, cfg.eval.batch_size, cfg.eval.max_tokens,
                                                      cfg.torch_threads)
         results = futures["evaluate"].result()
+        if parent:
+            record_evaluation(parent, checkpoints, results, lines)
         summary = {"experiment": cfg.name, "out_dir": str(out), "domains": domains, "checkpoints": checkpoints,
                    **results, "states": {**states_of(futures), **phase["states"]},
                    "mlflow": {"tracking_uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment,
@@ -143,6 +145,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                    "seconds": round(time.time() - start, 1)}
         write_summary(summary, out / "summary.json", parent)
         write_pipeline_report(summary)
+        if parent:
+            from flows.mlflow_models import log_figures
+
+            log_figures(parent, out / "report" / "figures")
         publish("pipeline", cfg.name, f"upcycle_pipeline: {cfg.name}",
                 {"output folder": f"`{out}`", "domains": ", ".join(domains), "seconds": summary["seconds"],
                  **{f"model line {ln['name']}": ", ".join(f"@{a} = v{v}" for a, v in sorted(ln["aliases"].items()))
@@ -205,6 +211,18 @@ def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
     return {**{r: line_name(cfg.tracking.model_name, r) for r in cfg.router.routers}, "seed": f"{base}-seed",
             "seed-continued": f"{base}-seed-continued",
             "build-merge": f"{base}-merged", **{d: f"{base}-expert-{d}" for d in domains}}
+
+
+def record_evaluation(parent: str, checkpoints: dict[str, str], results: dict, lines: dict[str, dict]) -> None:
+    """The evaluation in MLflow (metrics on the parent run, every evaluated model and its run; routing
+    tables) and each new MoE version's description."""
+    from flows.mlflow_models import describe_version, log_evaluation
+
+    log_evaluation(parent, checkpoints, results)
+    for kind, line in lines.items():
+        describe_version(line["name"], line["version"], results["perplexity"][f"moe:{kind}"],
+                         f"The {kind}-router MoE upcycled from the seed and the experts "
+                         f"{', '.join(d for d in results['perplexity'][f'moe:{kind}'])}, then trained on their mix.")
 
 
 def start_line(registered: dict) -> dict:

@@ -50,12 +50,12 @@ def run_removal(cfg: PipelineConfig, plan: RemovalPlan) -> dict:
             futures = {"remove": submit(remove_domain_expert, moe, domain, str(out / "model"), metadata=metadata,
                                         tracking=track)}
             removed = futures["remove"].result()
+            evaluated = {"before": moe, "after": removed["checkpoint"]}
             futures["evaluate"] = evaluate_models.submit(
-                {"before": moe, "after": removed["checkpoint"]}, {d: r["data_dir"] for d, r in plan.remaining.items()},
+                evaluated, {d: r["data_dir"] for d, r in plan.remaining.items()},
                 cfg.eval.split, cfg.eval.batch_size, cfg.eval.max_tokens, cfg.torch_threads)
             results = futures["evaluate"].result()
-            gate = judge(cfg, plan.line, base, results["perplexity"]["before"], results["perplexity"]["after"], None,
-                         removed["registered"], f"-{domain}", parent)
+            gate = judge(cfg, plan.line, base, evaluated, results, None, removed["registered"], f"-{domain}", parent)
             log.info("promotion gate of %s - %r:\n%s", base.label, domain, gate["table"])
             summary = {"removed": domain, "router": base.moe["router"], "moe": moe, "moe_version": base.version,
                        "base": base.describe(), "result": removed["checkpoint"], "domains": list(plan.remaining),

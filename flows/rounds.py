@@ -111,16 +111,25 @@ def plan_removal(cfg: PipelineConfig, moe_ref: str | None, domain: str) -> Remov
                        {d: r for d, r in records.items() if d != domain})
 
 
-def judge(cfg: PipelineConfig, line: str, base: ResolvedModel, before: dict, after: dict, new_domain: str | None,
-          registered: dict | None, change: str, parent: str | None) -> dict:
-    """The promotion gate of a new version built from `base`, and the model line's aliases after it:
-    `candidate` always, `champion` when the gate passed and `base` is the champion. Logged to the parent
-    run (metrics `gate/<domain>/before|after`, tag `nexus.gate`)."""
+def judge(cfg: PipelineConfig, line: str, base: ResolvedModel, evaluated: dict[str, str], results: dict,
+          new_domain: str | None, registered: dict | None, change: str, parent: str | None) -> dict:
+    """The promotion gate of a new version built from `base` (`evaluated`: {"before": base, ..., "after":
+    the new version} and their `results` from evaluate_models), and the model line's aliases after it:
+    `candidate` always, `champion` when the gate passed and `base` is the champion. Logged to MLflow: the
+    verdict and the evaluation on the parent run (metrics `gate/<domain>/before|after`, tag
+    `nexus.gate`; see flows.mlflow_models.log_evaluation), and the new version's description."""
     from nexus.evaluation import promotion_gate
+
+    before, after = results["perplexity"]["before"], results["perplexity"]["after"]
 
     verdict = promotion_gate(before, after, new_domain, cfg.extension.gate_tolerance)
     line_info: dict = {"name": line if registered else None, "promoted": False, "aliases": {}, "siblings": []}
     if registered:
+        from flows.mlflow_models import describe_version
+
+        describe_version(line, registered["version"], after, f"{change} on {base.label}: promotion gate "
+                         f"{'passed' if verdict.passed else 'failed'} (earlier domains within "
+                         f"{verdict.tolerance:.0%}{', new domain improves' if new_domain else ''}).")
         promote = verdict.passed and builds_on_champion(base, line, cfg.tracking.uri)
         line_info["aliases"] = mark_version(line, registered["version"], promote=promote,
                                             gate="passed" if verdict.passed else "failed", base=base.label,
@@ -128,9 +137,11 @@ def judge(cfg: PipelineConfig, line: str, base: ResolvedModel, before: dict, aft
         line_info["promoted"] = promote
         line_info["siblings"] = [v for v in versions_built_on(line, base.label) if v["version"] != registered["version"]]
     if parent:
+        from flows.mlflow_models import log_evaluation
         from flows.tracking import log_gate
 
         log_gate(parent, verdict)
+        log_evaluation(parent, evaluated, results)
     return {"table": verdict.table(), "summary": {
         "gate": verdict.to_dict(), "registered": registered,
         "registered_version": registered["version"] if registered else None, "line": line_info}}

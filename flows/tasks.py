@@ -75,7 +75,8 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: dict[str, str] | None = None):
+def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: dict[str, str] | None = None,
+            system_metrics: bool = False):
     """An MLflow stage run under `tracking['parent_run_id']`, or a null context when tracking is off."""
     from contextlib import nullcontext
 
@@ -85,7 +86,7 @@ def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: d
 
     configure(tracking["uri"])
     return stage_run(stage, config, parent_run_id=tracking["parent_run_id"], input_checkpoints=inputs,
-                     run_name=name)
+                     run_name=name, system_metrics=system_metrics)
 
 
 @task(retries=1, retry_delay_seconds=2)
@@ -179,7 +180,8 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
     else:
         kwargs["init_checkpoint"] = init_checkpoint
     inputs = {"init": init_checkpoint} if init_checkpoint else None
-    with tracked(tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs) as run:
+    with tracked(tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs,
+                 system_metrics=True) as run:
         if run is not None:
             run.log_data_module(dm, source=data_dir)
             kwargs["loggers"] = [run.logger()]

@@ -1,20 +1,24 @@
 """MLflow tracking of the pipeline: one experiment per pipeline invocation, one parent run, one nested
 run per stage, and lineage that can be walked from any model back to the seed using the store alone.
 
-Lineage is recorded in run tags and dataset inputs:
+Every checkpoint a stage writes is an MLflow model (flows/mlflow_models.py: a `LoggedModel` with the
+pyfunc flavour, the run's model output); every checkpoint it reads is a model input of its run. Lineage
+is therefore MLflow's own (the UI shows it); `walk_lineage` reads it run by run. Runs also carry:
   nexus.stage                 the stage ("seed", "expert", "upcycle", "moe", "extend", ...)
-  nexus.checkpoint_sha256     SHA-256 of the `model.safetensors` the run logged as artifact `checkpoint`
-  nexus.parent_runs           comma-separated ids of the runs that produced this run's input checkpoints
+  nexus.checkpoint_sha256     SHA-256 of the `model.safetensors` the run wrote
   nexus.inputs                JSON {role: {path, sha256, run_id}} of the input checkpoints
+  nexus.parent_runs           runs named explicitly as parents (e.g. of an lm-eval run of an export)
   dataset inputs              `mlflow.log_input`, digest = data fingerprint (first 32 hex digits: the
                               store allows 36), full fingerprint in the input tag `nexus.fingerprint`
-Input checkpoints are matched to their producing run by the weights' SHA-256 recorded in their
-`config.json`, so a flow needs to pass no run ids around. Stage runs use `MlflowClient` with
+  mlflow.source.*             the flow, the git commit (or the package version), the Prefect flow run
+Input checkpoints are matched to their producing run and model by the weights' SHA-256 recorded in
+their `config.json`, so a flow needs to pass no run ids around. Stage runs use `MlflowClient` with
 explicit run ids (never the thread-local fluent run), so stages can run in parallel threads.
 `nexus/` never imports this module.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -36,9 +40,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from flows.mlflow_models import log_model_inputs
 from nexus.checkpoint import WEIGHTS, read_checkpoint_config
 
-CHECKPOINT_ARTIFACT = "checkpoint"
 TAG_ATTEMPT, TAG_PREVIOUS = "nexus.attempt_key", "nexus.previous_attempt"
 TAG_STAGE, TAG_SHA, TAG_PARENTS, TAG_INPUTS = ("nexus.stage", "nexus.checkpoint_sha256", "nexus.parent_runs",
                                                "nexus.inputs")
@@ -53,7 +57,14 @@ def configure(tracking_uri: str | None = None) -> str:
     from flows.home import tracking_uri as resolve
 
     uri = resolve(tracking_uri, project_home())
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI to the environment (for subprocesses; ours get theirs explicitly): undo
+    # that, so that $MLFLOW_TRACKING_URI keeps meaning what the user set (flows/home.py reads it).
+    if user_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_env
     return uri
 
 
@@ -125,7 +136,7 @@ def pipeline_run(experiment: str, run_name: str = "pipeline", config: Any = None
         if previous:
             extra[TAG_PREVIOUS] = previous
     run = client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: run_name, TAG_STAGE: "pipeline", **extra,
-                                                 **(tags or {})})
+                                                 **source_tags(), **(tags or {})})
     with _terminated(client, run.info.run_id):
         if config is not None:
             _log_params(client, run.info.run_id, config)
@@ -169,13 +180,16 @@ class StageRun:
 
     run_id: str
     client: MlflowClient = field(default_factory=MlflowClient)
+    model_id: str | None = None
+    """The logged model of the checkpoint this run wrote (set by `log_checkpoint`)."""
 
     def logger(self) -> MLFlowLogger:
         """A Lightning logger writing into this run (pass it to `train_dense`/`train_moe`)."""
         return _StageLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=self.run_id)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        ms = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()]
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, model_id: str | None = None) -> None:
+        """Metrics of the run (and of its logged model `model_id`, shown in the Logged Models tab)."""
+        ms = [Metric(k, float(v), int(time.time() * 1000), step, model_id=model_id) for k, v in metrics.items()]
         for i in range(0, len(ms), 1000):
             self.client.log_batch(self.run_id, metrics=ms[i:i + 1000])
 
@@ -202,19 +216,29 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_checkpoint(self, checkpoint: str | os.PathLike, register_as: str | None = None) -> ModelVersion | None:
-        """Log a nexus checkpoint directory as artifact `checkpoint`, tag its weights' SHA-256 (what later
-        stages match their inputs against) and optionally register it as a new version of `register_as`."""
+    def log_checkpoint(self, checkpoint: str | os.PathLike, register_as: str | None = None,
+                       step: int = 0) -> ModelVersion | None:
+        """Log a nexus checkpoint directory as this run's MLflow model (flows/mlflow_models.py), tag its
+        weights' SHA-256 (what later stages match their inputs against) and optionally register it as a
+        new version of `register_as`."""
+        from flows.mlflow_models import log_checkpoint_model, register
+
         sha = read_checkpoint_config(checkpoint).get("sha256", {}).get(WEIGHTS, "")
-        self.log_artifacts(checkpoint, CHECKPOINT_ARTIFACT)
         self.client.set_tag(self.run_id, TAG_SHA, sha)
-        return register_model(self.run_id, register_as) if register_as else None
+        run = self.client.get_run(self.run_id)
+        stage, name = run.data.tags.get(TAG_STAGE, ""), run.info.run_name or "model"
+        model = log_checkpoint_model(self.client, self.run_id, checkpoint, name if stage in name else f"{stage}-{name}",
+                                     step)
+        self.model_id = model.model_id
+        return register(self.client, register_as, model, self.run_id) if register_as else None
 
     def log_result(self, result: Any, register_as: str | None = None) -> ModelVersion | None:
-        """A `nexus.training.StageResult`: final metrics, the checkpoint (registered), resume info."""
-        self.log_metrics(result.metrics, step=result.global_step)
+        """A `nexus.training.StageResult`: the checkpoint (registered), its final metrics (on the run and
+        on its logged model), resume info."""
         self.client.set_tag(self.run_id, "nexus.resumed_from_step", str(result.resumed_from_step))
-        return self.log_checkpoint(result.checkpoint, register_as)
+        version = self.log_checkpoint(result.checkpoint, register_as, step=result.global_step)
+        self.log_metrics(result.metrics, step=result.global_step, model_id=self.model_id)
+        return version
 
 
 def find_producing_run(checkpoint: str | os.PathLike, client: MlflowClient | None = None) -> str | None:
@@ -233,11 +257,12 @@ def find_producing_run(checkpoint: str | os.PathLike, client: MlflowClient | Non
 def stage_run(stage: str, config: Any = None, *, parent_run_id: str | None = None,
               input_checkpoints: Mapping[str, str | os.PathLike] | None = None,
               extra_parent_runs: Sequence[str] = (), run_name: str | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+              tags: Mapping[str, str] | None = None, system_metrics: bool = False) -> Iterator[StageRun]:
     """A run for one stage, nested under `parent_run_id` (default: the active fluent run).
 
-    Logs the flattened, redacted `config` as params and as artifact `config.json`, and the lineage
-    tags of `input_checkpoints` ({role: checkpoint dir}). Ends FAILED on an exception."""
+    Logs the flattened, redacted `config` as params and as artifact `config.json`, the models of
+    `input_checkpoints` ({role: checkpoint dir}) as the run's model inputs, and, with `system_metrics`,
+    CPU/memory/GPU metrics while the run lasts. Ends FAILED on an exception."""
     client = MlflowClient()
     parent_id = parent_run_id or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
     if parent_id is None:
@@ -246,11 +271,12 @@ def stage_run(stage: str, config: Any = None, *, parent_run_id: str | None = Non
     for role, path in (input_checkpoints or {}).items():
         sha = read_checkpoint_config(path).get("sha256", {}).get(WEIGHTS)
         inputs[role] = {"path": str(path), "sha256": sha, "run_id": find_producing_run(path, client)}
-    parents = list(dict.fromkeys([*(i["run_id"] for i in inputs.values() if i["run_id"]), *extra_parent_runs]))
     run = client.create_run(client.get_run(parent_id).info.experiment_id, tags={
         MLFLOW_RUN_NAME: run_name or stage, MLFLOW_PARENT_RUN_ID: parent_id, TAG_STAGE: stage,
-        TAG_PARENTS: ",".join(parents), TAG_INPUTS: json.dumps(inputs), **(tags or {})})
-    with _terminated(client, run.info.run_id):
+        TAG_PARENTS: ",".join(dict.fromkeys(extra_parent_runs)), TAG_INPUTS: json.dumps(inputs),
+        **source_tags(), **(tags or {})})
+    with _terminated(client, run.info.run_id), _system_metrics(run.info.run_id, system_metrics):
+        log_model_inputs(client, run.info.run_id, input_checkpoints or {})
         if config is not None:
             _log_params(client, run.info.run_id, config)
             client.log_dict(run.info.run_id, resolved(config), "config.json")
@@ -270,18 +296,68 @@ def log_gate(run_id: str, verdict: Any) -> None:
     client.set_tag(run_id, "nexus.gate_failed", ",".join(verdict.failed_domains))
 
 
-def register_model(run_id: str, name: str, artifact_path: str = CHECKPOINT_ARTIFACT) -> ModelVersion:
-    """A new version of registered model `name` whose source is the run's artifact directory (works
-    offline with SQLite; `mlflow.register_model("runs:/...")` wants an MLflow-format logged model)."""
-    client = MlflowClient()
+def source_tags() -> dict[str, str]:
+    """What produced a run: the flow (or command), the git commit of the code (else the package
+    version) and, inside a Prefect flow run, its id and UI link."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    tags = {MLFLOW_SOURCE_TYPE: "JOB", "nexus.version": _package_version()}
+    commit = _git_commit()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
     try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    run = client.get_run(run_id)
-    return client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
-                                       tags={TAG_STAGE: run.data.tags.get(TAG_STAGE, "")})
+        from prefect import runtime
+
+        flow_run = runtime.flow_run.id
+    except Exception:  # noqa: BLE001 - prefect missing or no run context
+        flow_run = None
+    if flow_run:
+        tags.update({MLFLOW_SOURCE_NAME: f"prefect flow {runtime.flow_run.flow_name}", "prefect.flow_run_id": flow_run,
+                     "prefect.flow_run_name": str(runtime.flow_run.name)})
+        url = runtime.flow_run.ui_url
+        if url:
+            tags["prefect.flow_run_url"] = url
+    return tags
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nexus-moe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@contextmanager
+def _system_metrics(run_id: str, enabled: bool) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network, GPU) logged to `run_id` while it runs."""
+    if not enabled:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        monitor.collect_metrics()  # one last sample: a stage shorter than the interval gets one too
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 @dataclass
@@ -311,7 +387,9 @@ class LineageNode:
 
 def walk_lineage(run_id: str, client: MlflowClient | None = None,
                  _memo: dict[str, LineageNode] | None = None) -> LineageNode:
-    """The tree of runs that produced `run_id`'s inputs, back to the seed, from the MLflow store alone."""
+    """The tree of runs that produced `run_id`'s inputs, back to the seed, from the MLflow store alone:
+    a run's parents are the runs that produced its model inputs (MLflow's own lineage records), plus any
+    named in `nexus.parent_runs`."""
     client = client or MlflowClient()
     memo = {} if _memo is None else _memo
     if run_id in memo:
@@ -323,5 +401,7 @@ def walk_lineage(run_id: str, client: MlflowClient | None = None,
     models = [(mv.name, mv.version) for mv in client.search_model_versions(f"run_id = '{run_id}'")]
     node = memo[run_id] = LineageNode(run_id, run.info.run_name, tags.get(TAG_STAGE, ""), run.info.status,
                                       tags.get(TAG_SHA), datasets, models, [])
-    node.parents = [walk_lineage(p, client, memo) for p in tags.get(TAG_PARENTS, "").split(",") if p]
+    producers = [client.get_logged_model(i.model_id).source_run_id for i in run.inputs.model_inputs or []]
+    parents = dict.fromkeys([*(p for p in producers if p and p != run_id), *filter(None, tags.get(TAG_PARENTS, "").split(","))])
+    node.parents = [walk_lineage(p, client, memo) for p in parents]
     return node

@@ -8,6 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests name their stores; a developer's own server is not one
+os.environ.pop("NEXUS_HOME", None)
+
 import pytest
 import torch
 
@@ -17,6 +20,21 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _restored_environment():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# Each test, and each module's shared fixtures, get the environment back as they found it: the `nexus`
+# CLI, called in process, sets defaults in `os.environ` (as it may in its own one-command process).
+# The module-scoped one matters: a module fixture that runs the CLI would otherwise leak its defaults
+# (e.g. Prefect's result path) into every later module, the servers' stack among them.
+_environment = pytest.fixture(autouse=True)(_restored_environment)
+_module_environment = pytest.fixture(autouse=True, scope="module")(_restored_environment)
 
 
 @pytest.fixture(scope="session")

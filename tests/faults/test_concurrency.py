@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
+
+from flows.tracking import configure as configure_tracking
 
 from .conftest import final_digest, finish, start, start_cli, temp_leftovers
 
@@ -52,8 +55,10 @@ def test_two_pipelines_share_store_and_root(tmp_path, api_url):
         assert stages and all(r.info.status == "FINISHED" for r in stages)
         artifact_uris |= {r.info.artifact_uri for r in [run, *stages]}
         moe = next(r for r in stages if r.data.tags.get("nexus.stage") == "moe")
-        local = Path(client.download_artifacts(moe.info.run_id, "checkpoint/model.safetensors",
-                                               str(tmp_path / f"dl-{name}")))
+        (output,) = moe.outputs.model_outputs  # the run's MLflow model holds the checkpoint
+        location = client.get_logged_model(output.model_id).artifact_location
+        local = Path(mlflow.artifacts.download_artifacts(f"{location}/artifacts/checkpoint/model.safetensors",
+                                                         dst_path=str(tmp_path / f"dl-{name}")))
         assert sha256_file(local) == moe.data.tags["nexus.checkpoint_sha256"] == digests[name]
     assert len(artifact_uris) == sum(1 + len(_runs_of(client, p)) for p in parents.values())
     versions = client.search_model_versions("name = 'nexus-micro-moe'")
@@ -82,7 +87,7 @@ def test_two_extensions_of_one_model_line_at_once(tmp_path, api_url):
     try:
         upcycle_pipeline("micro", args)
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
     procs = {d: start_cli(["run", "extend", "--experiment", "micro", "--domain", d, "--folder",
                            str(domain_folder(tmp_path / "inputs" / d, corpus)), *args],
                           prefect_home=tmp_path / f"prefect-{d}", log=tmp_path / f"{d}.log", api_url=api_url)
@@ -130,7 +135,7 @@ def test_experiment_creation_race(tmp_path, monkeypatch):
         monkeypatch.setattr(MlflowClient, "get_experiment_by_name", absent_at_first_look)
         assert tracking.get_or_create_experiment("nexus-race") == other and len(calls) == 2
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
 
 @pytest.fixture
@@ -151,7 +156,7 @@ def crashed(prefect_harness, tmp_path):
             upcycle_pipeline("micro", args)
         yield MlflowClient(uri), args
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
 
 def test_crashed_stage_runs_end_failed(crashed):
@@ -174,7 +179,7 @@ def test_rerun_links_to_failed_attempt(crashed):
     try:
         upcycle_pipeline("micro", [a for a in args if not a.startswith("train.expert.strategy=")])
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
     new = [r for r in client.search_runs(exp_ids) if r.info.run_id not in failed]
     linked = {v for r in new for v in r.data.tags.values() if any(f in v for f in failed)}
     assert linked

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.tracking import configure as configure_tracking
+
 from .conftest import ROOT
 
 CODE_DIRS = ("nexus", "flows", "benchmarks")
@@ -106,7 +108,7 @@ def test_secret_never_reaches_mlflow_params(tmp_path):
             pass
         params = MlflowClient().get_run(rid).data.params
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
     assert params["lr"] == "1" and "hunter2" not in " ".join(params.values())
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.tracking import configure as configure_tracking
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -28,7 +30,7 @@ def build_line(tmp_path_factory, name: str, *extra: str):
     try:
         summary = upcycle_pipeline("micro", overrides)
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
     return micro_out(home), micro_uri(home), overrides, summary
 
 
@@ -43,7 +45,7 @@ def micro_moe(prefect_harness, tmp_path_factory):
     try:
         yield build_line(tmp_path_factory, "micro-moe")
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
 
 def domain_folder(dest: Path, corpus: str) -> Path:
@@ -71,9 +73,9 @@ def mlflow_uri(tmp_path):
 
     previous = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
+    configure_tracking(uri)
     yield uri
-    mlflow.set_tracking_uri(previous)
+    configure_tracking(previous)
 
 
 def micro_overrides(home: Path, *extra: str, tracking: bool = False) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 from mlflow import MlflowClient
 
 from flows.models import CANDIDATE, CHAMPION, TAG_BASE, TAG_GATE, line_aliases, resolve_model
+from flows.tracking import configure as configure_tracking
 from nexus.checkpoint import load_checkpoint, read_checkpoint_config
 from nexus.upcycling import is_ffn_key, remove_expert
 
@@ -58,7 +59,7 @@ def scenario(prefect_harness, tmp_path_factory):
         second = list(INBOX)[1]
         assert cli("run", "remove", "--experiment", "micro", "--domain", second, *overrides) == 0
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
     def summary(*parts: str) -> dict:
         return json.loads((out.joinpath(*parts) / "summary.json").read_text())

@@ -8,6 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.extend import extend_with_expert
+from flows.tracking import configure as configure_tracking
 from flows.tracking import walk_lineage
 from nexus.checkpoint import read_checkpoint_config
 
@@ -26,7 +27,7 @@ def runs(micro_moe):
         extended = extend_with_expert("micro", overrides, moe="models:/nexus-micro-moe/1", domain="code")
         yield out, uri, summary, extended, before
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
 
 def test_pipeline_states_and_checkpoints(runs):
@@ -80,7 +81,28 @@ def test_report_has_tables_and_figures_and_is_logged(runs):
 
 
 def test_every_final_model_is_registered(runs):
-    _, uri, summary, _, _ = runs
+    _, uri, _, _, _ = runs
     names = {m.name for m in MlflowClient(uri).search_registered_models()}
     assert {"nexus-micro-moe", "nexus-micro-moe-linear", "nexus-micro-seed", "nexus-micro-merged",
             "nexus-micro-expert-dictionary", "nexus-micro-expert-lore", "nexus-micro-expert-code"} <= names, names
+
+
+def test_native_lineage_leads_from_the_extended_moe_to_the_seed(runs):
+    """MLflow's own records only (registered version -> logged model -> producing run -> its model inputs
+    -> ...): the extended MoE goes back through the MoE, the upcycling and the experts to the seed."""
+    _, uri, _, extended, _ = runs
+    client = MlflowClient(uri)
+    start = client.get_model_version("nexus-micro-moe", extended["registered_version"]).source.removeprefix("models:/")
+    stages, names, frontier, seen = [], set(), [start], set()
+    while frontier:
+        model = client.get_logged_model(frontier.pop())
+        if model.model_id in seen:
+            continue
+        seen.add(model.model_id)
+        run = client.get_run(model.source_run_id)
+        stages.append(run.data.tags["nexus.stage"])
+        names.add(run.info.run_name)
+        frontier += [i.model_id for i in run.inputs.model_inputs]
+    assert stages[0] == "extension"
+    assert {"extend", "moe", "upcycle", "expert", "seed"} <= set(stages)
+    assert {"dictionary", "lore", "code", "seed"} <= names  # the experts (initial and new) and the seed

@@ -21,6 +21,7 @@ from flows.tracking import (
     stage_run,
     walk_lineage,
 )
+from flows.tracking import configure as configure_tracking
 from nexus.checkpoint import load_checkpoint, save_checkpoint
 from nexus.config import tiny
 from nexus.training import MixtureDataModule, TrainConfig, train_dense, train_moe
@@ -79,7 +80,7 @@ def pipeline(tmp_path_factory):
         yield {"root": root, "out": out, "parent": pid, "runs": runs, "results": results,
                "data_fingerprints": fingerprints}
     finally:
-        mlflow.set_tracking_uri(previous)
+        configure_tracking(previous)
 
 
 def test_runs_params_and_metrics(pipeline):
@@ -108,11 +109,15 @@ def test_runs_params_and_metrics(pipeline):
 def test_artifacts_registry_and_checkpoint_reload(pipeline, tmp_path):
     client = MlflowClient()
     moe_run = pipeline["runs"]["moe"]
-    names = {f.path for f in client.list_artifacts(moe_run, "checkpoint")}
-    assert names == {"checkpoint/config.json", "checkpoint/model.safetensors"}
+    (output,) = client.get_run(moe_run).outputs.model_outputs  # the checkpoint is the run's MLflow model
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == moe_run and model.tags["nexus.stage"] == "moe"
+    names = {f.path for f in client.list_logged_model_artifacts(model.model_id, "artifacts/checkpoint")}
+    assert {"artifacts/checkpoint/config.json", "artifacts/checkpoint/model.safetensors"} <= names
     assert "config.json" in {f.path for f in client.list_artifacts(moe_run)}
     assert client.list_artifacts(pipeline["runs"]["upcycle"], "domain_embeddings")
-    downloaded = mlflow.artifacts.download_artifacts(run_id=moe_run, artifact_path="checkpoint", dst_path=str(tmp_path))
+    downloaded = mlflow.artifacts.download_artifacts(f"{model.artifact_location}/artifacts/checkpoint",
+                                                     dst_path=str(tmp_path))
     got, want = load_checkpoint(downloaded).state_dict(), load_checkpoint(pipeline["results"]["moe"].checkpoint).state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
@@ -134,10 +139,11 @@ def test_lineage_walks_back_to_seed_from_store_alone(pipeline):
         shutil.move(moved, pipeline["out"])
     assert tree.stage == "moe" and [p.run_id for p in tree.parents] == [runs["upcycle"]]
     upcycle_node = tree.parents[0]
-    assert [p.run_id for p in upcycle_node.parents] == [runs["seed"], runs["expert-a"], runs["expert-b"]]
-    for expert in upcycle_node.parents[1:]:
+    by_run = {p.run_id: p for p in upcycle_node.parents}  # MLflow's model inputs keep no order
+    assert set(by_run) == {runs["seed"], runs["expert-a"], runs["expert-b"]}
+    for expert in (by_run[runs["expert-a"]], by_run[runs["expert-b"]]):
         assert expert.stage == "expert" and [p.run_id for p in expert.parents] == [runs["seed"]]
-        assert expert.parents[0] is upcycle_node.parents[0]  # one node per run
+        assert expert.parents[0] is by_run[runs["seed"]]  # one node per run
     nodes = {n.run_id: n for n in tree.walk()}
     assert set(nodes) == set(runs.values())
     seed_data = nodes[runs["seed"]].datasets

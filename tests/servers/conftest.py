@@ -112,7 +112,11 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     p_port, m_port = free_port(), free_port()
     prefect_url, mlflow_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{m_port}"
-    env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": f"{prefect_url}/api",
+    from flows.home import PREFECT_RESULT_SETTINGS
+
+    # The tests assert the defaults, so no result location of the developer's (or an earlier test's)
+    clean = {k: v for k, v in os.environ.items() if k not in (*PREFECT_RESULT_SETTINGS, "NEXUS_HOME")}
+    env = {**clean, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": f"{prefect_url}/api",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"{prefect_url}/api",
            "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",

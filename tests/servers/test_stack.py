@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.tracking import configure as configure_tracking
+
 pytestmark = pytest.mark.servers
 
 BIN = Path(sys.executable).parent
@@ -124,7 +126,10 @@ def test_ui_runs_with_default_parameters_keep_everything_in_the_project_home(sta
     client = MlflowClient(f"sqlite:///{home}/outputs/mlflow.db")  # where the worker's runs went
     versions = {int(v.version): v for v in client.search_model_versions("name = 'nexus-micro-moe'")}
     assert sorted(versions) == [1, 2, 3]
-    assert all(Path(v.source.removeprefix("file://")).is_relative_to(home) for v in versions.values())
+    from flows.mlflow_models import checkpoint_uri
+
+    assert all(Path(checkpoint_uri(v.source, client).removeprefix("file://")).is_relative_to(home)
+               for v in versions.values())  # the registered checkpoints live in the home's artifact store
     assert client.get_registered_model("nexus-micro-moe").aliases["candidate"] == 3
     runs = client.search_runs([client.get_experiment_by_name("nexus-micro").experiment_id], max_results=200)
     assert {"pipeline", "seed", "expert", "moe", "extension"} <= {r.data.tags.get("nexus.stage") for r in runs}
@@ -145,7 +150,7 @@ def test_ui_runs_with_default_parameters_keep_everything_in_the_project_home(sta
                   "prefect-extension-artifacts", tmp_path)  # the run page's Artifacts tab (the V2 UI takes ?tab=)
     assert "extension-micro-summary" in page and "extension-micro-perplexity" in page
     dep = api(stack, "GET", "/deployments/name/upcycle_pipeline/micro-pipeline")
-    form = render(f"{stack.prefect_url}/deployments/deployment/{dep['id']}/run", "prefect-run-form", tmp_path)
+    form = render(f"{stack.prefect_url}/v2/deployments/deployment/{dep['id']}/run", "prefect-run-form", tmp_path)
     assert "Training steps of each MoE" in form and "micro" in form  # descriptions and the experiment choice
 
 
@@ -202,11 +207,26 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
                if stage == "expert" and status == "FINISHED" and step not in (None, "None")]
     assert resumed and max(resumed) >= 50, new_runs  # continued from the Lightning checkpoint, not step 0
 
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed: UI check skipped (apt-get install chromium)")
+    # the registry on the server: an extension fetches the champion's checkpoint through the served
+    # artifacts, and the registered MoE loads as a pyfunc model from the server
+    run_to_completion(stack, "extend_with_expert/micro-extend", again)
+    import mlflow
+    import pandas as pd
     from mlflow import MlflowClient
 
     client = MlflowClient(stack.mlflow_url)
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'nexus-micro-moe'")) == [1, 2]
+    assert (out / "models" / "nexus-micro-moe" / "v1" / "model.safetensors").is_file()  # fetched from the server
+    previous = mlflow.get_tracking_uri()
+    try:
+        configure_tracking(stack.mlflow_url)
+        scores = mlflow.pyfunc.load_model("models:/nexus-micro-moe/2").predict(pd.DataFrame({"text": ["a word"]}))
+    finally:
+        configure_tracking(previous)
+    assert scores["perplexity"][0] > 1
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed: UI check skipped (apt-get install chromium)")
     experiment = client.get_experiment_by_name("nexus-micro")
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     prefect_dom = render(f"{stack.prefect_url}/runs/flow-run/{run_id}", "prefect-flow-run", tmp_path)
@@ -215,5 +235,11 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
                         tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert "nexus-micro" in mlflow_dom and parents and all(r.info.run_name in mlflow_dom for r in parents)
-    for name in ("prefect-flow-run", "mlflow-experiment"):
+    moes = {r.info.run_name: r.info.run_id for r in runs if r.data.tags.get("nexus.stage") == "moe"}
+    compare = render(f"{stack.mlflow_url}/#/compare-runs?runs={json.dumps([moes['nexus'], moes['linear']])}"
+                     f"&experiments={json.dumps([experiment.experiment_id])}", "mlflow-nexus-vs-linear", tmp_path)
+    assert "ppl/dictionary" in compare and "ppl/lore" in compare  # the two MoEs, side by side per domain
+    version = render(f"{stack.mlflow_url}/#/models/nexus-micro-moe/versions/1", "mlflow-model-version", tmp_path)
+    assert "held-out perplexity" in version and moes["nexus"] in version  # description, lineage to its run
+    for name in ("prefect-flow-run", "mlflow-experiment", "mlflow-nexus-vs-linear", "mlflow-model-version"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 20_000  # a rendered page, not a blank one
