@@ -61,6 +61,17 @@ def model_facts(checkpoint: str) -> dict:
     }
 
 
+def stage_timing(stage: dict) -> dict:
+    """`{steps, seconds_per_step}` of a `train_stage` result: its wall time over the steps it trained;
+    `seconds_per_step` is None when it trained none here (its checkpoint predates the task: a finished
+    stage of an earlier run, returned at once)."""
+    trained = stage["global_step"] - (stage["resumed_from_step"] or 0)
+    weights = Path(stage["checkpoint"]) / "model.safetensors"
+    timed = trained > 0 and weights.stat().st_mtime >= stage["started"]
+    seconds = (stage["finished"] - stage["started"]) / trained if timed else None
+    return {"steps": stage["global_step"], "seconds_per_step": seconds}
+
+
 @flow(name="bam_moe_stage")
 def bam_moe_stage(experiment: str, overrides: list[str], name: str, checkpoints: dict[str, str]) -> dict:
     """The MoE stage under `overrides` (one attention variant) from the replicate's seed model,
@@ -102,13 +113,7 @@ def bam_moe_stage(experiment: str, overrides: list[str], name: str, checkpoints:
             cfg.eval.max_tokens,
             cfg.torch_threads,
         ).result()
-    training = {
-        f"moe:{k}": {
-            "steps": s["global_step"],
-            "seconds_per_step": (s["finished"] - s["started"]) / max(s["global_step"], 1),
-        }
-        for k, s in stages.items()
-    }
+    training = {f"moe:{k}": stage_timing(s) for k, s in stages.items()}
     return {
         "name": name,
         "overrides": overrides,

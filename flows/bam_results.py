@@ -4,7 +4,8 @@
 Perplexities are held-out (the test split); an average is the mean over the domains; a relative
 gain of A over B is `(ppl_B − ppl_A) / ppl_B`, per seed, then averaged (positive: A is better).
 Step-time ratios divide the MoE stage's wall time per step by the FFN-only MoE's of the same router
-and seed (both routers of a variant train at once on the 2 cores; validation and saving included).
+and seed (both routers of a variant train at once on the 2 cores; validation and saving included),
+over the seeds where both stages trained in the run (a stage reused from an earlier run is not timed).
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ class BamRuns:
         return [gain(p[column], b[column]) for p, b in zip(self.ppl(variant, router), base)]
 
     def step_ratio(self, variant: str, router: str) -> list[float]:
+        """Per seed whose two stages were both timed (a stage reused from an earlier run was not)."""
         key = f"moe:{router}"
-        return [
-            s["training"][key]["seconds_per_step"] / b["training"][key]["seconds_per_step"]
+        pairs = [
+            (s["training"][key]["seconds_per_step"], b["training"][key]["seconds_per_step"])
             for s, b in zip(self.stages(variant), self.base_runs(variant))
         ]
+        return [s / b for s, b in pairs if s is not None and b is not None]
 
     def facts(self, variant: str, router: str) -> dict:
         return self.stages(variant)[0]["models"][f"moe:{router}"]
@@ -93,7 +96,7 @@ def summary_table(runs: BamRuns) -> list[str]:
                     router,
                     fmt(p["average"] for p in runs.ppl(v, router)),
                     "–" if v == BASE else fmt(runs.gains(v, router), percent=True),
-                    "1" if v == BASE else fmt(runs.step_ratio(v, router), 2),
+                    "1" if v == BASE else step_cell(runs.step_ratio(v, router)),
                     f"{facts['kv_bytes_per_token']:,} ({facts['kv_bytes_per_token'] / dense_kv:g}×)",
                     f"{params['total'] / 1e6:.2f}M",
                     f"{params['active_inference'] / 1e6:.2f}M",
@@ -112,6 +115,11 @@ def summary_table(runs: BamRuns) -> list[str]:
         ],
         rows,
     )
+
+
+def step_cell(ratios: list[float]) -> str:
+    """Mean ± std of the timed seeds' step-time ratios, and how many seeds that is."""
+    return f"{fmt(ratios, 2)} (n={len(ratios)})" if ratios else "not timed"
 
 
 def router_table(runs: BamRuns) -> list[str]:
