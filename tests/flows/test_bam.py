@@ -1,6 +1,8 @@
 """`python -m flows.bam` end to end on the micro experiment, as a user runs it: a fresh working directory
 (the project home), its own Prefect server and SQLite MLflow store, two seeds and the shared-attention
-ablation on the second. Slow: a rerun, and a BAM MoE through `nexus run extend` and `nexus run remove`."""
+ablation on the second, then a rerun and a BAM MoE through `nexus run extend` and `nexus run remove`.
+All slow (minutes: the default suite has the maths in tests/model/test_attention_experts.py and
+extend/remove in tests/test_attention_upcycling.py), except the timing rule of the step-time ratios."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.bam import stage_timing
 from nexus.checkpoint import load_checkpoint, read_checkpoint_config
 
 from .conftest import domain_folder
@@ -51,6 +54,27 @@ def run(args: list[str], home: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def test_only_steps_trained_by_the_task_are_timed(tmp_path):
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"")
+    written = weights.stat().st_mtime
+    stage = {
+        "checkpoint": str(weights.parent),
+        "global_step": 300,
+        "started": written - 60.0,
+        "finished": written,
+    }
+    fresh = stage_timing({**stage, "resumed_from_step": None})
+    assert fresh == {"steps": 300, "seconds_per_step": pytest.approx(60.0 / 300)}
+    resumed = stage_timing({**stage, "resumed_from_step": 200})
+    assert resumed["seconds_per_step"] == pytest.approx(60.0 / 100)
+    reused = stage_timing(
+        {**stage, "started": written + 1.0, "finished": written + 2.0, "resumed_from_step": None}
+    )
+    assert reused == {"steps": 300, "seconds_per_step": None}  # a finished stage of an earlier run
+
+
 @pytest.fixture(scope="module")
 def bam_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("bam")
@@ -58,6 +82,7 @@ def bam_run(tmp_path_factory):
     return home, json.loads((home / "outputs" / "micro" / "bam.json").read_text())
 
 
+@pytest.mark.slow
 def test_variants_share_seed_experts_and_data_and_differ_only_in_the_attention(bam_run):
     _, results = bam_run
     seeds = []
@@ -82,6 +107,7 @@ def test_variants_share_seed_experts_and_data_and_differ_only_in_the_attention(b
     assert len(set(seeds)) == 1  # one seed model for every replicate and variant
 
 
+@pytest.mark.slow
 def test_kv_cache_bytes_and_parameters_are_recorded(bam_run):
     _, results = bam_run
     facts = {
@@ -100,6 +126,7 @@ def test_kv_cache_bytes_and_parameters_are_recorded(bam_run):
         assert all(t["steps"] == 4 and t["seconds_per_step"] > 0 for t in stage["training"].values())
 
 
+@pytest.mark.slow
 def test_report_has_the_tables_and_figures(bam_run):
     home, _ = bam_run
     report = home / "outputs" / "micro" / "results"
