@@ -20,17 +20,15 @@ bytes per token and the parameter counts; `<out_dir>/bam.json` is written after 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.config import as_dict, compose
-from flows.pipeline import moe_phase, tracking_context, upcycle_pipeline
-from flows.reproduce import replicate_overrides
-from flows.tasks import evaluate_models, prepare_data
+from flows.config import compose
+from flows.pipeline import upcycle_pipeline
+from flows.reproduce import moe_stage, parse_overrides, replicate_overrides, save_replicate
 
 VARIANTS = {
     "ffn-only": [],
@@ -77,42 +75,10 @@ def bam_moe_stage(experiment: str, overrides: list[str], name: str, checkpoints:
     """The MoE stage under `overrides` (one attention variant) from the replicate's seed model,
     experts and domain embeddings, for every router; returns the MoEs' evaluation, training time
     per step and `model_facts`."""
-    from nexus.data import open_prepared
-
     cfg = compose(experiment, overrides)
-    out = Path(cfg.out_dir).resolve()
-    with tracking_context(cfg, f"bam_moe_stage:{name}") as parent:
-        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": {}} if parent else None
-        data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
-        domains = list(data["fingerprints"])
-        prepared = open_prepared(data["dir"])
-        meta = {
-            "data_dir": data["dir"],
-            "experiment": cfg.name,
-            "domains": domains,
-            "seed_checkpoint": checkpoints["seed"],
-            "variant": name,
-        }
-        _, trained = moe_phase(
-            cfg,
-            data,
-            checkpoints["seed"],
-            {d: checkpoints[f"expert:{d}"] for d in domains},
-            {d: str(prepared.embedding_path(d)) for d in domains},
-            out / "bam" / name.replace(" ", "").replace("+", "-"),
-            meta,
-            track,
-        )
-        stages = {k: f.result() for k, f in trained.items()}
-        moes = {f"moe:{k}": s["checkpoint"] for k, s in stages.items()}
-        results = evaluate_models.submit(
-            moes,
-            {d: data["dir"] for d in domains},
-            cfg.eval.split,
-            cfg.eval.batch_size,
-            cfg.eval.max_tokens,
-            cfg.torch_threads,
-        ).result()
+    out = Path(cfg.out_dir).resolve() / "bam" / name.replace(" ", "").replace("+", "-")
+    stages, results = moe_stage(cfg, f"bam_moe_stage:{name}", checkpoints, out, {"variant": name})
+    moes = {f"moe:{k}": s["checkpoint"] for k, s in stages.items()}
     training = {f"moe:{k}": stage_timing(s) for k, s in stages.items()}
     return {
         "name": name,
@@ -134,7 +100,6 @@ def bam_experiment(
     """Run the replicates (see the module docstring); returns the results written to
     `<out_dir>/bam.json` and the paths of the generated report."""
     from flows.bam_results import write_bam_results
-    from nexus.io import atomic_write_text
 
     log = get_run_logger()
     overrides, seeds = list(overrides or []), list(seeds if seeds is not None else [0, 1, 2])
@@ -164,9 +129,7 @@ def bam_experiment(
             "variants": stages,
             "seconds": round(time.time() - began, 1),
         }
-        results["seconds"] = round(time.time() - start, 1)
-        atomic_write_text(root / "bam.json", json.dumps(results, indent=1, default=str))
-        log.info("replicate %d done in %.0f s", seed, time.time() - began)
+        save_replicate(results, root / "bam.json", seed, start, began)
     report = write_bam_results(results, root / "results")
     log.info("results: %s (%.0f s)", report["markdown"], results["seconds"])
     return {**results, "report": {k: str(v) for k, v in report.items()}}
@@ -189,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="replicates that also run the shared-attention-expert ablation (default: the first)",
     )
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # Hydra key=value, anywhere
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    args, overrides = parse_overrides(parser, argv)
     offline_env(compose(args.experiment, overrides).home)  # a bad experiment or override fails here
     out = bam_experiment(args.experiment, overrides, args.seeds, args.ablation_seeds)
     print(f"\nresults: {out['report']['markdown']} ({out['seconds']:.0f} s)")

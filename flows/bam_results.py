@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flows.results import _table, average, fmt, gain, mean_std
+from flows.results import _table, average, fmt, gain, mean_std, rewrite_main
 
 BASE = "ffn-only"
 
@@ -219,19 +219,7 @@ def command(results: Mapping[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.bam_results BAM_JSON [OUT_DIR]`: rewrite the tables and figures of a run."""
-    import json
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print("usage: python -m flows.bam_results BAM_JSON [OUT_DIR]", file=sys.stderr)
-        return 2
-    source = Path(args[0])
-    paths = write_bam_results(
-        json.loads(source.read_text()), args[1] if len(args) > 1 else source.parent / "results"
-    )
-    print(paths["markdown"])
-    return 0
+    return rewrite_main("flows.bam_results", write_bam_results, argv)
 
 
 if __name__ == "__main__":

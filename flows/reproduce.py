@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.config import as_dict, compose
+from flows.config import PipelineConfig, as_dict, compose
 from flows.extend import extend_with_expert
 from flows.pipeline import moe_phase, tracking_context, upcycle_pipeline
 from flows.tasks import evaluate_models, prepare_data
@@ -42,16 +42,32 @@ def replicate_overrides(seed: int, out_dir: Path, seed_model: str | None) -> lis
             *([f"seed_checkpoint={seed_model}"] if seed_model else [])]
 
 
-@flow(name="moe_ablation")
-def moe_ablation(experiment: str, overrides: list[str], name: str, checkpoints: dict[str, str]) -> dict:
-    """The MoE stage again under `overrides` (e.g. another load-balancing factor), from the
-    replicate's seed, experts and domain embeddings; returns the MoEs' evaluation."""
+def save_replicate(results: dict, path: Path, seed: int, start: float, began: float) -> None:
+    """Write `results` (with the total wall time since `start`) after replicate `seed`, begun at `began`."""
+    from nexus.io import atomic_write_text
+
+    results["seconds"] = round(time.time() - start, 1)
+    atomic_write_text(path, json.dumps(results, indent=1, default=str))
+    get_run_logger().info("replicate %d done in %.0f s", seed, time.time() - began)
+
+
+def parse_overrides(parser: argparse.ArgumentParser,
+                    argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """`parser`'s arguments and the Hydra key=value overrides, which may stand anywhere in `argv`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return parser.parse_args([a for a in argv if a not in overrides]), overrides
+
+
+def moe_stage(cfg: PipelineConfig, run_name: str, checkpoints: dict[str, str], out_dir: Path,
+              meta: dict) -> tuple[dict, dict]:
+    """Upcycle and train the MoEs of `cfg` (its routers) from a replicate's seed, experts and domain
+    embeddings into `out_dir`, then evaluate them, under a tracking parent run `run_name`; `meta` is added
+    to the checkpoints' metadata. Returns ({router: `train_stage` result}, evaluation)."""
     from nexus.data import open_prepared
 
-    cfg = compose(experiment, overrides)
-    cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, dense_merge=False, sparse_upcycling=False))
     out = Path(cfg.out_dir).resolve()
-    with tracking_context(cfg, f"moe_ablation:{name}") as parent:
+    with tracking_context(cfg, run_name) as parent:
         track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": {}} if parent else None
         data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
         domains = list(data["fingerprints"])
@@ -59,12 +75,24 @@ def moe_ablation(experiment: str, overrides: list[str], name: str, checkpoints: 
         embeddings = {d: str(prepared.embedding_path(d)) for d in domains}
         experts = {d: checkpoints[f"expert:{d}"] for d in domains}
         meta = {"data_dir": data["dir"], "experiment": cfg.name, "domains": domains,
-                "seed_checkpoint": checkpoints["seed"], "ablation": name}
-        _, trained = moe_phase(cfg, data, checkpoints["seed"], experts, embeddings,
-                               out / "ablations" / name.replace(" ", "-"), meta, track)
-        moes = {f"moe:{k}": f.result()["checkpoint"] for k, f in trained.items()}
+                "seed_checkpoint": checkpoints["seed"], **meta}
+        _, trained = moe_phase(cfg, data, checkpoints["seed"], experts, embeddings, out_dir, meta, track)
+        stages = {k: f.result() for k, f in trained.items()}
+        moes = {f"moe:{k}": s["checkpoint"] for k, s in stages.items()}
         results = evaluate_models.submit(moes, {d: data["dir"] for d in domains}, cfg.eval.split,
                                          cfg.eval.batch_size, cfg.eval.max_tokens, cfg.torch_threads).result()
+    return stages, results
+
+
+@flow(name="moe_ablation")
+def moe_ablation(experiment: str, overrides: list[str], name: str, checkpoints: dict[str, str]) -> dict:
+    """The MoE stage again under `overrides` (e.g. another load-balancing factor), from the
+    replicate's seed, experts and domain embeddings; returns the MoEs' evaluation."""
+    cfg = compose(experiment, overrides)
+    cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, dense_merge=False, sparse_upcycling=False))
+    out = Path(cfg.out_dir).resolve() / "ablations" / name.replace(" ", "-")
+    stages, results = moe_stage(cfg, f"moe_ablation:{name}", checkpoints, out, {"ablation": name})
+    moes = {f"moe:{k}": s["checkpoint"] for k, s in stages.items()}
     return {"name": name, "overrides": ABLATIONS.get(name, []), "checkpoints": moes, **results}
 
 
@@ -75,7 +103,6 @@ def reproduce_paper(experiment: str = "small", overrides: list[str] | None = Non
     """Run the replicates (see the module docstring); returns the results written to
     `<out_dir>/results.json` and the paths of the generated report."""
     from flows.results import write_results
-    from nexus.io import atomic_write_text
 
     log = get_run_logger()
     overrides, seeds = list(overrides or []), list(seeds if seeds is not None else [0, 1, 2])
@@ -110,9 +137,7 @@ def reproduce_paper(experiment: str = "small", overrides: list[str] | None = Non
             results["extension_ablations"][str(seed)] = {
                 name: {router: extend(router, mid, extra, "-" + name.replace(" ", "-")) for router in routers}
                 for name, extra in EXTENSION_ABLATIONS.items()}
-        results["seconds"] = round(time.time() - start, 1)
-        atomic_write_text(root / "results.json", json.dumps(results, indent=1, default=str))
-        log.info("replicate %d done in %.0f s", seed, time.time() - began)
+        save_replicate(results, root / "results.json", seed, start, began)
     report = write_results(results, root / "results")
     log.info("results: %s (%.0f s)", report["markdown"], results["seconds"])
     return {**results, "report": {k: str(v) for k, v in report.items()}}
@@ -129,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="finetuning steps of the extension (the paper's 200M / 500M / 1B tokens, scaled)")
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=None,
                         help="replicates that also run the ablations (default: the first seed)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # Hydra key=value, anywhere
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    args, overrides = parse_overrides(parser, argv)
     offline_env()
     out = reproduce_paper(args.experiment, overrides, args.seeds, args.budgets, args.ablation_seeds)
     print(f"\nresults: {out['report']['markdown']} ({out['seconds']:.0f} s)")
