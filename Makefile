@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps demo test test-all bench reproduce clean gpu-check
+.PHONY: install system-deps demo test test-all bench reproduce bam clean gpu-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench: install
 # The paper's experiment in the paper's regime at CPU size (docs/results.md); e.g. `make reproduce ARGS="--seeds 0"`.
 reproduce: install
 	$(PY) -m flows.reproduce $(ARGS)
+
+# BAM attention experts vs the FFN-only MoE (docs/results.md, "BAM: attention experts"); e.g.
+# `make bam ARGS="--seeds 0"`.
+bam: install
+	$(PY) -m flows.bam $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

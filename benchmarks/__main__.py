@@ -10,7 +10,8 @@ import importlib
 import sys
 import time
 
-MODULES = ["bench_moe_layer", "bench_train_step", "bench_inference", "bench_generation", "bench_data", "bench_pipeline"]
+MODULES = ["bench_moe_layer", "bench_train_step", "bench_inference", "bench_generation", "bench_bam", "bench_data",
+           "bench_pipeline"]
 
 
 def run_lightning_overhead(quick: bool) -> None:

@@ -182,10 +182,23 @@ class RouterSection:
     router_hidden: int | None = None
     dispatch: str = "sorted"
     """`sorted` (blocked per-expert GEMMs, fastest on CPU) or `grouped_mm` (grouped GEMMs, sync-free: GPUs)."""
+    attention_experts: str = "none"
+    """BAM attention experts: `none` (attention averaged), `full` (each expert's Q, K, V, O) or
+    `shared_kv` (per-expert Q, O; averaged K, V: the dense model's KV cache). Routed by an attention
+    router of the MoE's kind (Nexus: its own projection of the domain embeddings; or linear)."""
+    attention_routing: str = "soft"
+    """`soft` (every attention expert, weighted by the router; BAM's choice) or `top_k`."""
+    attention_top_k: int = 1
+    attention_shared_expert: bool = False
+    """The seed's attention as an always-on attention expert."""
 
     def moe_options(self) -> dict[str, Any]:
         opts = {"top_k": self.top_k, "shared_expert": self.shared_expert, "load_balance_coef": self.load_balance_coef,
                 "dispatch": self.dispatch}
+        if self.attention_experts != "none":  # only then: FFN-only MoEs keep their options and cache keys
+            opts.update(attention_experts=self.attention_experts, attention_routing=self.attention_routing,
+                        attention_top_k=self.attention_top_k,
+                        attention_shared_expert=self.attention_shared_expert)
         return {**opts, "router_hidden": self.router_hidden} if self.router_hidden else opts
 
 

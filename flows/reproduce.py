@@ -86,6 +86,23 @@ def seed_model(experiment: str = "paper_regime", overrides: list[str] | None = N
     return result["checkpoint"]
 
 
+def save_replicate(results: dict, path: Path, seed: int, start: float, began: float, what: str = "replicate") -> None:
+    """Write `results` (with the total wall time since `start`) after `what` of seed `seed`, begun at `began`."""
+    from nexus.io import atomic_write_text
+
+    results["seconds"] = round(time.time() - start, 1)
+    atomic_write_text(path, json.dumps(results, indent=1, default=str))
+    get_run_logger().info("%s %d done in %.0f s", what, seed, time.time() - began)
+
+
+def parse_overrides(parser: argparse.ArgumentParser,
+                    argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """`parser`'s arguments and the Hydra key=value overrides, which may stand anywhere in `argv`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return parser.parse_args([a for a in argv if a not in overrides]), overrides
+
+
 @flow(name="reproduce_paper")
 def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | None = None,
                     seeds: list[int] | None = None, budgets: list[int] | None = None,
@@ -95,7 +112,6 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
     """Run the replicates (see the module doc); returns the results written to `<out_dir>/results.json`
     and the paths of the generated report."""
     from flows.results import write_results
-    from nexus.io import atomic_write_text
 
     log = get_run_logger()
     overrides, seeds = list(overrides or []), list(seeds if seeds is not None else [0, 1, 2])
@@ -130,9 +146,7 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
                       for d in domains for v in routers for r in recipes for b in budgets}
         results["replicates"][str(seed)] = {"pipeline": pipeline, "extensions": extensions,
                                             "seconds": round(time.time() - began, 1)}
-        results["seconds"] = round(time.time() - start, 1)
-        atomic_write_text(root / "results.json", json.dumps(results, indent=1, default=str))
-        log.info("replicate %d done in %.0f s", seed, time.time() - began)
+        save_replicate(results, root / "results.json", seed, start, began)
     for seed in ablation_seeds:  # after every replicate: the main comparison first
         began = time.time()
         run, moes = runs[seed]
@@ -140,9 +154,7 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
             name: {f"{d}/{v}": extend(run, moes, d, v, "paper", budgets[0], extra, "-" + _slug(name))
                    for d in domains for v in routers}
             for name, extra in ablations.items()}
-        results["seconds"] = round(time.time() - start, 1)
-        atomic_write_text(root / "results.json", json.dumps(results, indent=1, default=str))
-        log.info("recipe ablations of replicate %d done in %.0f s", seed, time.time() - began)
+        save_replicate(results, root / "results.json", seed, start, began, "recipe ablations of replicate")
     report = write_results(results, root / "results")
     log.info("results: %s (%.0f s)", report["markdown"], results["seconds"])
     return {**results, "report": {k: str(v) for k, v in report.items()}}
@@ -165,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="replicates that also run the recipe ablations (default: the first seed)")
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), help="held-out domains to extend with")
     parser.add_argument("--seed-only", action="store_true", help="train (or find) the cached seed model and stop")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # Hydra key=value, anywhere
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    args, overrides = parse_overrides(parser, argv)
     offline_env()
     if args.seed_only:
         print(f"\nseed model: {seed_model(args.experiment, overrides)}")

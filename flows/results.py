@@ -312,15 +312,22 @@ def command(results: Mapping[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.results RESULTS_JSON [OUT_DIR]`: rewrite the tables and figures of a run."""
+    return rewrite_main("flows.results", write_results, argv)
+
+
+def rewrite_main(module: str, write: Callable[[Mapping[str, Any], Path], dict[str, Path]],
+                 argv: list[str] | None = None) -> int:
+    """`python -m <module> RESULTS_JSON [OUT_DIR]`: `write` the tables and figures of a run's JSON again
+    (default OUT_DIR: `results/` next to it)."""
     import json
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print("usage: python -m flows.results RESULTS_JSON [OUT_DIR]", file=sys.stderr)
+        print(f"usage: python -m {module} RESULTS_JSON [OUT_DIR]", file=sys.stderr)
         return 2
     source = Path(args[0])
-    paths = write_results(json.loads(source.read_text()), args[1] if len(args) > 1 else source.parent / "results")
+    paths = write(json.loads(source.read_text()), Path(args[1]) if len(args) > 1 else source.parent / "results")
     print(paths["markdown"])
     return 0
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from nexus.errors import ConfigError
 
+ATTENTION_EXPERTS = ("none", "full", "shared_kv")
+
 
 @dataclass
 class MoEConfig:
@@ -38,6 +40,17 @@ class MoEConfig:
     """`sorted`: sort tokens by expert, one matmul per expert on a contiguous slice (any device).
     `grouped_mm`: one `torch._grouped_mm` call per projection over all experts, in the autocast dtype,
     with no host sync (the GPU path; torch >= 2.13 also runs it on CPU)."""
+    attention_experts: str = "none"
+    """BAM (arXiv 2408.08274): `none` (the experts' attention weights are averaged), `full` (each
+    expert's Q, K, V, O become an attention expert) or `shared_kv` (per-expert Q and O; K and V averaged,
+    so the KV cache costs what the dense model's does). See `nexus.model.attention_experts`."""
+    attention_routing: str = "soft"
+    """`soft`: every attention expert, weighted by its router probability (BAM's choice); `top_k`: the
+    `attention_top_k` most probable ones, gates renormalised to sum to 1."""
+    attention_top_k: int = 1
+    attention_shared_expert: bool = False
+    """An always-on attention expert (the seed's attention) added to the routed mixture, as the shared
+    FFN expert is."""
 
     @property
     def n_experts(self) -> int:
@@ -57,6 +70,19 @@ class MoEConfig:
             raise ConfigError(f"moe.top_k={self.top_k} exceeds the number of experts ({self.n_experts})")
         if self.domain_embed_dim < 1:
             raise ConfigError(f"moe.domain_embed_dim must be >= 1, got {self.domain_embed_dim}")
+        if self.attention_experts not in ATTENTION_EXPERTS:
+            raise ConfigError(f"moe.attention_experts must be one of {ATTENTION_EXPERTS}, "
+                              f"got {self.attention_experts!r}")
+        if self.attention_routing not in ("soft", "top_k"):
+            raise ConfigError(f"moe.attention_routing must be 'soft' or 'top_k', "
+                              f"got {self.attention_routing!r}")
+        if not 1 <= self.attention_top_k <= max(self.n_experts, 1):
+            raise ConfigError(f"moe.attention_top_k={self.attention_top_k} must be in [1, {self.n_experts}] "
+                              "(the number of experts)")
+
+    @property
+    def has_attention_experts(self) -> bool:
+        return self.attention_experts != "none"
 
 
 @dataclass

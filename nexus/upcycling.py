@@ -6,7 +6,9 @@
 - `extend` / `remove_expert`: add or drop one routed expert of a trained MoE.
 
 Parameters are addressed by state-dict name. In block i, `blocks.i.ffn.*` is the FFN (dense:
-`w_in`/`w_out`; MoE: `shared.*`, `experts.*`, `router.*`); every other tensor is "non-FFN".
+`w_in`/`w_out`; MoE: `shared.*`, `experts.*`, `router.*`); every other tensor is "non-FFN". With
+attention experts (BAM), `blocks.i.attn.{experts,router,shared}.*` are per expert like the FFN's
+(`nexus.attention_upcycling`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ from collections.abc import Sequence
 
 import torch
 
+from nexus.attention_upcycling import (
+    extend_attention,
+    is_attention_expert_key,
+    is_routed_attention_key,
+    upcycle_attention,
+)
 from nexus.config import ModelConfig, MoEConfig
 from nexus.errors import IncompatibleModelsError
 from nexus.model.transformer import Transformer
@@ -30,7 +38,9 @@ def is_ffn_key(name: str) -> bool:
 
 
 def non_ffn_keys(model: Transformer) -> list[str]:
-    return [k for k in model.state_dict() if not is_ffn_key(k) and k != "domain_embeddings"]
+    """The tensors every expert has and the MoE shares: averaged by `upcycle`, λ-merged by `extend`."""
+    return [k for k in model.state_dict()
+            if not is_ffn_key(k) and not is_attention_expert_key(k) and k != "domain_embeddings"]
 
 
 def check_configs_compatible(reference: ModelConfig, others: Sequence[ModelConfig], names: Sequence[str]) -> None:
@@ -92,7 +102,12 @@ def upcycle(
     Per block: shared expert = the seed's FFN; routed experts = the experts' FFNs (in order);
     every non-FFN parameter `φ_moe = (1/n) Σ_i φ_i`. The router is freshly initialised (from
     `init_seed`: the same inputs always give the same MoE); a Nexus router additionally stores
-    `domain_embeddings` (n, m), one row per expert."""
+    `domain_embeddings` (n, m), one row per expert.
+
+    `attention_experts="full"` or `"shared_kv"` (BAM; a `MoEConfig` option like every keyword in
+    `moe_options`) makes expert e's attention attention expert e instead of averaging it (`shared_kv`:
+    its Q and O; K and V are averaged) and, with `attention_shared_expert=True`, the seed's attention
+    the always-on one (`nexus.attention_upcycling`)."""
     if not experts:
         raise IncompatibleModelsError("upcycle needs at least one dense expert (got n=0)")
     if seed.config.is_moe:
@@ -117,6 +132,7 @@ def upcycle(
             _set_ffn_slot(state, prefix, seed_state, None)
         for e, expert_state in enumerate(expert_states):
             _set_ffn_slot(state, prefix, expert_state, e)
+    upcycle_attention(state, seed_state, expert_states, seed.config.n_layers)
     if router == "nexus":
         moe.domain_embeddings.copy_(domain_embeddings)
     return moe
@@ -191,7 +207,9 @@ def extend(
     Non-FFN parameters become `φ_f = (1 − λ) · φ_moe + λ · φ_new` with `λ = 1/(n+1)` by default.
     A linear router keeps its trained rows and gets a freshly initialised one for the new expert
     (`linear_router="append"`), or is re-initialised whole (`"reset"`: the paper's baseline, §5.2
-    "the router weights are reset after extending the MoE layers"); fresh rows come from `init_seed`."""
+    "the router weights are reset after extending the MoE layers"); fresh rows come from `init_seed`.
+    With attention experts, the new expert's attention is appended as an attention expert and the old
+    ones are untouched; only what stays shared (e.g. the averaged K/V of `shared_kv`) is λ-merged."""
     mcfg = _check_moe(moe)
     n = mcfg.n_experts
     name = name if name is not None else f"expert_{n}"
@@ -222,6 +240,7 @@ def extend(
             state[key].copy_(tensor)  # shared expert, Nexus projection
     for i in range(moe.config.n_layers):
         _set_ffn_slot(state, f"blocks.{i}.", new, n)
+    extend_attention(state, old, new, n, moe.config.n_layers)
     if mcfg.router == "nexus":
         d_new = _check_domain_embeddings(
             None if domain_embedding is None else torch.as_tensor(domain_embedding).reshape(1, -1),
@@ -232,8 +251,8 @@ def extend(
 
 @torch.no_grad()
 def remove_expert(moe: Transformer, expert: str | int) -> Transformer:
-    """Drop one routed expert: its FFN slice, its domain embedding / router row. Non-FFN weights are
-    kept as they are (an `extend` merge cannot be undone)."""
+    """Drop one routed expert: its FFN slice (and attention expert), its domain embedding / router rows.
+    Shared weights are kept as they are (an `extend` merge cannot be undone)."""
     mcfg = _check_moe(moe)
     idx = mcfg.expert_names.index(expert) if isinstance(expert, str) and expert in mcfg.expert_names else expert
     if not isinstance(idx, int) or not 0 <= idx < mcfg.n_experts:
@@ -246,7 +265,8 @@ def remove_expert(moe: Transformer, expert: str | int) -> Transformer:
     out = _resized_moe(moe, [mcfg.expert_names[i] for i in keep])
     state = out.state_dict()
     for key, tensor in moe.state_dict().items():
-        per_expert = ".ffn.experts." in key or key.endswith("router.weight") or key == "domain_embeddings"
+        per_expert = ".ffn.experts." in key or key.endswith("router.weight") or key == "domain_embeddings" \
+            or is_routed_attention_key(key)
         state[key].copy_(tensor[keep] if per_expert else tensor)
     return out
 

@@ -3,10 +3,18 @@ import json
 
 import pytest
 
-from benchmarks import bench_data, bench_generation, bench_inference, bench_moe_layer, bench_train_step
+from benchmarks import (
+    bench_bam,
+    bench_data,
+    bench_generation,
+    bench_inference,
+    bench_moe_layer,
+    bench_train_step,
+)
 
 
-@pytest.mark.parametrize("module", [bench_moe_layer, bench_train_step, bench_inference, bench_generation, bench_data])
+@pytest.mark.parametrize("module", [bench_moe_layer, bench_train_step, bench_inference, bench_generation, bench_bam,
+                                    bench_data])
 def test_benchmark_smoke(module, tmp_path):
     summary = module.main(["--smoke", "--out", str(tmp_path)])
     assert isinstance(summary, dict)

@@ -17,9 +17,10 @@ architecture, else the remote-code `NexusForCausalLM` (`nexus/interop/remote/`, 
   or zeros; its blocks, RMSNorm, RoPE and GQA attention are Llama's. A Nexus router's projection
   and domain embeddings, which Qwen2-MoE has no place for, go to `nexus_router.safetensors`;
 - parallel attention/FFN blocks (the paper's default; no transformers architecture with RMSNorm
-  and SwiGLU has them), or `remote_code=True` -> `NexusForCausalLM`, which holds the Nexus tensors
-  as they are: the Nexus router ships its projection and the domain embeddings, not E (so the
-  export stays extensible and imports back exactly; computing E costs one tiny MLP per forward).
+  and SwiGLU has them), attention experts (BAM), or `remote_code=True` -> `NexusForCausalLM`,
+  which holds the Nexus tensors as they are: the Nexus router ships its projection and the domain
+  embeddings, not E (so the export stays extensible and imports back exactly; computing E costs one
+  tiny MLP per forward).
 
 Every export records the checkpoint's `ModelConfig`, metadata and file names under `nexus` in
 config.json, so `nexus import` restores the checkpoint bit for bit. It also carries the tokenizer
@@ -78,7 +79,7 @@ GENERATION_CONFIG, MODEL_CARD, TOKENIZER_CONFIG = "generation_config.json", "REA
 
 def export_architecture(config: ModelConfig, remote_code: bool = False) -> str:
     """The transformers architecture an export of `config` uses (see the module doc)."""
-    if remote_code or config.parallel_blocks:
+    if remote_code or config.parallel_blocks or (config.moe is not None and config.moe.has_attention_experts):
         return NEXUS
     if config.is_moe:
         return QWEN2_MOE
@@ -93,7 +94,9 @@ def _remote_config(config: ModelConfig) -> dict[str, Any]:
         moe = config.moe
         out.update(expert_names=moe.expert_names, router=moe.router, num_experts_per_tok=moe.top_k,
                    shared_expert=moe.shared_expert, norm_topk_prob=moe.normalize_gates,
-                   domain_embed_dim=moe.domain_embed_dim, router_hidden_size=moe.router_hidden)
+                   domain_embed_dim=moe.domain_embed_dim, router_hidden_size=moe.router_hidden,
+                   attention_experts=moe.attention_experts, attention_routing=moe.attention_routing,
+                   attention_top_k=moe.attention_top_k, attention_shared_expert=moe.attention_shared_expert)
     return out
 
 

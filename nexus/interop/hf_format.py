@@ -5,8 +5,9 @@
   the table serves import and every export.
 - `ffn_to_hf` / `ffn_from_hf`: a SwiGLU FFN, whose `w_in` fuses `[gate; up]` rows, as HF's separate
   `gate_proj`, `up_proj`, `down_proj` (dense MLP, shared expert and each routed expert alike).
-- `REMOTE_FFN_NAMES` / `remote_name`: `NexusForCausalLM` keeps the Nexus tensors as they are (fused
-  `gate_up_proj`, stacked experts), so its names are a bijection with the Nexus state dict.
+- `REMOTE_FFN_NAMES`, `REMOTE_ATTENTION_NAMES` / `remote_name`: `NexusForCausalLM` keeps the Nexus
+  tensors as they are (fused `gate_up_proj`, stacked FFN and attention experts), so its names are a
+  bijection with the Nexus state dict.
 - Safetensors-only weight reading (single file or sharded index; never a pickle), tokenizer files,
   and `atomic_directory` for all-or-nothing writes.
 """
@@ -70,6 +71,17 @@ REMOTE_FFN_NAMES: dict[str, str] = {
     "ffn.router.proj.w_in.weight": "mlp.router.gate_up_proj.weight",
     "ffn.router.proj.w_out.weight": "mlp.router.down_proj.weight",
 }
+# Inside block i, the attention experts (BAM) of `NexusForCausalLM`, stacked as in Nexus; a `shared_kv`
+# model's one key/value projection keeps the dense names (BLOCK_NAMES).
+REMOTE_ATTENTION_NAMES: dict[str, str] = {
+    **{f"attn.experts.w{p}": f"self_attn.experts.{p}_proj" for p in "qkvo"},
+    **{f"attn.experts.b{p}": f"self_attn.experts.{p}_bias" for p in "qkv"},
+    **{f"attn.shared.w{p}.weight": f"self_attn.shared_expert.{p}_proj.weight" for p in "qkvo"},
+    **{f"attn.shared.w{p}.bias": f"self_attn.shared_expert.{p}_proj.bias" for p in "qkv"},
+    "attn.router.weight": "self_attn.gate.weight",
+    "attn.router.proj.w_in.weight": "self_attn.router.gate_up_proj.weight",
+    "attn.router.proj.w_out.weight": "self_attn.router.down_proj.weight",
+}
 REMOTE_DOMAIN_EMBEDDINGS = "model.domain_embeddings"
 GLOBAL_NAMES: dict[str, str] = {
     "tok_emb.weight": "model.embed_tokens.weight",
@@ -118,6 +130,8 @@ def remote_name(name: str) -> str:
     parts = name.split(".", 2)
     if parts[0] == "blocks" and len(parts) == 3 and parts[2] in REMOTE_FFN_NAMES:
         return block_prefix(int(parts[1])) + REMOTE_FFN_NAMES[parts[2]]
+    if parts[0] == "blocks" and len(parts) == 3 and parts[2] in REMOTE_ATTENTION_NAMES:
+        return block_prefix(int(parts[1])) + REMOTE_ATTENTION_NAMES[parts[2]]
     raise KeyError(f"no NexusForCausalLM name for tensor {name!r}")
 
 

@@ -66,6 +66,18 @@ def _experts(config: ModelConfig, metadata: Mapping[str, Any]) -> list[str]:
         ),
         "",
     ]
+    if moe.has_attention_experts:
+        routing = "soft (every expert)" if moe.attention_routing == "soft" else f"top-{moe.attention_top_k}"
+        kv = "own keys and values" if moe.attention_experts == "full" else "shared (averaged) keys and values"
+        lines += [
+            (
+                f"Attention experts (BAM, arXiv 2408.08274): every block's attention mixes one attention expert "
+                f"per expert ({kv}), Attn(x) = Σ_k g_k · Attn_k(x), routed {routing} by an attention router of "
+                f"its own; shared attention expert (the seed's attention): "
+                f"{'yes' if moe.attention_shared_expert else 'no'}."
+            ),
+            "",
+        ]
     rows = [
         (i, name, f"{weights[name]:.3g}" if name in weights else "")
         for i, name in enumerate(moe.expert_names)

@@ -3,6 +3,8 @@
 Blocks are parallel (attention and FFN read the same normalised input; the paper's choice) or
 sequential (Llama), by `ModelConfig.parallel_blocks`. The FFN is dense, or an `MoELayer` when
 `config.moe` is set; everything else is identical, which is what makes upcycling a weight copy.
+With `config.moe.attention_experts` (BAM), the attention is a mixture of attention experts too
+(`nexus.model.attention_experts.AttentionExperts`).
 
 `forward(idx, cache=KVCache(...))` appends the keys and values of `idx` to a preallocated cache and
 attends over everything cached: the prefill (empty cache) computes exactly what the uncached
@@ -18,6 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nexus.config import ModelConfig
+from nexus.model.attention import causal_attention
+from nexus.model.attention_experts import (
+    STACKED_BIASES,
+    AttentionExperts,
+    has_attention_experts,
+    kv_cache_heads,
+)
 from nexus.model.ffn import FeedForward
 from nexus.model.moe import MoELayer, RoutingInfo
 
@@ -73,17 +82,23 @@ class LayerCache:
 
 
 class KVCache:
-    """Keys and values of every layer for the first `length` tokens, preallocated to `max_seq_len`."""
+    """Keys and values of every layer for the first `length` tokens, preallocated to `max_seq_len`
+    (with attention experts of their own keys and values, every expert's: `kv_cache_heads`)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, config.kv_heads, config.max_seq_len, config.head_dim)
+        shape = (batch_size, kv_cache_heads(config), config.max_seq_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0
 
     def layers(self) -> list[LayerCache]:
         return [LayerCache(k, v, self.length) for k, v in zip(self.keys, self.values)]
+
+    def bytes_per_token(self) -> int:
+        """Bytes the cache holds per cached token and sequence (keys and values of every layer)."""
+        total = sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return total // (self.keys[0].shape[0] * self.keys[0].shape[2])
 
 
 class Attention(nn.Module):
@@ -108,14 +123,7 @@ class Attention(nn.Module):
             cached_k, cached_v = cache.append(k, v)
             if start:  # a prefill attends to its own k, v only: exactly the uncached computation
                 k, v = cached_k, cached_v
-        if self.kv_heads != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
-        else:  # query t (position start + t) sees keys 0 … start + t; one new token sees them all
-            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = causal_attention(q, k, v, start)  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -124,7 +132,8 @@ class Block(nn.Module):
         super().__init__()
         self.parallel = config.parallel_blocks
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn: Attention | AttentionExperts = AttentionExperts(config) if has_attention_experts(config) \
+            else Attention(config)
         self.ffn_norm = None if self.parallel else RMSNorm(config.d_model, config.norm_eps)
         self.ffn: FeedForward | MoELayer
         if config.moe is None:
@@ -138,15 +147,22 @@ class Block(nn.Module):
             return y.view_as(h), info
         return self.ffn(h), None
 
-    def forward(self, x, rope, domain_embeddings=None,
-                cache: LayerCache | None = None) -> tuple[torch.Tensor, RoutingInfo | None]:
+    def _attn(self, h: torch.Tensor, rope, domain_embeddings: torch.Tensor | None, cache: LayerCache | None):
+        if isinstance(self.attn, AttentionExperts):
+            return self.attn(h, rope, domain_embeddings, cache)
+        return self.attn(h, rope, cache), None
+
+    def forward(self, x, rope, domain_embeddings=None, cache: LayerCache | None = None
+                ) -> tuple[torch.Tensor, RoutingInfo | None, RoutingInfo | None]:
+        """-> (output, FFN routing, attention-expert routing); the routings are None where not routed."""
         h = self.attn_norm(x)
+        a, attn_info = self._attn(h, rope, domain_embeddings, cache)
         if self.parallel:  # x + Attn(norm(x)) + FFN(norm(x))
             y, info = self._ffn(h, domain_embeddings)
-            return x + self.attn(h, rope, cache) + y, info
-        x = x + self.attn(h, rope, cache)
+            return x + a + y, info, attn_info
+        x = x + a
         y, info = self._ffn(self.ffn_norm(x), domain_embeddings)
-        return x + y, info
+        return x + y, info, attn_info
 
 
 @dataclass
@@ -159,9 +175,12 @@ class ModelOutput:
     """Per MoE layer: which experts each token went to, with what probabilities."""
     hidden: torch.Tensor | None = None
     """(B, T, d_model) the normalised final hidden states, the LM head's input."""
+    attention_routing: list[RoutingInfo] = field(default_factory=list)
+    """Per layer with attention experts: the attention router's probabilities and choices."""
 
 
-RESIDUAL_PROJECTIONS = ("attn.wo.weight", "ffn.w_out.weight", "shared.w_out.weight", "experts.w_out")
+RESIDUAL_PROJECTIONS = ("attn.wo.weight", "ffn.w_out.weight", "shared.w_out.weight", "experts.w_out",
+                        "attn.experts.wo", "attn.shared.wo.weight")
 """Parameters initialised with std `init_std / sqrt(2 · n_layers)` (GPT-2)."""
 
 
@@ -192,7 +211,7 @@ class Transformer(nn.Module):
         `init_std`, residual projections scaled by depth). Seeded initialisation through a private
         generator cannot race with other threads on the global random state."""
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not name.endswith(STACKED_BIASES):
                 scale = math.sqrt(2 * self.config.n_layers) if name.endswith(RESIDUAL_PROJECTIONS) else 1.0
                 p.normal_(0.0, self.config.init_std / scale, generator=generator)
         return self
@@ -214,22 +233,25 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {start + idx.shape[-1]} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.tok_emb(idx)
         routing: list[RoutingInfo] = []
+        attention_routing: list[RoutingInfo] = []
         layer_caches = cache.layers() if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches):
-            x, info = block(x, self.rope, self.domain_embeddings, layer_cache)
-            if info is not None:
-                routing.append(info)
+            x, info, attn_info = block(x, self.rope, self.domain_embeddings, layer_cache)
+            routing.extend([info] if info is not None else [])
+            attention_routing.extend([attn_info] if attn_info is not None else [])
         if cache is not None:
             cache.length += idx.shape[-1]
         hidden = self.norm(x)
-        aux = sum((r.aux_loss for r in routing), start=hidden.new_zeros(()))
-        return ModelOutput(self.lm_head(hidden) if logits else None, aux, routing, hidden)
+        aux = sum((r.aux_loss for r in (*routing, *attention_routing)), start=hidden.new_zeros(()))
+        return ModelOutput(self.lm_head(hidden) if logits else None, aux, routing, hidden, attention_routing)
 
     def precompute_routers(self) -> None:
         """Freeze every Nexus router's `E = P_r(D)` into a plain matrix for inference; see NexusRouter."""
         for block in self.blocks:
             if isinstance(block.ffn, MoELayer):
                 block.ffn.router.precompute(self.domain_embeddings)
+            if isinstance(block.attn, AttentionExperts):
+                block.attn.router.precompute(self.domain_embeddings)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -99,6 +99,9 @@ def nexus_model(parallel: bool = True, moe: dict | None = None, seed: int = 0, *
 
 NEXUS_TOP1 = {"router": "nexus", "top_k": 1}
 LINEAR_TOP2 = {"router": "linear", "top_k": 2}
+BAM_SHARED_KV_TOP2 = {"attention_experts": "shared_kv", "attention_routing": "top_k", "attention_top_k": 2,
+                      "attention_shared_expert": True}
+"""Attention experts (BAM) with every option off its default: the remote code must follow each."""
 # name: (parallel blocks, MoE options or None for dense, other config fields, remote_code, architecture)
 VARIANTS = {
     "parallel-dense": (True, None, {}, False, NEXUS),
@@ -117,6 +120,11 @@ VARIANTS = {
                                                   {"qkv_bias": True}, False, QWEN2_MOE),
     "sequential-linear-top2-no-shared-tied": (False, {**LINEAR_TOP2, "shared_expert": False},
                                               {"tie_embeddings": True}, False, QWEN2_MOE),
+    "parallel-nexus-bam-full": (True, {**NEXUS_TOP1, "attention_experts": "full"}, {}, False, NEXUS),
+    "parallel-linear-top2-bam-shared-kv-top2-shared-qkv-bias": (
+        True, {**LINEAR_TOP2, **BAM_SHARED_KV_TOP2}, {"qkv_bias": True}, False, NEXUS),
+    "sequential-nexus-bam-full-shared": (False, {**NEXUS_TOP1, "attention_experts": "full",
+                                                 "attention_shared_expert": True}, {}, False, NEXUS),
     "sequential-dense-remote": (False, None, {}, True, NEXUS),
     "sequential-nexus-top2-remote": (False, {"router": "nexus", "top_k": 2}, {}, True, NEXUS),
 }

@@ -13,11 +13,15 @@ from tests.interop import nexus_model, tokens
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+@pytest.fixture(
+    scope="module",
+    params=[{}, {"attention_experts": "full", "attention_shared_expert": True}],
+    ids=["moe", "bam-full"],
+)
+def pair(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    moe = nexus_model(True, {"router": "nexus", "top_k": 2})
+    moe = nexus_model(True, {"router": "nexus", "top_k": 2, **request.param})
     out = export_hf(moe, tmp_path_factory.mktemp("hf") / "moe")
     return moe, AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
 

@@ -4,7 +4,9 @@ Standard transformers names where one exists (hidden_size, num_hidden_layers, â€
 specifics are `parallel_blocks`, `qkv_bias` and, for a Mixture of Experts, `expert_names` (one per
 routed expert, its training domain), `router` ("nexus": expert embeddings generated from domain
 embeddings, or "linear"), `num_experts_per_tok` (top-k), `shared_expert`, `norm_topk_prob`,
-`domain_embed_dim` and `router_hidden_size`.
+`domain_embed_dim` and `router_hidden_size`; with attention experts (BAM), `attention_experts`
+("full" or "shared_kv"), `attention_routing` ("soft" or "top_k"), `attention_top_k` and
+`attention_shared_expert`.
 """
 
 from transformers import PretrainedConfig
@@ -36,6 +38,10 @@ class NexusConfig(PretrainedConfig):
         norm_topk_prob=False,
         domain_embed_dim=384,
         router_hidden_size=None,
+        attention_experts="none",
+        attention_routing="soft",
+        attention_top_k=1,
+        attention_shared_expert=False,
         use_cache=True,
         **kwargs,
     ):
@@ -59,6 +65,10 @@ class NexusConfig(PretrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.domain_embed_dim = domain_embed_dim
         self.router_hidden_size = router_hidden_size
+        self.attention_experts = attention_experts
+        self.attention_routing = attention_routing
+        self.attention_top_k = attention_top_k
+        self.attention_shared_expert = attention_shared_expert
         self.use_cache = use_cache
         kwargs.pop("rope_parameters", None)  # derived from rope_theta (plain RoPE only)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

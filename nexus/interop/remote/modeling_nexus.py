@@ -12,6 +12,10 @@ the domain embeddings d_i (`model.domain_embeddings`) by each block's projection
 `e_i = W2 · SwiGLU(W1 · d_i)` (`mlp.router`, "nexus"). Shipping d_i and the projection rather than E
 keeps the model extensible: a new expert is a new d_i (see the model card and docs/interop.md).
 
+With attention experts (BAM, arXiv 2408.08274; `attention_experts` "full" or "shared_kv"), a block's
+attention is `Σ_e g_e · Attn_e(x)` over one attention expert per routed expert (plus the optional
+shared one), routed by an attention router of its own (`self_attn.gate` or `self_attn.router`).
+
 Every operation mirrors `nexus.model.Transformer` in the same order and precision, so the logits
 match the Nexus checkpoint's. Generation uses transformers' `Cache` (`DynamicCache` by default).
 """
@@ -139,12 +143,131 @@ class NexusAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class NexusStackedAttention(nn.Module):
+    """n attention experts' projections, stacked: q_proj (n, H·D, d), o_proj (n, d, H·D); with their own
+    keys and values k_proj, v_proj (n, G·D, d); q/k/v biases (n, ·) with `qkv_bias`."""
+
+    def __init__(self, config, n_experts, own_kv):
+        super().__init__()
+        d, q_dim = config.hidden_size, config.num_attention_heads * config.head_dim
+        kv_dim = config.num_key_value_heads * config.head_dim
+        shapes = {"q_proj": (n_experts, q_dim, d), "o_proj": (n_experts, d, q_dim)}
+        if own_kv:
+            shapes.update(k_proj=(n_experts, kv_dim, d), v_proj=(n_experts, kv_dim, d))
+        if config.qkv_bias:
+            shapes.update(q_bias=(n_experts, q_dim))
+            if own_kv:
+                shapes.update(k_bias=(n_experts, kv_dim), v_bias=(n_experts, kv_dim))
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.zeros(shape)))
+
+
+class NexusSharedAttentionExpert(nn.Module):
+    """The always-on attention expert: q_proj, o_proj (and k_proj, v_proj with keys and values of its own)."""
+
+    def __init__(self, config, own_kv):
+        super().__init__()
+        d, bias = config.hidden_size, config.qkv_bias
+        q_dim, kv_dim = (
+            config.num_attention_heads * config.head_dim,
+            config.num_key_value_heads * config.head_dim,
+        )
+        self.q_proj = nn.Linear(d, q_dim, bias=bias)
+        if own_kv:
+            self.k_proj = nn.Linear(d, kv_dim, bias=bias)
+            self.v_proj = nn.Linear(d, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(q_dim, d, bias=False)
+
+
+class NexusAttentionExperts(nn.Module):
+    """Attention experts (BAM, arXiv 2408.08274): `Attn(x) = [Attn_s(x) +] Σ_e g_e · Attn_e(x)` with
+    `g = softmax(x · A)` (soft) or its top-k entries renormalised; `Attn_e` uses expert e's Q, O and its
+    own K, V ("full") or the one shared K, V ("shared_kv"). All experts × heads in one SDPA call."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d, n = config.hidden_size, config.num_experts
+        self.n_heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.full = config.attention_experts == "full"
+        self.top_k = config.attention_top_k if config.attention_routing == "top_k" else None
+        self.experts = NexusStackedAttention(config, n, self.full)
+        if not self.full:
+            kv_dim = self.kv_heads * self.head_dim
+            self.k_proj = nn.Linear(d, kv_dim, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(d, kv_dim, bias=config.qkv_bias)
+        self.shared_expert = (
+            NexusSharedAttentionExpert(config, self.full) if config.attention_shared_expert else None
+        )
+        if config.router == "nexus":  # P_a: R^m -> R^d, a_i = P_a(d_i)
+            self.router = NexusMLP(config.domain_embed_dim, config.router_hidden_size or d, d)
+        else:
+            self.gate = nn.Linear(d, n, bias=False)
+
+    router_matrix = NexusSparseMoeBlock.router_matrix
+
+    def _slots(self, proj, kind="proj"):
+        """The stacked `{proj}_{kind}` of the experts, the shared expert's first: (slots, ...), or None."""
+        stacked = getattr(self.experts, f"{proj}_{kind}", None)
+        if stacked is None or self.shared_expert is None:
+            return stacked
+        linear = getattr(self.shared_expert, f"{proj}_proj")
+        shared = linear.weight if kind == "proj" else linear.bias
+        return torch.cat([shared.unsqueeze(0).to(stacked.dtype), stacked])
+
+    def _project(self, x, proj):
+        bias = self._slots(proj, "bias")
+        return F.linear(x, self._slots(proj).flatten(0, 1), None if bias is None else bias.flatten())
+
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, domain_embeddings=None):
+        B, T, d = x.shape
+        logits = x.reshape(-1, d) @ self.router_matrix(domain_embeddings).to(x.dtype).t()
+        gates = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
+        if self.top_k is not None:
+            top, index = gates.topk(self.top_k, dim=-1)
+            gates = torch.zeros_like(gates).scatter(-1, index, top / top.sum(-1, keepdim=True))
+        gates = gates.view(B, T, -1)
+        if self.shared_expert is not None:
+            gates = torch.cat([gates.new_ones(B, T, 1), gates], dim=-1)
+        S, H, G, D = gates.shape[-1], self.n_heads, self.kv_heads, self.head_dim
+        q = self._project(x, "q")
+        if self.full:  # expert-major heads
+            q = q.view(B, T, S * H, D).transpose(1, 2)
+            k = self._project(x, "k").view(B, T, S * G, D).transpose(1, 2)
+            v = self._project(x, "v").view(B, T, S * G, D).transpose(1, 2)
+        else:  # head-major: query head j·S + s reads the shared key/value head j // (H/G)
+            q = q.view(B, T, S, H, D).permute(0, 3, 2, 1, 4).reshape(B, H * S, T, D)
+            k = self.k_proj(x).view(B, T, G, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, G, D).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        if self.full:
+            y = y.view(B, S, H, T, D).permute(0, 3, 1, 2, 4)
+        else:
+            y = y.view(B, H, S, T, D).permute(0, 3, 2, 1, 4)
+        y = y * gates.to(y.dtype)[..., None, None]
+        wo = self._slots("o")
+        return F.linear(y.reshape(B, T, S * H * D), wo.permute(1, 0, 2).reshape(d, S * H * D))
+
+
 class NexusDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.parallel = config.parallel_blocks
         self.input_layernorm = NexusRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = NexusAttention(config, layer_idx)
+        if config.num_experts and getattr(config, "attention_experts", "none") != "none":
+            self.self_attn = NexusAttentionExperts(config, layer_idx)
+        else:
+            self.self_attn = NexusAttention(config, layer_idx)
         if not self.parallel:
             self.post_attention_layernorm = NexusRMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.num_experts:
@@ -157,12 +280,17 @@ class NexusDecoderLayer(nn.Module):
             return self.mlp(h, domain_embeddings)[0]
         return self.mlp(h)
 
+    def _attn(self, h, cos, sin, mask, is_causal, cache, domain_embeddings):
+        if isinstance(self.self_attn, NexusAttentionExperts):
+            return self.self_attn(h, cos, sin, mask, is_causal, cache, domain_embeddings)
+        return self.self_attn(h, cos, sin, mask, is_causal, cache)
+
     def forward(self, x, cos, sin, mask, is_causal, cache=None, domain_embeddings=None):
         h = self.input_layernorm(x)
+        a = self._attn(h, cos, sin, mask, is_causal, cache, domain_embeddings)
         if self.parallel:  # x + Attn(norm(x)) + FFN(norm(x))
-            y = self._mlp(h, domain_embeddings)
-            return x + self.self_attn(h, cos, sin, mask, is_causal, cache) + y
-        x = x + self.self_attn(h, cos, sin, mask, is_causal, cache)
+            return x + a + self._mlp(h, domain_embeddings)
+        x = x + a
         return x + self._mlp(self.post_attention_layernorm(x), domain_embeddings)
 
 
@@ -180,6 +308,12 @@ class NexusPreTrainedModel(PreTrainedModel):
         if isinstance(module, NexusExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+        if isinstance(module, NexusStackedAttention):
+            for name, param in module.named_parameters(recurse=False):
+                if name.endswith("_bias"):
+                    init.zeros_(param)
+                else:
+                    init.normal_(param, mean=0.0, std=std)
 
 
 def _attention_mask(attention_mask, batch, q_len, past, device):
