@@ -28,26 +28,11 @@ def free_port() -> int:
 
 @dataclass
 class Background:
-    """A process started with `start`; `stop()` kills its whole process group."""
+    """A process started with `Processes.start` (its own process group)."""
 
     name: str
     proc: subprocess.Popen
     log: Path
-
-    def stop(self) -> None:
-        """SIGTERM the group (servers and workers shut down cleanly), then SIGKILL whatever is left,
-        descendants in other sessions (flow-run processes) included."""
-        import psutil
-
-        if self.proc.poll() is not None:
-            return
-        family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(family, timeout=20)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        self.proc.wait(timeout=10)
 
     def kill(self) -> None:
         """SIGKILL the process and every descendant, as a machine failure would: no clean-up handlers
@@ -93,8 +78,25 @@ class Processes:
         raise TimeoutError(f"{bg.name} did not answer {url} within {timeout} s:\n{bg.tail()}")
 
     def stop_all(self) -> None:
-        for bg in reversed(self.started):
-            bg.stop()
+        stop_together(self.started)
+
+
+def stop_together(processes: list[Background]) -> None:
+    """SIGTERM each group (servers and workers shut down cleanly), all at once, then SIGKILL whatever is
+    left after 20 s, descendants in other sessions (flow-run processes) included."""
+    import psutil
+
+    family = []
+    for bg in [bg for bg in processes if bg.proc.poll() is None]:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            family += [psutil.Process(bg.proc.pid), *psutil.Process(bg.proc.pid).children(recursive=True)]
+            os.killpg(bg.proc.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    for bg in processes:
+        bg.proc.wait(timeout=10)
 
 
 @dataclass
