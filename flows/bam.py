@@ -27,7 +27,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig, as_dict, compose
-from flows.pipeline import moe_phase, tracking_context, upcycle_pipeline
+from flows.pipeline import moe_phase, stage_tracking, tracking_context, upcycle_pipeline
 from flows.reproduce import parse_overrides, replicate_overrides, save_replicate
 from flows.tasks import evaluate_models, prepare_data
 
@@ -80,7 +80,7 @@ def moe_stage(cfg: PipelineConfig, run_name: str, checkpoints: dict[str, str], o
 
     out = Path(cfg.out_dir).resolve()
     with tracking_context(cfg, run_name) as parent:
-        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": {}} if parent else None
+        track = stage_tracking(cfg, parent)
         data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
         domains = list(data["fingerprints"])
         prepared = open_prepared(data["dir"])

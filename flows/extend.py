@@ -25,7 +25,7 @@ from flows.models import (
     model_line_lock,
     versions_built_on,
 )
-from flows.pipeline import knob_overrides, states_of, tracking_context, write_summary
+from flows.pipeline import knob_overrides, stage_tracking, states_of, tracking_context, write_summary
 from flows.recipes import divergence_metrics, finetune_stages, fit_router, recipe_of
 from flows.rounds import (
     ExtensionPlan,
@@ -98,9 +98,7 @@ def _extend(cfg: PipelineConfig, plan: ExtensionPlan, shared: Path, out: Path, p
     domain, base = plan.domain, plan.base
     moe = fetch_checkpoint(base, Path(cfg.out_dir).resolve() / "models")
     meta, names = base.config["metadata"], base.moe["expert_names"]
-    track = {"uri": cfg.tracking.uri, "parent_run_id": parent,
-             "register": {f"extended-{domain}": plan.line, domain: f"nexus-{cfg.name}-expert-{domain}"},
-             "upload_checkpoints": cfg.tracking.upload_checkpoints} if parent else None
+    track = stage_tracking(cfg, parent, {f"extended-{domain}": plan.line, domain: f"nexus-{cfg.name}-expert-{domain}"})
     new = prepare_data.submit(as_dict(cfg.data), f"{cfg.name}-{domain}", str(shared / "data"),
                               keep=[] if plan.folder else [domain],
                               extra={domain: plan.folder} if plan.folder else None,

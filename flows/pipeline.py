@@ -55,6 +55,16 @@ def tracking_context(cfg: PipelineConfig, run_name: str):
                         attempt_key=f"{run_name}@{Path(cfg.out_dir).resolve()}")
 
 
+def stage_tracking(cfg: PipelineConfig, parent: str | None, register: dict[str, str] | None = None) -> dict | None:
+    """What the stage tasks under the parent run `parent` log with (None when tracking is off): the
+    store, the parent, the registered model name per stage label (`register`), and whether intermediate
+    checkpoints are uploaded (`tracking.upload_checkpoints`)."""
+    if parent is None:
+        return None
+    return {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": dict(register or {}),
+            "upload_checkpoints": cfg.tracking.upload_checkpoints}
+
+
 def states_of(futures: dict[str, Any]) -> dict[str, str]:
     return {name: fut.state.name for name, fut in futures.items()}
 
@@ -122,8 +132,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out_dir).resolve()
     start = time.time()
     with tracking_context(cfg, "upcycle_pipeline") as parent:
-        track = {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": {"nexus": cfg.tracking.model_name},
-                 "upload_checkpoints": cfg.tracking.upload_checkpoints} if parent else None
+        track = stage_tracking(cfg, parent)
         placement = placement_of(cfg)
         data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
         domains = list(data["fingerprints"])

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 
 from flows.config import Experiment, PipelineConfig, compose
 from flows.models import fetch_checkpoint, is_path_ref, lock_dir, model_line_lock
-from flows.pipeline import states_of, tracking_context, write_summary
+from flows.pipeline import stage_tracking, states_of, tracking_context, write_summary
 from flows.rounds import RemovalPlan, judge, plan_removal, publish_round
 from flows.tasks import evaluate_models, remove_domain_expert, submit
 
@@ -43,8 +43,7 @@ def run_removal(cfg: PipelineConfig, plan: RemovalPlan) -> dict:
         with tracking_context(cfg, f"remove_expert:{domain}") as parent:
             moe = fetch_checkpoint(base, Path(cfg.out_dir).resolve() / "models")
             meta = base.config["metadata"]
-            track = {"uri": cfg.tracking.uri, "parent_run_id": parent,
-                     "register": {f"remove-{domain}": plan.line}} if parent else None
+            track = stage_tracking(cfg, parent, {f"remove-{domain}": plan.line})
             metadata = {**meta, "domains": [d for d in base.moe["expert_names"] if d != domain],
                         "domain_data": plan.remaining, "base": base.describe()}
             futures = {"remove": submit(remove_domain_expert, moe, domain, str(out / "model"), metadata=metadata,
