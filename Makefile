@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps demo test test-all bench reproduce bam clean gpu-check
+.PHONY: install system-deps demo lint test test-all bench reproduce bam clean gpu-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,15 @@ system-deps:
 demo: install
 	$(PY) -m flows.demo
 
-test: install system-deps
+# Lint and format check (rules in pyproject.toml [tool.ruff]; `ruff format .` fixes the formatting).
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint system-deps
 	$(PY) -m pytest
 
-test-all: install system-deps
+test-all: lint system-deps
 	$(PY) -m pytest -m ""
 
 bench: install

@@ -3,6 +3,7 @@
 Each module prints its table and writes `benchmarks/results/<name>[-quick|-smoke].json`.
 `bench_lightning_overhead` (Lightning's per-step overhead; its own CLI) runs too when present.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,15 @@ import importlib
 import sys
 import time
 
-MODULES = ["bench_moe_layer", "bench_train_step", "bench_inference", "bench_generation", "bench_bam", "bench_data",
-           "bench_pipeline"]
+MODULES = [
+    "bench_moe_layer",
+    "bench_train_step",
+    "bench_inference",
+    "bench_generation",
+    "bench_bam",
+    "bench_data",
+    "bench_pipeline",
+]
 
 
 def run_lightning_overhead(quick: bool) -> None:
@@ -29,7 +37,9 @@ def run_lightning_overhead(quick: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="*", default=None, help=f"a subset of {MODULES + ['bench_lightning_overhead']}")
+    p.add_argument(
+        "--only", nargs="*", default=None, help=f"a subset of {MODULES + ['bench_lightning_overhead']}"
+    )
     args, rest = p.parse_known_args()
     smoke, quick = "--smoke" in rest, "--quick" in rest
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ step waits for its next batch from the packed, memory-mapped loader (`MixtureDat
 Synthetic documents (random words) keep it offline and deterministic; the tokenizer is a
 byte-level BPE trained on them (`nexus.data.tokenizer.train_tokenizer`).
 """
+
 from __future__ import annotations
 
 import random
@@ -43,18 +44,39 @@ def main(argv: list[str] | None = None) -> dict:
         for num_proc in (1, 2):
             out = Path(tmp) / f"packed-{num_proc}"
             t0 = time.perf_counter()
-            counts = pack_documents(docs, tok, out, domain="synthetic", split="train", fingerprint=f"bench{num_proc}",
-                                    eos_id=0, vocab_size=2048, num_proc=num_proc)
+            counts = pack_documents(
+                docs,
+                tok,
+                out,
+                domain="synthetic",
+                split="train",
+                fingerprint=f"bench{num_proc}",
+                eos_id=0,
+                vocab_size=2048,
+                num_proc=num_proc,
+            )
             wall = time.perf_counter() - t0
             n_tokens = counts["tokens"]
-            rows.append({"stage": f"tokenize+pack num_proc={num_proc}", "tokens": n_tokens,
-                         "seconds": round(wall, 3), "tok_s": round(n_tokens / wall)})
+            rows.append(
+                {
+                    "stage": f"tokenize+pack num_proc={num_proc}",
+                    "tokens": n_tokens,
+                    "seconds": round(wall, 3),
+                    "tok_s": round(n_tokens / wall),
+                }
+            )
         shape, configs = model_configs(args)
         seq_len = configs["dense"].max_seq_len
         split = PackedSplit(packed, seq_len)
         steps = 3 if args.smoke else 20
-        dm = MixtureDataModule({"synthetic": split}, {}, {"synthetic": 1.0}, batch_size=shape["batch"],
-                               max_steps=steps, num_workers=0)
+        dm = MixtureDataModule(
+            {"synthetic": split},
+            {},
+            {"synthetic": 1.0},
+            batch_size=shape["batch"],
+            max_steps=steps,
+            num_workers=0,
+        )
         model = build_models(configs)["nexus"]
         step = train_step(model, torch.zeros(1, seq_len + 1, dtype=torch.long))
         it = iter(dm.train_dataloader())
@@ -65,10 +87,17 @@ def main(argv: list[str] | None = None) -> dict:
             t1 = time.perf_counter()
             step(batch.clamp_max(configs["dense"].vocab_size - 1))
             wait, compute = wait + t1 - t0, compute + time.perf_counter() - t1
-        rows.append({"stage": f"loader wait per step (batch {shape['batch']}x{seq_len})",
-                     "seconds": round(wait / steps, 6), "share_of_step": round(wait / (wait + compute), 4)})
-    summary = {"pack_tok_s": {r["stage"]: r["tok_s"] for r in rows if "tok_s" in r},
-               "loader_wait_share_of_step": rows[-1]["share_of_step"]}
+        rows.append(
+            {
+                "stage": f"loader wait per step (batch {shape['batch']}x{seq_len})",
+                "seconds": round(wait / steps, 6),
+                "share_of_step": round(wait / (wait + compute), 4),
+            }
+        )
+    summary = {
+        "pack_tok_s": {r["stage"]: r["tok_s"] for r in rows if "tok_s" in r},
+        "loader_wait_share_of_step": rows[-1]["share_of_step"],
+    }
     print_table("Data path", rows, ["stage", "tokens", "seconds", "tok_s", "share_of_step"])
     path = write_results("data", args, {"n_docs": n_docs, "words_per_doc": 300}, rows, summary)
     print(f"summary: {summary}\nwrote {path}")

@@ -9,6 +9,7 @@ machine; one torch thread, DataLoader in-process); repeats are interleaved and t
 
     python benchmarks/bench_lightning_overhead.py [--steps 60 --warmup 10 --repeats 3 --threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ class WindowTimer(L.Callback):
 
 def _setup(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[CausalLMModule, MixtureDataModule]:
     train, val = synthetic_splits(DOMAINS, model_cfg.max_seq_len, model_cfg.vocab_size, n_train=256)
-    data = MixtureDataModule(train, val, {d: 1.0 for d in DOMAINS}, cfg.batch_size, cfg.max_steps)
+    data = MixtureDataModule(train, val, dict.fromkeys(DOMAINS, 1.0), cfg.batch_size, cfg.max_steps)
     torch.manual_seed(0)
     return CausalLMModule(Transformer(model_cfg), cfg, data.domain_names), data
 
@@ -92,14 +93,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; >1 on a loaded 2-core machine makes OpenMP spin and timings meaningless")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; >1 on a loaded 2-core machine makes OpenMP spin and timings meaningless",
+    )
     parser.add_argument("--out", default="benchmarks/results/lightning_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, val_every_n_steps=10 * args.steps,
-                      checkpoint_every_n_steps=10 * args.steps, log_every_n_steps=10, progress_bar=False,
-                      accelerator="cpu", devices=1)
+    cfg = TrainConfig(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        val_every_n_steps=10 * args.steps,
+        checkpoint_every_n_steps=10 * args.steps,
+        log_every_n_steps=10,
+        progress_bar=False,
+        accelerator="cpu",
+        devices=1,
+    )
     models = {"dense tiny": tiny(), "moe tiny (4 experts)": tiny().with_moe(expert_names=DOMAINS)}
     tokens = (args.steps - args.warmup) * args.batch_size * tiny().max_seq_len
     rows = []
@@ -111,22 +123,37 @@ def main() -> None:
         row: dict = {"model": name}
         for i, clock in enumerate(("wall", "cpu")):
             best = {k: min(r[i] for r in v) for k, v in runs.items()}
-            row |= {f"bare_tokens_per_s_{clock}": tokens / best["bare"],
-                    f"lightning_tokens_per_s_{clock}": tokens / best["lightning"],
-                    f"ratio_{clock}": best["bare"] / best["lightning"],
-                    f"bare_s_{clock}": [r[i] for r in runs["bare"]],
-                    f"lightning_s_{clock}": [r[i] for r in runs["lightning"]]}
+            row |= {
+                f"bare_tokens_per_s_{clock}": tokens / best["bare"],
+                f"lightning_tokens_per_s_{clock}": tokens / best["lightning"],
+                f"ratio_{clock}": best["bare"] / best["lightning"],
+                f"bare_s_{clock}": [r[i] for r in runs["bare"]],
+                f"lightning_s_{clock}": [r[i] for r in runs["lightning"]],
+            }
         rows.append(row)
 
     print(f"{'model':22} {'clock':5} {'bare tok/s':>11} {'lightning tok/s':>16} {'lightning/bare':>15}")
     for r in rows:
         for clock in ("wall", "cpu"):
-            print(f"{r['model']:22} {clock:5} {r[f'bare_tokens_per_s_{clock}']:11.0f} "
-                  f"{r[f'lightning_tokens_per_s_{clock}']:16.0f} {r[f'ratio_{clock}']:15.3f}")
+            print(
+                f"{r['model']:22} {clock:5} {r[f'bare_tokens_per_s_{clock}']:11.0f} "
+                f"{r[f'lightning_tokens_per_s_{clock}']:16.0f} {r[f'ratio_{clock}']:15.3f}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "timed_tokens": tokens, "torch": torch.__version__,
-                               "lightning": L.__version__, "threads": torch.get_num_threads(), "results": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "timed_tokens": tokens,
+                "torch": torch.__version__,
+                "lightning": L.__version__,
+                "threads": torch.get_num_threads(),
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -9,6 +9,7 @@ evaluation, domain embeddings, upcycling and data preparation. Stages run in par
 I/O, waiting) is `wall − compute`. A sampler thread reads the process RSS every 50 ms; a stage's
 peak is the largest sample while it ran (the process's, shared by stages running at once).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,19 @@ from pathlib import Path
 from benchmarks.common import parser, print_table, write_results
 
 # (module, attribute) -> category; the flows import these names from the modules when a task runs
-TIMED = {("nexus.data", "prepare_experiment"): "data preparation",
-         ("nexus.data.prepare", "embed_prepared_domain"): "domain embeddings",
-         ("nexus.training", "train_dense"): "training", ("nexus.training", "train_moe"): "training",
-         ("nexus.upcycling", "upcycle"): "upcycling", ("nexus.upcycling", "merge_dense"): "upcycling",
-         ("nexus.evaluation", "domain_perplexities"): "evaluation", ("nexus.evaluation", "analyze_routing"): "evaluation",
-         ("nexus.training.stages", "save_checkpoint"): "checkpoint I/O",
-         ("nexus.checkpoint", "load_checkpoint"): "checkpoint I/O", ("nexus.checkpoint", "save_checkpoint"): "checkpoint I/O"}
+TIMED = {
+    ("nexus.data", "prepare_experiment"): "data preparation",
+    ("nexus.data.prepare", "embed_prepared_domain"): "domain embeddings",
+    ("nexus.training", "train_dense"): "training",
+    ("nexus.training", "train_moe"): "training",
+    ("nexus.upcycling", "upcycle"): "upcycling",
+    ("nexus.upcycling", "merge_dense"): "upcycling",
+    ("nexus.evaluation", "domain_perplexities"): "evaluation",
+    ("nexus.evaluation", "analyze_routing"): "evaluation",
+    ("nexus.training.stages", "save_checkpoint"): "checkpoint I/O",
+    ("nexus.checkpoint", "load_checkpoint"): "checkpoint I/O",
+    ("nexus.checkpoint", "save_checkpoint"): "checkpoint I/O",
+}
 COMPUTE = ("training", "evaluation", "domain embeddings", "upcycling", "data preparation")
 
 
@@ -76,6 +83,7 @@ class Recorder:
                 return fn(*args, **kwargs)
             finally:
                 self.intervals[category].append((start, time.time()))
+
         return timed
 
     def __enter__(self) -> Recorder:
@@ -86,6 +94,7 @@ class Recorder:
         def sample() -> None:
             while not self._stop.wait(0.05):
                 self.rss.append((time.time(), process.memory_info().rss))
+
         self.wrap()
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -122,23 +131,43 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     io = rec.intervals["checkpoint I/O"]
     compute_all = [i for c in COMPUTE for i in rec.intervals[c]]
     compute = length(compute_all) - length(intersect(compute_all, io))
-    rows = [{"stage": c, "calls": len(rec.intervals[c]), "sum_s": round(sum(b - a for a, b in rec.intervals[c]), 1),
-             "union_s": round(length(rec.intervals[c]), 1), "peak_rss_mb": rec.peak_rss_mb(rec.intervals[c])}
-            for c in (*COMPUTE, "checkpoint I/O")]
-    result = {"experiment": experiment, "wall_s": round(wall, 1), "compute_s": round(compute, 1),
-              "other_s": round(wall - compute, 1), "other_fraction": round((wall - compute) / wall, 4),
-              "pipeline_reported_s": summary["seconds"], "peak_rss_mb": rec.peak_rss_mb([(start, time.time())]),
-              "out_dir": str(out), "target_other_fraction": 0.10}
+    rows = [
+        {
+            "stage": c,
+            "calls": len(rec.intervals[c]),
+            "sum_s": round(sum(b - a for a, b in rec.intervals[c]), 1),
+            "union_s": round(length(rec.intervals[c]), 1),
+            "peak_rss_mb": rec.peak_rss_mb(rec.intervals[c]),
+        }
+        for c in (*COMPUTE, "checkpoint I/O")
+    ]
+    result = {
+        "experiment": experiment,
+        "wall_s": round(wall, 1),
+        "compute_s": round(compute, 1),
+        "other_s": round(wall - compute, 1),
+        "other_fraction": round((wall - compute) / wall, 4),
+        "pipeline_reported_s": summary["seconds"],
+        "peak_rss_mb": rec.peak_rss_mb([(start, time.time())]),
+        "out_dir": str(out),
+        "target_other_fraction": 0.10,
+    }
     return result, rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     result, rows = run(args)
-    print_table(f"pipeline `{result['experiment']}`: wall {result['wall_s']} s, model compute {result['compute_s']} s, "
-                f"everything else {result['other_s']} s ({100 * result['other_fraction']:.1f} %, target <= 10 %), "
-                f"peak RSS {result['peak_rss_mb']} MB", rows, ["stage", "calls", "sum_s", "union_s", "peak_rss_mb"])
-    path = write_results("pipeline", args, {"experiment": result["experiment"], "quick": args.quick}, rows, result)
+    print_table(
+        f"pipeline `{result['experiment']}`: wall {result['wall_s']} s, model compute {result['compute_s']} s, "
+        f"everything else {result['other_s']} s ({100 * result['other_fraction']:.1f} %, target <= 10 %), "
+        f"peak RSS {result['peak_rss_mb']} MB",
+        rows,
+        ["stage", "calls", "sum_s", "union_s", "peak_rss_mb"],
+    )
+    path = write_results(
+        "pipeline", args, {"experiment": result["experiment"], "quick": args.quick}, rows, result
+    )
     print(f"-> {path}")
     return result
 

@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         try:
             results[name] = check()
-        except Exception as err:  # noqa: BLE001 - a failed check is reported, the others still run
+        except Exception as err:
             results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         results[name]["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {results[name]}", flush=True)

@@ -1,4 +1,5 @@
 """Prefect flows of the Nexus pipeline, and their MLflow tracking (`flows.tracking`)."""
+
 import logging
 
 # The library logs training progress on `nexus.*` at INFO; Prefect forwards it to the flow-run log

@@ -71,8 +71,9 @@ def stage_timing(stage: dict) -> dict:
     return {"steps": stage["global_step"], "seconds_per_step": seconds}
 
 
-def moe_stage(cfg: PipelineConfig, run_name: str, checkpoints: dict[str, str], out_dir: Path,
-              meta: dict) -> tuple[dict, dict]:
+def moe_stage(
+    cfg: PipelineConfig, run_name: str, checkpoints: dict[str, str], out_dir: Path, meta: dict
+) -> tuple[dict, dict]:
     """Upcycle and train the MoEs of `cfg` (its routers) from a replicate's seed, experts and domain
     embeddings into `out_dir`, then evaluate them, under a tracking parent run `run_name`; `meta` is added
     to the checkpoints' metadata. Returns ({router: `train_stage` result}, evaluation)."""
@@ -86,13 +87,24 @@ def moe_stage(cfg: PipelineConfig, run_name: str, checkpoints: dict[str, str], o
         prepared = open_prepared(data["dir"])
         embeddings = {d: str(prepared.embedding_path(d)) for d in domains}
         experts = {d: checkpoints[f"expert:{d}"] for d in domains}
-        meta = {"data_dir": data["dir"], "experiment": cfg.name, "domains": domains,
-                "seed_checkpoint": checkpoints["seed"], **meta}
+        meta = {
+            "data_dir": data["dir"],
+            "experiment": cfg.name,
+            "domains": domains,
+            "seed_checkpoint": checkpoints["seed"],
+            **meta,
+        }
         _, trained = moe_phase(cfg, data, checkpoints["seed"], experts, embeddings, out_dir, meta, track)
         stages = {k: f.result() for k, f in trained.items()}
         moes = {f"moe:{k}": s["checkpoint"] for k, s in stages.items()}
-        results = evaluate_models.submit(moes, {d: data["dir"] for d in domains}, cfg.eval.split,
-                                         cfg.eval.batch_size, cfg.eval.max_tokens, cfg.torch_threads).result()
+        results = evaluate_models.submit(
+            moes,
+            dict.fromkeys(domains, data["dir"]),
+            cfg.eval.split,
+            cfg.eval.batch_size,
+            cfg.eval.max_tokens,
+            cfg.torch_threads,
+        ).result()
     return stages, results
 
 

@@ -1,4 +1,5 @@
 """`nexus run <flow> [overrides...]`, `nexus serve`, `nexus ui` (registered in nexus.cli COMMANDS)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("flow", choices=FLOWS)
     run.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
     run.add_argument("--experiment", default="demo")
-    run.add_argument("--domain", default=None, help="extend: the new domain's name (default: code); "
-                                                    "remove: the expert to remove")
+    run.add_argument(
+        "--domain",
+        default=None,
+        help="extend: the new domain's name (default: code); remove: the expert to remove",
+    )
     run.add_argument("--folder", default=None, help="extend: the new domain's folder of text/JSONL files")
-    run.add_argument("--moe", default=None, help="extend/remove: a checkpoint dir, models:/NAME/VERSION, "
-                                                 "models:/NAME@ALIAS or NAME (default: the model line's @champion)")
+    run.add_argument(
+        "--moe",
+        default=None,
+        help="extend/remove: a checkpoint dir, models:/NAME/VERSION, "
+        "models:/NAME@ALIAS or NAME (default: the model line's @champion)",
+    )
     run.set_defaults(func=_run)
     serve = subparsers.add_parser("serve", help="create the flows' Prefect deployments and serve them")
     serve.add_argument("overrides", nargs="*")
@@ -31,15 +39,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--mlflow-db", default=None, help="default: <project home>/outputs/mlflow.db")
     ui.set_defaults(func=_ui)
+
+
 def offline_env(home: str | None = None) -> None:
     """Environment defaults of every `nexus` command (set only where the user has not): offline hubs,
     no telemetry, training progress in Prefect's logs, Prefect's task results in the project home."""
     from flows.home import prefect_env, project_home
 
-    defaults = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PREFECT_LOGGING_EXTRA_LOGGERS": "nexus",
-                **prefect_env(project_home(home))}
+    defaults = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "nexus",
+        **prefect_env(project_home(home)),
+    }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
 
@@ -64,8 +79,9 @@ def _run(args: argparse.Namespace) -> int:
         plan_extension(cfg, args.moe, domain, args.folder)  # every input checked before Prefect starts
         from flows.extend import extend_with_expert
 
-        summary = extend_with_expert(args.experiment, args.overrides, moe=args.moe, domain=domain,
-                                     domain_folder=args.folder)
+        summary = extend_with_expert(
+            args.experiment, args.overrides, moe=args.moe, domain=domain, domain_folder=args.folder
+        )
         print(f"\nextension of {summary['base']['ref']} with {domain!r}\n" + round_report(summary))
     elif args.flow == "remove":
         from flows.rounds import plan_removal, round_report
@@ -81,7 +97,9 @@ def _run(args: argparse.Namespace) -> int:
         from flows.extend import extend_from_inbox
 
         result = extend_from_inbox(args.experiment, args.overrides)
-        print(f"inbox {result['inbox']}: extended {result['extended'] or 'nothing'}; versions {result['versions']}")
+        print(
+            f"inbox {result['inbox']}: extended {result['extended'] or 'nothing'}; versions {result['versions']}"
+        )
     return 0
 
 
@@ -98,12 +116,39 @@ def _ui(args: argparse.Namespace) -> int:
     from flows.home import project_home
 
     db = args.mlflow_db or str(project_home() / "outputs" / "mlflow.db")
-    procs = [subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(args.prefect_port)]),
-             subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-                               str(args.mlflow_port), "--backend-store-uri", f"sqlite:///{db}"])]
-    print(f"Prefect UI: http://127.0.0.1:{args.prefect_port}  MLflow UI: http://127.0.0.1:{args.mlflow_port}"
-          "  (Ctrl-C stops both)")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(args.prefect_port),
+            ]
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(args.mlflow_port),
+                "--backend-store-uri",
+                f"sqlite:///{db}",
+            ]
+        ),
+    ]
+    print(
+        f"Prefect UI: http://127.0.0.1:{args.prefect_port}  MLflow UI: http://127.0.0.1:{args.mlflow_port}"
+        "  (Ctrl-C stops both)"
+    )
     try:
         for p in procs:
             p.wait()

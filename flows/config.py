@@ -6,6 +6,7 @@ The data section is a thin OmegaConf-friendly mirror (`DataSection`) of `nexus.d
 Every error (unknown key, wrong type, missing folder, empty domain) is raised as `ConfigError`
 naming the key or path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,27 +84,50 @@ class DataSection:
     cache_dir: str = ".cache/nexus"
     """Downloaded corpora (Debian packages), shared between experiments; relative to the project home."""
 
-    def to_data_config(self, experiment: str, out_dir: str, extra: dict[str, str] | None = None,
-                       keep: list[str] | None = None, tokenizer_path: str | None = None):
+    def to_data_config(
+        self,
+        experiment: str,
+        out_dir: str,
+        extra: dict[str, str] | None = None,
+        keep: list[str] | None = None,
+        tokenizer_path: str | None = None,
+    ):
         """The `nexus.data.DataConfig`: the preset's domains (filtered), `folders` and `extra` folders."""
         from nexus.data import DomainConfig, preset
 
-        base = None if self.preset == "none" else (
-            preset("tiny", corpora_dir=self.corpora_dir) if self.preset == "tiny" else preset(self.preset))
+        base = (
+            None
+            if self.preset == "none"
+            else (
+                preset("tiny", corpora_dir=self.corpora_dir) if self.preset == "tiny" else preset(self.preset)
+            )
+        )
         domains = list(base.domains) if base else []
         if self.max_documents:
-            domains = [dataclasses.replace(d, sources=tuple(dataclasses.replace(s, max_documents=self.max_documents)
-                                                            for s in d.sources)) for d in domains]
+            domains = [
+                dataclasses.replace(
+                    d,
+                    sources=tuple(
+                        dataclasses.replace(s, max_documents=self.max_documents) for s in d.sources
+                    ),
+                )
+                for d in domains
+            ]
         wanted = keep if keep is not None else (self.domains or [d.name for d in domains if not d.held_out])
         unknown = sorted(set(wanted) - {d.name for d in domains} - set(self.folders) - set(self.hf))
         if unknown:
-            raise ConfigError(f"data.domains: unknown domain(s) {unknown}; preset {self.preset!r} has "
-                              f"{[d.name for d in domains]}")
+            raise ConfigError(
+                f"data.domains: unknown domain(s) {unknown}; preset {self.preset!r} has "
+                f"{[d.name for d in domains]}"
+            )
         domains = [dataclasses.replace(d, held_out=False) for d in domains if d.name in wanted]
         folders = {n: p for n, p in self.folders.items() if keep is None or n in keep}
         domains += [DomainConfig.folder(n, p) for n, p in {**folders, **(extra or {})}.items()]
-        hf_wanted = wanted if keep is not None or self.domains else [
-            n for n in self.hf if not self.hf_section(n).held_out]
+        hf_wanted = (
+            wanted
+            if keep is not None or self.domains
+            else [n for n in self.hf if not self.hf_section(n).held_out]
+        )
         domains += [self.hf_domain(n) for n in self.hf if n in hf_wanted]
         tok = {"path": tokenizer_path or self.tokenizer_path}
         if self.vocab_size:
@@ -114,14 +138,24 @@ class DataSection:
             return dataclasses.replace(obj, **{k: v for k, v in kw.items() if v is not None})
 
         return dataclasses.replace(
-            cfg, experiment=experiment, domains=tuple(domains), out_dir=out_dir, cache_dir=self.cache_dir,
+            cfg,
+            experiment=experiment,
+            domains=tuple(domains),
+            out_dir=out_dir,
+            cache_dir=self.cache_dir,
             tokenizer=replace(cfg.tokenizer, **tok),
             packing=replace(cfg.packing, seq_len=self.seq_len, num_proc=self.num_proc),
             splits=replace(cfg.splits, validation=self.split_validation, test=self.split_test),
-            embedding=replace(cfg.embedding, model=self.embedding_model, sample_size=self.embedding_sample_size),
-            mixture=replace(cfg.mixture, weighting=self.weighting, general_share=self.general_share,
-                            extension_new_share=self.extension_new_share))
-
+            embedding=replace(
+                cfg.embedding, model=self.embedding_model, sample_size=self.embedding_sample_size
+            ),
+            mixture=replace(
+                cfg.mixture,
+                weighting=self.weighting,
+                general_share=self.general_share,
+                extension_new_share=self.extension_new_share,
+            ),
+        )
 
     def hf_section(self, name: str) -> HFDomainSection:
         raw = self.hf[name]
@@ -140,9 +174,18 @@ class DataSection:
         if h.path in ("", "???"):
             raise ConfigError(f"data.hf.{name}.path is required (a hub dataset, a directory or files)")
         try:
-            src = SourceConfig("hf", path=h.path, hf_config=h.name, hf_split=h.split, data_files=h.data_files,
-                               text_field=h.text_field, filter_field=h.filter_field, filter_value=h.filter_value,
-                               streaming=h.streaming, max_documents=h.max_documents or self.max_documents)
+            src = SourceConfig(
+                "hf",
+                path=h.path,
+                hf_config=h.name,
+                hf_split=h.split,
+                data_files=h.data_files,
+                text_field=h.text_field,
+                filter_field=h.filter_field,
+                filter_value=h.filter_value,
+                streaming=h.streaming,
+                max_documents=h.max_documents or self.max_documents,
+            )
         except ConfigError as err:
             raise ConfigError(f"data.hf.{name}: {err}") from err
         return DomainConfig(name, (src,))
@@ -193,12 +236,19 @@ class RouterSection:
     """The seed's attention as an always-on attention expert."""
 
     def moe_options(self) -> dict[str, Any]:
-        opts = {"top_k": self.top_k, "shared_expert": self.shared_expert, "load_balance_coef": self.load_balance_coef,
-                "dispatch": self.dispatch}
+        opts = {
+            "top_k": self.top_k,
+            "shared_expert": self.shared_expert,
+            "load_balance_coef": self.load_balance_coef,
+            "dispatch": self.dispatch,
+        }
         if self.attention_experts != "none":  # only then: FFN-only MoEs keep their options and cache keys
-            opts.update(attention_experts=self.attention_experts, attention_routing=self.attention_routing,
-                        attention_top_k=self.attention_top_k,
-                        attention_shared_expert=self.attention_shared_expert)
+            opts.update(
+                attention_experts=self.attention_experts,
+                attention_routing=self.attention_routing,
+                attention_top_k=self.attention_top_k,
+                attention_shared_expert=self.attention_shared_expert,
+            )
         return {**opts, "router_hidden": self.router_hidden} if self.router_hidden else opts
 
 
@@ -309,8 +359,9 @@ def register() -> None:
     ConfigStore.instance().store(name="base_config", node=PipelineConfig)
 
 
-def compose(experiment: str | None = "demo", overrides: list[str] | tuple[str, ...] = (),
-            check: bool = True) -> PipelineConfig:
+def compose(
+    experiment: str | None = "demo", overrides: list[str] | tuple[str, ...] = (), check: bool = True
+) -> PipelineConfig:
     """Compose `conf/config.yaml` with `experiment=<experiment>` and `overrides`, resolve every path
     against the project home (flows/home.py), then (`check`) validate folders and cross-section
     constraints."""
@@ -334,10 +385,16 @@ def compose(experiment: str | None = "demo", overrides: list[str] | tuple[str, .
         raise
     except (OmegaConfBaseException, Exception) as err:  # Hydra's override/composition errors
         cause = err.__cause__ or err
-        raise ConfigError(f"invalid config ({', '.join(args) or 'no overrides'}): {err}"
-                          + (f" ({cause})" if cause is not err else "")) from err
-    if dropped:  # `+section.key=...` on a typed section: OmegaConf keeps it in the tree, the dataclass drops it
-        raise ConfigError(f"unknown key(s) {dropped}: not fields of the config (see conf/ and flows/config.py)")
+        raise ConfigError(
+            f"invalid config ({', '.join(args) or 'no overrides'}): {err}"
+            + (f" ({cause})" if cause is not err else "")
+        ) from err
+    if (
+        dropped
+    ):  # `+section.key=...` on a typed section: OmegaConf keeps it in the tree, the dataclass drops it
+        raise ConfigError(
+            f"unknown key(s) {dropped}: not fields of the config (see conf/ and flows/config.py)"
+        )
     resolve_paths(cfg, project_home(cfg.home))
     if check:
         validate(cfg)
@@ -364,7 +421,9 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.runner.stages_per_gpu < 1 or (cfg.runner.gpus or 0) < 0:
         raise ConfigError("runner.stages_per_gpu must be >= 1 and runner.gpus >= 0")
     if cfg.tracking.upload_checkpoints not in ("final", "all"):
-        raise ConfigError(f"tracking.upload_checkpoints must be all|final, got {cfg.tracking.upload_checkpoints!r}")
+        raise ConfigError(
+            f"tracking.upload_checkpoints must be all|final, got {cfg.tracking.upload_checkpoints!r}"
+        )
     if cfg.seed_checkpoint:
         check_seed_checkpoint(cfg.seed_checkpoint)
     if not cfg.extension.gate_tolerance >= 0:
@@ -374,7 +433,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"eval.split must be train|validation|test, got {cfg.eval.split!r}")
     check_writable_dir(cfg.out_dir, "out_dir")
     if cfg.data.seq_len and cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
+        )
     data = cfg.data.to_data_config(cfg.name, str(Path(cfg.out_dir) / "data"))  # DataConfig's own checks
     experts = [d.name for d in data.domains if not d.held_out]
     for router in cfg.router.routers:  # the MoE each router will get, built now rather than after training
@@ -390,8 +451,11 @@ def check_recipe(cfg: PipelineConfig) -> None:
     from nexus.upcycling import LINEAR_ROUTER_MODES
 
     ext = cfg.extension
-    choices = {"linear_router": LINEAR_ROUTER_MODES, "router_init": ("random", "data"),
-               "schedule": ("rewarm", "constant", "decay")}
+    choices = {
+        "linear_router": LINEAR_ROUTER_MODES,
+        "router_init": ("random", "data"),
+        "schedule": ("rewarm", "constant", "decay"),
+    }
     for key, allowed in choices.items():
         if getattr(ext, key) not in allowed:
             raise ConfigError(f"extension.{key} must be one of {list(allowed)}, got {getattr(ext, key)!r}")
@@ -402,13 +466,18 @@ def check_recipe(cfg: PipelineConfig) -> None:
     if ext.lr_scale <= 0 or ext.router_fit_steps < 0 or ext.router_warmup_steps < 0:
         raise ConfigError("extension.lr_scale must be > 0, router_fit_steps and router_warmup_steps >= 0")
     if ext.router_warmup_steps >= cfg.train.extension.max_steps:
-        raise ConfigError(f"extension.router_warmup_steps={ext.router_warmup_steps} leaves no finetune "
-                          f"steps of train.extension.max_steps={cfg.train.extension.max_steps}")
+        raise ConfigError(
+            f"extension.router_warmup_steps={ext.router_warmup_steps} leaves no finetune "
+            f"steps of train.extension.max_steps={cfg.train.extension.max_steps}"
+        )
     check_trainable(ext.trainable)
-    if cfg.eval.divergence_prompts and (cfg.eval.divergence_prompt_len + cfg.eval.divergence_new_tokens
-                                        > cfg.model.max_seq_len):
-        raise ConfigError("eval.divergence_prompt_len + divergence_new_tokens exceed model.max_seq_len="
-                          f"{cfg.model.max_seq_len}")
+    if cfg.eval.divergence_prompts and (
+        cfg.eval.divergence_prompt_len + cfg.eval.divergence_new_tokens > cfg.model.max_seq_len
+    ):
+        raise ConfigError(
+            "eval.divergence_prompt_len + divergence_new_tokens exceed model.max_seq_len="
+            f"{cfg.model.max_seq_len}"
+        )
 
 
 def check_seed_checkpoint(path: str) -> None:
@@ -426,7 +495,9 @@ def check_seed_checkpoint(path: str) -> None:
     except CheckpointError as err:
         raise ConfigError(f"seed_checkpoint: {err}") from err
     if not (Path(path) / "tokenizer.json").is_file():
-        raise ConfigError(f"seed_checkpoint: {path} has no tokenizer.json (experts must share the seed's tokenizer)")
+        raise ConfigError(
+            f"seed_checkpoint: {path} has no tokenizer.json (experts must share the seed's tokenizer)"
+        )
 
 
 def check_writable_dir(path: str, key: str) -> None:
@@ -449,7 +520,9 @@ def check_domain_folder(folder: str | None, key: str) -> Path:
         raise ConfigError(f"{key}: data folder {folder!r} does not exist")
     files = [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and p.stat().st_size > 0]
     if not files:
-        raise ConfigError(f"{key}: domain folder {path} is empty (no non-empty {'/'.join(TEXT_SUFFIXES)} files)")
+        raise ConfigError(
+            f"{key}: domain folder {path} is empty (no non-empty {'/'.join(TEXT_SUFFIXES)} files)"
+        )
     return path
 
 

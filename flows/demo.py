@@ -4,6 +4,7 @@ per-domain held-out perplexities and routing shares.
 
     python -m flows.demo [overrides...]        (or: nexus run demo [overrides...])
 """
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,22 @@ from pathlib import Path
 
 def results_table(summary: dict, extension: dict) -> str:
     domains = [*summary["domains"], extension["domain"]]
-    rows = {**summary["perplexity"], **{f"extended ({k})": v for k, v in extension["perplexity"].items()
-                                        if k != "before"}}
+    rows = {
+        **summary["perplexity"],
+        **{f"extended ({k})": v for k, v in extension["perplexity"].items() if k != "before"},
+    }
     lines = [f"{'model':<24}" + "".join(f"{d[:12]:>13}" for d in domains)]
-    lines += [f"{name:<24}" + "".join(f"{ppl[d]:>13.2f}" if d in ppl else f"{'-':>13}" for d in domains)
-              for name, ppl in rows.items()]
+    lines += [
+        f"{name:<24}" + "".join(f"{ppl[d]:>13.2f}" if d in ppl else f"{'-':>13}" for d in domains)
+        for name, ppl in rows.items()
+    ]
     for name, r in {**summary["routing"], "extended": extension["routing"].get("after")}.items():
         if r:
             lines.append(f"\nrouting top-1 share, {name} (rows: domains, cols: {', '.join(r['experts'])})")
-            lines += [f"  {d:<22}" + "".join(f"{v:>8.2f}" for v in row) for d, row in zip(r["domains"], r["top1_share"])]
+            lines += [
+                f"  {d:<22}" + "".join(f"{v:>8.2f}" for v in row)
+                for d, row in zip(r["domains"], r["top1_share"])
+            ]
     return "\n".join(lines)
 
 
@@ -47,10 +55,17 @@ def main(overrides: list[str] | None = None) -> int:
         MlflowClient().log_artifact(summary["mlflow"]["parent_run_id"], str(out / "summary.json"))
     report = write_pipeline_report(summary, extension)
     print("\nheld-out perplexity per domain\n" + results_table(summary, extension))
-    print(f"\npromotion gate of the {extension['domain']!r} extension\n" + round_report(extension).split("\n\n", 1)[1])
-    print(f"\nsummary: {out / 'summary.json'} ({summary['seconds']:.0f} s pipeline); report: {report['html']}")
-    print(f"UIs: `nexus ui --mlflow-db {summary['mlflow']['tracking_uri'].removeprefix('sqlite:///')}` "
-          "then Prefect http://127.0.0.1:4200 and MLflow http://127.0.0.1:5000")
+    print(
+        f"\npromotion gate of the {extension['domain']!r} extension\n"
+        + round_report(extension).split("\n\n", 1)[1]
+    )
+    print(
+        f"\nsummary: {out / 'summary.json'} ({summary['seconds']:.0f} s pipeline); report: {report['html']}"
+    )
+    print(
+        f"UIs: `nexus ui --mlflow-db {summary['mlflow']['tracking_uri'].removeprefix('sqlite:///')}` "
+        "then Prefect http://127.0.0.1:4200 and MLflow http://127.0.0.1:5000"
+    )
     return 0
 
 

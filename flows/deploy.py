@@ -5,6 +5,7 @@ workers (a process worker here, Docker or Kubernetes workers on a cluster) pick 
 from the UI. Entrypoints are module paths (`flows.pipeline.upcycle_pipeline`), so a worker needs
 only the installed package: no image build and no remote code storage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,13 @@ from typing import Any
 from nexus.errors import ConfigError
 
 
-def deploy(pool: str, experiment: str = "demo", overrides: list[str] | None = None,
-           image: str | None = None, result_storage: str | None = None) -> list[Any]:
+def deploy(
+    pool: str,
+    experiment: str = "demo",
+    overrides: list[str] | None = None,
+    image: str | None = None,
+    result_storage: str | None = None,
+) -> list[Any]:
     """Create (or update) the deployments on work pool `pool`; returns their ids. `image`: the worker
     image (e.g. `nexus-worker:cuda`) for Docker or Kubernetes work pools. The project home (flows/home.py)
     is recorded in the deployments' parameters and, with Prefect's result location, in the `env` job
@@ -32,22 +38,34 @@ def deploy(pool: str, experiment: str = "demo", overrides: list[str] | None = No
         try:
             client.read_work_pool(pool)
         except ObjectNotFound as err:
-            raise ConfigError(f"work pool {pool!r} does not exist: `prefect work-pool create {pool} --type process`") from err
+            raise ConfigError(
+                f"work pool {pool!r} does not exist: `prefect work-pool create {pool} --type process`"
+            ) from err
     overrides, home = recorded_overrides(experiment, overrides)
-    deployments = build_deployments(experiment, overrides, entrypoint_type=EntrypointType.MODULE_PATH,
-                                    job_variables={"env": worker_env(home, result_storage)})
+    deployments = build_deployments(
+        experiment,
+        overrides,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        job_variables={"env": worker_env(home, result_storage)},
+    )
     return [d.apply(work_pool_name=pool, image=image) for d in deployments]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("deploy", help="register the flows' deployments on a Prefect work pool")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value (the runs' defaults)")
-    parser.add_argument("--pool", required=True, help="work pool name (create it with `prefect work-pool create`)")
+    parser.add_argument(
+        "--pool", required=True, help="work pool name (create it with `prefect work-pool create`)"
+    )
     parser.add_argument("--experiment", default="demo")
     parser.add_argument("--image", default=None, help="worker image for Docker/Kubernetes work pools")
-    parser.add_argument("--result-storage", default=None, metavar="BLOCK",
-                        help="Prefect block slug for task results shared by workers on several machines "
-                             "(e.g. remote-file-system/nexus-results); default: <home>/.prefect/results")
+    parser.add_argument(
+        "--result-storage",
+        default=None,
+        metavar="BLOCK",
+        help="Prefect block slug for task results shared by workers on several machines "
+        "(e.g. remote-file-system/nexus-results); default: <home>/.prefect/results",
+    )
     parser.set_defaults(func=_deploy)
 
 

@@ -1,4 +1,5 @@
 """`evaluate`: held-out perplexity (and routing shares of MoEs) of any models on chosen domains."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,16 @@ from flows.tasks import evaluate_models
 
 
 @flow(name="evaluate")
-def evaluate(checkpoints: dict[str, str] | None = None, data_dir: str | None = None, domains: list[str] | None = None,
-             split: Literal["train", "validation", "test"] = "test", max_tokens: int | None = None,
-             batch_size: int = 8, experiment: Experiment = "demo", overrides: list[str] | None = None) -> dict:
+def evaluate(
+    checkpoints: dict[str, str] | None = None,
+    data_dir: str | None = None,
+    domains: list[str] | None = None,
+    split: Literal["train", "validation", "test"] = "test",
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    experiment: Experiment = "demo",
+    overrides: list[str] | None = None,
+) -> dict:
     """Held-out perplexity per model and domain, and the routing shares of MoEs.
 
     Args:
@@ -33,13 +41,17 @@ def evaluate(checkpoints: dict[str, str] | None = None, data_dir: str | None = N
     from nexus.data import open_prepared
 
     cfg = compose(experiment, overrides or [])
-    models = {label: resolve_model(ref, cfg.tracking.model_name, cfg.tracking.uri, f"checkpoints.{label}")
-              for label, ref in (checkpoints or {"champion": None}).items()}
+    models = {
+        label: resolve_model(ref, cfg.tracking.model_name, cfg.tracking.uri, f"checkpoints.{label}")
+        for label, ref in (checkpoints or {"champion": None}).items()
+    }
     if data_dir:
-        splits = {d: data_dir for d in (domains or open_prepared(data_dir).domains)}
+        splits = dict.fromkeys(domains or open_prepared(data_dir).domains, data_dir)
     else:
         first = next(iter(models.values()))
         records = domain_records(first.config, first.label)
         splits = {d: r["data_dir"] for d, r in records.items() if not domains or d in domains}
-    paths = {label: fetch_checkpoint(m, Path(cfg.out_dir).resolve() / "models") for label, m in models.items()}
+    paths = {
+        label: fetch_checkpoint(m, Path(cfg.out_dir).resolve() / "models") for label, m in models.items()
+    }
     return evaluate_models(paths, splits, split, batch_size, max_tokens)

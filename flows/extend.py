@@ -9,6 +9,7 @@ evaluate the base, the new expert, the appended and the finetuned MoE on every d
 gate -> the result is the line's next version (`candidate`; `champion` when the gate passed and it
 was built on the champion). See flows/models.py for model lines and references.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,10 +43,16 @@ from nexus.data.cache import fingerprint as hash_json
 
 
 @flow(name="extend_with_expert")
-def extend_with_expert(experiment: Experiment = "demo", overrides: list[str] | None = None, moe: str | None = None,
-                       domain: str = "code", domain_folder: str | None = None,
-                       finetune_steps: int | None = None, expert_steps: int | None = None,
-                       tag: str | None = None) -> dict:
+def extend_with_expert(
+    experiment: Experiment = "demo",
+    overrides: list[str] | None = None,
+    moe: str | None = None,
+    domain: str = "code",
+    domain_folder: str | None = None,
+    finetune_steps: int | None = None,
+    expert_steps: int | None = None,
+    tag: str | None = None,
+) -> dict:
     """Add an expert for a new domain to an MoE, finetune, evaluate, and register the next version.
 
     Args:
@@ -60,8 +67,10 @@ def extend_with_expert(experiment: Experiment = "demo", overrides: list[str] | N
         expert_steps: Training steps of the new dense expert (default: the experiment's).
         tag: A name for this extension's own output folder (`extensions/<domain>/<tag>/`).
     """
-    cfg = compose(experiment, [*(overrides or []), *knob_overrides(finetune_steps=finetune_steps,
-                                                                    expert_steps=expert_steps)])
+    cfg = compose(
+        experiment,
+        [*(overrides or []), *knob_overrides(finetune_steps=finetune_steps, expert_steps=expert_steps)],
+    )
     if tag is not None:
         from nexus.data import check_domain_name
 
@@ -80,83 +89,168 @@ def run_extension(cfg: PipelineConfig, plan: ExtensionPlan, tag: str | None = No
         if not is_path_ref(plan.base.ref):  # the alias may have moved while another run held the line
             base, line, earlier = resolve_base(cfg, plan.base.ref, domain)
             plan = ExtensionPlan(domain, plan.folder, base, line, earlier)
-        log.info("extending %s (experts %s) with %r%s", plan.base.label, plan.base.moe["expert_names"], domain,
-                 f" after waiting {waited:.0f} s for the model line" if waited > 1 else "")
+        log.info(
+            "extending %s (experts %s) with %r%s",
+            plan.base.label,
+            plan.base.moe["expert_names"],
+            domain,
+            f" after waiting {waited:.0f} s for the model line" if waited > 1 else "",
+        )
         with tracking_context(cfg, f"extend_with_expert:{domain}" + (f":{tag}" if tag else "")) as parent:
             summary = _extend(cfg, plan, shared, out, parent, tag)
             summary["line"]["waited_seconds"] = round(waited, 1)
             write_summary(summary, out / "summary.json", parent)
             publish_round(cfg, f"extension of {plan.base.label} with {domain!r}", summary, parent)
-    log.info("extended %s with %r -> %s (registered %s)", plan.base.label, domain, summary["extended"],
-             summary["registered"] or "nothing: tracking is off")
+    log.info(
+        "extended %s with %r -> %s (registered %s)",
+        plan.base.label,
+        domain,
+        summary["extended"],
+        summary["registered"] or "nothing: tracking is off",
+    )
     return summary
 
 
-def _extend(cfg: PipelineConfig, plan: ExtensionPlan, shared: Path, out: Path, parent: str | None,
-            tag: str | None) -> dict:
+def _extend(
+    cfg: PipelineConfig, plan: ExtensionPlan, shared: Path, out: Path, parent: str | None, tag: str | None
+) -> dict:
     log = get_run_logger()
     domain, base = plan.domain, plan.base
     moe = fetch_checkpoint(base, Path(cfg.out_dir).resolve() / "models")
     meta, names = base.config["metadata"], base.moe["expert_names"]
-    track = stage_tracking(cfg, parent, {f"extended-{domain}": plan.line, domain: f"nexus-{cfg.name}-expert-{domain}"})
-    new = prepare_data.submit(as_dict(cfg.data), f"{cfg.name}-{domain}", str(shared / "data"),
-                              keep=[] if plan.folder else [domain],
-                              extra={domain: plan.folder} if plan.folder else None,
-                              tokenizer_path=str(Path(moe) / "tokenizer.json")).result()
+    track = stage_tracking(
+        cfg, parent, {f"extended-{domain}": plan.line, domain: f"nexus-{cfg.name}-expert-{domain}"}
+    )
+    new = prepare_data.submit(
+        as_dict(cfg.data),
+        f"{cfg.name}-{domain}",
+        str(shared / "data"),
+        keep=[] if plan.folder else [domain],
+        extra={domain: plan.folder} if plan.folder else None,
+        tokenizer_path=str(Path(moe) / "tokenizer.json"),
+    ).result()
     fp = new["fingerprints"][domain]
-    futures = {"expert": submit(train_stage,
-        "expert", domain, as_dict(cfg.train.expert), new["dir"], {domain: 1.0}, str(shared / "expert"),
-        hash_json([fp]), init_checkpoint=meta["seed_checkpoint"], val_domains=[domain],
-        torch_threads=cfg.torch_threads, tracking=track),
-        "embed": submit(embed_domain, new["dir"], new["config"]["embedding"], domain, fp)}
+    futures = {
+        "expert": submit(
+            train_stage,
+            "expert",
+            domain,
+            as_dict(cfg.train.expert),
+            new["dir"],
+            {domain: 1.0},
+            str(shared / "expert"),
+            hash_json([fp]),
+            init_checkpoint=meta["seed_checkpoint"],
+            val_domains=[domain],
+            torch_threads=cfg.torch_threads,
+            tracking=track,
+        ),
+        "embed": submit(embed_domain, new["dir"], new["config"]["embedding"], domain, fp),
+    }
     expert = futures["expert"].result()["checkpoint"]
     records = {**plan.earlier, domain: domain_record(new["dir"], fp, futures["embed"].result())}
     metadata = {**meta, "domains": [*names, domain], "domain_data": records, "base": base.describe()}
-    futures["build-extend"] = submit(build_model,
-        "extend", str(out / "extended"), meta["seed_checkpoint"], {"moe": moe, domain: expert},
-        {domain: futures["embed"].result()}, lam=cfg.extension.lam, metadata=metadata,
-        init_seed=cfg.router.init_seed, extend_options={"linear_router": cfg.extension.linear_router},
-        tracking=track)
+    futures["build-extend"] = submit(
+        build_model,
+        "extend",
+        str(out / "extended"),
+        meta["seed_checkpoint"],
+        {"moe": moe, domain: expert},
+        {domain: futures["embed"].result()},
+        lam=cfg.extension.lam,
+        metadata=metadata,
+        init_seed=cfg.router.init_seed,
+        extend_options={"linear_router": cfg.extension.linear_router},
+        tracking=track,
+    )
     dirs = {d: r["data_dir"] for d, r in records.items()}
     appended = futures["build-extend"].result()
     if cfg.extension.router_init == "data":
-        futures["fit-router"] = submit(fit_router, appended, str(out / "router-fit"), domain, dirs,
-                                       cfg.extension.router_fit_steps, seed=cfg.train.extension.seed, metadata=metadata,
-                                       tracking=track)
+        futures["fit-router"] = submit(
+            fit_router,
+            appended,
+            str(out / "router-fit"),
+            domain,
+            dirs,
+            cfg.extension.router_fit_steps,
+            seed=cfg.train.extension.seed,
+            metadata=metadata,
+            tracking=track,
+        )
         appended = futures["fit-router"].result()["checkpoint"]
     weights = extension_weights(plan.earlier, new, domain, cfg.extension.new_share)
     init, finetuned = appended, {}
     for stage, train in finetune_stages(cfg, domain):
-        futures[stage] = submit(train_stage,
-            "extension", f"extended-{domain}" if stage == "finetune" else f"{stage}-{domain}", as_dict(train),
-            new["dir"], weights, str(out / ("finetuned" if stage == "finetune" else stage)),
-            hash_json([[r["fingerprint"] for r in records.values()], weights]), init_checkpoint=init,
-            val_domains=list(records), extra_dirs=dirs, metadata=metadata, torch_threads=cfg.torch_threads,
-            tracking=track)
+        futures[stage] = submit(
+            train_stage,
+            "extension",
+            f"extended-{domain}" if stage == "finetune" else f"{stage}-{domain}",
+            as_dict(train),
+            new["dir"],
+            weights,
+            str(out / ("finetuned" if stage == "finetune" else stage)),
+            hash_json([[r["fingerprint"] for r in records.values()], weights]),
+            init_checkpoint=init,
+            val_domains=list(records),
+            extra_dirs=dirs,
+            metadata=metadata,
+            torch_threads=cfg.torch_threads,
+            tracking=track,
+        )
         finetuned = futures[stage].result()
         init = finetuned["checkpoint"]
-    evaluate = functools.partial(evaluate_models.submit, splits=dirs, split=cfg.eval.split,
-                                 batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens,
-                                 torch_threads=cfg.torch_threads)
-    evaluated = {"before": moe, f"expert:{domain}": expert, "appended": appended, "after": finetuned["checkpoint"]}
+    evaluate = functools.partial(
+        evaluate_models.submit,
+        splits=dirs,
+        split=cfg.eval.split,
+        batch_size=cfg.eval.batch_size,
+        max_tokens=cfg.eval.max_tokens,
+        torch_threads=cfg.torch_threads,
+    )
+    evaluated = {
+        "before": moe,
+        f"expert:{domain}": expert,
+        "appended": appended,
+        "after": finetuned["checkpoint"],
+    }
     # the base and the new expert once per domain (cached), whatever the recipe or budget
     futures["evaluate-base"] = evaluate({k: evaluated[k] for k in ("before", f"expert:{domain}")})
     futures["evaluate"] = evaluate({k: evaluated[k] for k in ("appended", "after")})
     results = merge_evaluations(futures["evaluate-base"].result(), futures["evaluate"].result())
     if cfg.eval.divergence_prompts:
         futures["divergence"] = divergence_metrics.submit(
-            moe, {"appended": appended, "after": finetuned["checkpoint"]}, dict(plan_dirs(plan)), cfg.eval.split,
-            cfg.eval.divergence_prompts, cfg.eval.divergence_prompt_len, cfg.eval.divergence_new_tokens,
-            cfg.torch_threads)
+            moe,
+            {"appended": appended, "after": finetuned["checkpoint"]},
+            dict(plan_dirs(plan)),
+            cfg.eval.split,
+            cfg.eval.divergence_prompts,
+            cfg.eval.divergence_prompt_len,
+            cfg.eval.divergence_new_tokens,
+            cfg.torch_threads,
+        )
         results["divergence"] = futures["divergence"].result()
-    gate = judge(cfg, plan.line, base, evaluated, results, domain, finetuned.get("registered"), f"+{domain}", parent)
+    gate = judge(
+        cfg, plan.line, base, evaluated, results, domain, finetuned.get("registered"), f"+{domain}", parent
+    )
     log.info("promotion gate of %s + %r:\n%s", base.label, domain, gate["table"])
-    return {"domain": domain, "tag": tag, "router": base.moe["router"], "moe": moe,
-            "moe_version": base.version, "base": base.describe(), "extended": finetuned["checkpoint"],
-            "appended_checkpoint": appended, "domains": list(records), "finetune_weights": weights,
-            "finetune_steps": cfg.train.extension.max_steps, "recipe": recipe_of(cfg),
-            "router_fit": futures["fit-router"].result()["fit"] if "fit-router" in futures else None,
-            **gate["summary"], **results, "states": states_of(futures)}
+    return {
+        "domain": domain,
+        "tag": tag,
+        "router": base.moe["router"],
+        "moe": moe,
+        "moe_version": base.version,
+        "base": base.describe(),
+        "extended": finetuned["checkpoint"],
+        "appended_checkpoint": appended,
+        "domains": list(records),
+        "finetune_weights": weights,
+        "finetune_steps": cfg.train.extension.max_steps,
+        "recipe": recipe_of(cfg),
+        "router_fit": futures["fit-router"].result()["fit"] if "fit-router" in futures else None,
+        **gate["summary"],
+        **results,
+        "states": states_of(futures),
+    }
 
 
 def plan_dirs(plan: ExtensionPlan) -> dict[str, str]:
@@ -170,8 +264,9 @@ def merge_evaluations(*parts: dict) -> dict:
 
 
 @flow(name="extend_from_inbox")
-def extend_from_inbox(experiment: Experiment = "demo", overrides: list[str] | None = None,
-                      inbox: str | None = None) -> dict:
+def extend_from_inbox(
+    experiment: Experiment = "demo", overrides: list[str] | None = None, inbox: str | None = None
+) -> dict:
     """Extend the model line's champion with every new domain folder of the inbox, one round each.
 
     Rounds run in name order, each building on the champion of its time. Every folder is checked before
@@ -193,7 +288,9 @@ def extend_from_inbox(experiment: Experiment = "demo", overrides: list[str] | No
         return {"inbox": str(folder), "extended": [], "versions": [], "skipped": {}}
     base, line, _ = resolve_base(cfg, None)
     have = base.moe["expert_names"]
-    failed = {v["change"].removeprefix("+") for v in versions_built_on(line, base.label) if v["gate"] == "failed"}
+    failed = {
+        v["change"].removeprefix("+") for v in versions_built_on(line, base.label) if v["gate"] == "failed"
+    }
     skipped = {d: f"failed its gate on {base.label}" for d in candidates if d in failed and d not in have}
     new = [d for d in candidates if d not in have and d not in skipped]
     for d, why in skipped.items():
@@ -206,5 +303,10 @@ def extend_from_inbox(experiment: Experiment = "demo", overrides: list[str] | No
     check_embedder(cfg, base.moe, new[0])
     log.info("inbox %s: extending %s (experts %s) with %s, one round each", folder, base.label, have, new)
     results = [extend_with_expert(experiment, overrides, None, d, str(folder / d)) for d in new]
-    return {"inbox": str(folder), "extended": new, "versions": [r["registered_version"] for r in results],
-            "promoted": [r["line"]["promoted"] for r in results], "skipped": skipped}
+    return {
+        "inbox": str(folder),
+        "extended": new,
+        "versions": [r["registered_version"] for r in results],
+        "promoted": [r["line"]["promoted"] for r in results],
+        "skipped": skipped,
+    }

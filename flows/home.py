@@ -11,6 +11,7 @@ own result settings are set). Relative paths in user overrides resolve against t
 worker running a flow in a temporary directory writes where the user looks.
 Precedence for the tracking store: `tracking.uri=...` > $MLFLOW_TRACKING_URI > the home's SQLite store.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,12 @@ from typing import Any
 HOME_ENV = "NEXUS_HOME"
 FIXTURE_CORPORA = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "corpora"
 """The `tiny` preset's corpora (small real text committed with the repository)."""
-PREFECT_RESULT_SETTINGS = ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH",
-                           "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK", "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK")
+PREFECT_RESULT_SETTINGS = (
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
+    "PREFECT_LOCAL_STORAGE_PATH",
+    "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
+    "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
+)
 
 
 def project_home(configured: str | None = None) -> Path:

@@ -10,6 +10,7 @@ intermediate checkpoints (`tracking.upload_checkpoints: final`) are logged model
 Lineage is then MLflow's: model -> the run that produced it -> that run's input models -> ... back to
 the seed (`flows.tracking.walk_lineage` reads it run by run).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,14 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_checkpoint_model(client: MlflowClient, run_id: str, checkpoint: str | os.PathLike, name: str,
-                         step: int = 0, upload: bool = True) -> LoggedModel:
+def log_checkpoint_model(
+    client: MlflowClient,
+    run_id: str,
+    checkpoint: str | os.PathLike,
+    name: str,
+    step: int = 0,
+    upload: bool = True,
+) -> LoggedModel:
     """Log `checkpoint` as a pyfunc `LoggedModel` produced by run `run_id` (its model output). With
     `upload=False` the model gets no files (params, tags, metrics and lineage only; tag
     `nexus.checkpoint_path` says where the checkpoint is): paper-size checkpoints other runs only read."""
@@ -56,15 +63,27 @@ def log_checkpoint_model(client: MlflowClient, run_id: str, checkpoint: str | os
     tags = {TAG_SHA: config["sha256"][WEIGHTS], TAG_STAGE: run.data.tags.get(TAG_STAGE, "")}
     if not upload:
         tags.update({TAG_UPLOADED: "false", TAG_PATH: str(Path(checkpoint).resolve())})
-    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, model_type=MODEL_TYPE,
-                                       tags=tags, params=_flat(config["model"]))
+    model = client.create_logged_model(
+        run.info.experiment_id,
+        name=name,
+        source_run_id=run_id,
+        model_type=MODEL_TYPE,
+        tags=tags,
+        params=_flat(config["model"]),
+    )
     if upload:
         with tempfile.TemporaryDirectory() as tmp:
-            staged = shutil.copytree(checkpoint, f"{tmp}/{pyfunc_model.CHECKPOINT}")  # MLflow keeps the basename
-            mlflow.pyfunc.save_model(f"{tmp}/model", python_model=pyfunc_model.__file__,
-                                     artifacts={pyfunc_model.CHECKPOINT: staged},
-                                     signature=pyfunc_model.signature(), input_example=pyfunc_model.input_example(),
-                                     pip_requirements=_requirements())
+            staged = shutil.copytree(
+                checkpoint, f"{tmp}/{pyfunc_model.CHECKPOINT}"
+            )  # MLflow keeps the basename
+            mlflow.pyfunc.save_model(
+                f"{tmp}/model",
+                python_model=pyfunc_model.__file__,
+                artifacts={pyfunc_model.CHECKPOINT: staged},
+                signature=pyfunc_model.signature(),
+                input_example=pyfunc_model.input_example(),
+                pip_requirements=_requirements(),
+            )
             client.log_model_artifacts(model.model_id, f"{tmp}/model")
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
@@ -75,8 +94,12 @@ def _requirements() -> list[str]:
     """Given, not inferred (inference would load the model in a subprocess)."""
     from importlib.metadata import version
 
-    return [f"nexus-moe=={version('nexus-moe')}", f"torch=={version('torch').split('+')[0]}",
-            f"mlflow=={version('mlflow')}", f"transformers=={version('transformers')}"]
+    return [
+        f"nexus-moe=={version('nexus-moe')}",
+        f"torch=={version('torch').split('+')[0]}",
+        f"mlflow=={version('mlflow')}",
+        f"transformers=={version('transformers')}",
+    ]
 
 
 def find_model(checkpoint: str | os.PathLike, client: MlflowClient) -> LoggedModel | None:
@@ -85,12 +108,18 @@ def find_model(checkpoint: str | os.PathLike, client: MlflowClient) -> LoggedMod
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not sha or not experiments:
         return None
-    found = client.search_logged_models(experiments, filter_string=f"tags.`{TAG_SHA}` = '{sha}'",
-                                        order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1)
+    found = client.search_logged_models(
+        experiments,
+        filter_string=f"tags.`{TAG_SHA}` = '{sha}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        max_results=1,
+    )
     return found[0] if found else None
 
 
-def log_model_inputs(client: MlflowClient, run_id: str, checkpoints: Mapping[str, str | os.PathLike]) -> list[str]:
+def log_model_inputs(
+    client: MlflowClient, run_id: str, checkpoints: Mapping[str, str | os.PathLike]
+) -> list[str]:
     """Record the logged models of the checkpoints a run reads as its model inputs; their ids."""
     ids = [m.model_id for m in (find_model(path, client) for path in checkpoints.values()) if m is not None]
     ids = list(dict.fromkeys(ids))
@@ -108,8 +137,13 @@ def register(client: MlflowClient, name: str, model: LoggedModel, run_id: str) -
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    return client.create_model_version(name, source=model.model_uri, run_id=run_id, model_id=model.model_id,
-                                       tags={TAG_STAGE: model.tags.get(TAG_STAGE, "")})
+    return client.create_model_version(
+        name,
+        source=model.model_uri,
+        run_id=run_id,
+        model_id=model.model_id,
+        tags={TAG_STAGE: model.tags.get(TAG_STAGE, "")},
+    )
 
 
 def checkpoint_uri(source: str, client: MlflowClient | None = None) -> str:
@@ -128,8 +162,12 @@ def metric_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
 
 
-def log_evaluation(parent_run_id: str, checkpoints: Mapping[str, str], results: Mapping[str, Any],
-                   client: MlflowClient | None = None) -> None:
+def log_evaluation(
+    parent_run_id: str,
+    checkpoints: Mapping[str, str],
+    results: Mapping[str, Any],
+    client: MlflowClient | None = None,
+) -> None:
     """Held-out evaluation in MLflow: on the parent run, `ppl/<label>/<domain>` and `bpb/<label>/<domain>`
     per evaluated model; on each model (its `LoggedModel` and the run that produced it), `ppl/<domain>`,
     `bpb/<domain>` and `ppl/mean`, so the runs table and the Logged Models tab line them up; the routing
@@ -147,21 +185,29 @@ def log_evaluation(parent_run_id: str, checkpoints: Mapping[str, str], results: 
         key = metric_label(label)
         own = []
         for domain, m in per_domain.items():
-            parent += [Metric(f"ppl/{key}/{domain}", m["perplexity"], now, 0),
-                       Metric(f"bpb/{key}/{domain}", m["bits_per_byte"], now, 0)]
+            parent += [
+                Metric(f"ppl/{key}/{domain}", m["perplexity"], now, 0),
+                Metric(f"bpb/{key}/{domain}", m["bits_per_byte"], now, 0),
+            ]
             own += [(f"ppl/{domain}", m["perplexity"]), (f"bpb/{domain}", m["bits_per_byte"])]
         if per_domain:
             own.append(("ppl/mean", sum(m["perplexity"] for m in per_domain.values()) / len(per_domain)))
         model = find_model(path, client)
         if model is not None and model.source_run_id:
-            client.log_batch(model.source_run_id, metrics=[Metric(k, float(v), now, 0, model_id=model.model_id)
-                                                           for k, v in own])
+            client.log_batch(
+                model.source_run_id,
+                metrics=[Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in own],
+            )
     for i in range(0, len(parent), 1000):
-        client.log_batch(parent_run_id, metrics=parent[i:i + 1000])
+        client.log_batch(parent_run_id, metrics=parent[i : i + 1000])
     for label, routing in results.get("routing", {}).items():
-        rows = [{"domain": d, **dict(zip(routing["experts"], shares))}
-                for d, shares in zip(routing["domains"], routing["top1_share"])]
-        client.log_table(parent_run_id, data=pd.DataFrame(rows), artifact_file=f"routing/{metric_label(label)}.json")
+        rows = [
+            {"domain": d, **dict(zip(routing["experts"], shares))}
+            for d, shares in zip(routing["domains"], routing["top1_share"])
+        ]
+        client.log_table(
+            parent_run_id, data=pd.DataFrame(rows), artifact_file=f"routing/{metric_label(label)}.json"
+        )
 
 
 def log_figures(run_id: str, folder: str | os.PathLike, client: MlflowClient | None = None) -> None:
@@ -174,9 +220,19 @@ def log_figures(run_id: str, folder: str | os.PathLike, client: MlflowClient | N
             client.log_image(run_id, image.convert("RGB"), artifact_file=f"figures/{png.name}")
 
 
-def describe_version(name: str, version: str, perplexity: Mapping[str, float], note: str = "",
-                     client: MlflowClient | None = None) -> None:
+def describe_version(
+    name: str,
+    version: str,
+    perplexity: Mapping[str, float],
+    note: str = "",
+    client: MlflowClient | None = None,
+) -> None:
     """A registered version's description, written from its evaluation: held-out perplexity per domain."""
-    lines = [note, "", "| domain | held-out perplexity |", "|---|---|",
-             *(f"| {d} | {p:.2f} |" for d, p in perplexity.items())]
+    lines = [
+        note,
+        "",
+        "| domain | held-out perplexity |",
+        "|---|---|",
+        *(f"| {d} | {p:.2f} |" for d, p in perplexity.items()),
+    ]
     (client or MlflowClient()).update_model_version(name, version, description="\n".join(lines).strip())

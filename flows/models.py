@@ -15,6 +15,7 @@ Versions of a line are serialised by `model_line_lock` (a file lock held from re
 registering the result), so two extensions at once build one on the other instead of both on the
 same base.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,8 +72,13 @@ class ResolvedModel:
         return moe
 
     def describe(self) -> dict[str, Any]:
-        return {"ref": self.ref, "name": self.name, "version": self.version, "path": self.path,
-                "sha256": self.sha256}
+        return {
+            "ref": self.ref,
+            "name": self.name,
+            "version": self.version,
+            "path": self.path,
+            "sha256": self.sha256,
+        }
 
 
 def is_path_ref(ref: str) -> bool:
@@ -85,20 +91,32 @@ def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None]:
     body = ref.removeprefix("models:/")
     name, at, alias = body.partition("@")
     name, slash, version = name.partition("/")
-    if not name or (at and not alias) or (slash and not version.isdigit()) or (at and slash) or "/" in version:
-        raise ConfigError(f"model reference {ref!r}: expected a checkpoint directory, models:/<name>/<version>, "
-                          "models:/<name>@<alias> or a registered model name")
+    if (
+        not name
+        or (at and not alias)
+        or (slash and not version.isdigit())
+        or (at and slash)
+        or "/" in version
+    ):
+        raise ConfigError(
+            f"model reference {ref!r}: expected a checkpoint directory, models:/<name>/<version>, "
+            "models:/<name>@<alias> or a registered model name"
+        )
     return name, version or None, (alias or None) if at else (None if version else CHAMPION)
 
 
 def check_store(tracking_uri: str, what: str) -> None:
     """A SQLite store must exist already: reading a missing one would create it (and its folder)."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"{what}: there is no MLflow store at {tracking_uri} (run the pipeline first, or "
-                          "pass a checkpoint directory)")
+        raise ConfigError(
+            f"{what}: there is no MLflow store at {tracking_uri} (run the pipeline first, or "
+            "pass a checkpoint directory)"
+        )
 
 
-def resolve_model(ref: str | None, default_name: str, tracking_uri: str, what: str = "model") -> ResolvedModel:
+def resolve_model(
+    ref: str | None, default_name: str, tracking_uri: str, what: str = "model"
+) -> ResolvedModel:
     """Check `ref` (None: `default_name@champion`) and read its checkpoint config; writes nothing.
     Raises ConfigError naming `what` and the reference."""
     from nexus.checkpoint import read_checkpoint_config  # imports torch: only once a model is asked for
@@ -118,13 +136,21 @@ def resolve_model(ref: str | None, default_name: str, tracking_uri: str, what: s
     try:
         client.get_registered_model(name)
     except MlflowException as err:
-        raise ConfigError(f"{what} {ref!r}: no registered model {name!r} in {_redacted(tracking_uri)}") from err
+        raise ConfigError(
+            f"{what} {ref!r}: no registered model {name!r} in {_redacted(tracking_uri)}"
+        ) from err
     try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
     except MlflowException as err:
         have = sorted(client.get_registered_model(name).aliases)
-        raise ConfigError(f"{what} {ref!r}: {name!r} has no " + (
-            f"alias {alias!r} (aliases: {have or 'none'})" if alias else f"version {version}")) from err
+        raise ConfigError(
+            f"{what} {ref!r}: {name!r} has no "
+            + (f"alias {alias!r} (aliases: {have or 'none'})" if alias else f"version {version}")
+        ) from err
     from flows.mlflow_models import checkpoint_uri
 
     source = checkpoint_uri(mv.source, client)
@@ -132,7 +158,9 @@ def resolve_model(ref: str | None, default_name: str, tracking_uri: str, what: s
     try:
         config = read_checkpoint_config(local) if local else _remote_config(source)
     except CheckpointError as err:
-        raise ConfigError(f"{what} {ref!r}: version {mv.version} of {name!r} is not a Nexus checkpoint ({err})") from err
+        raise ConfigError(
+            f"{what} {ref!r}: version {mv.version} of {name!r} is not a Nexus checkpoint ({err})"
+        ) from err
     return ResolvedModel(ref, config, str(local) if local else None, name, str(mv.version), source, mv.run_id)
 
 
@@ -160,7 +188,9 @@ def _local_dir(source: str | None) -> Path | None:
     if not source:
         return None
     parsed = urlparse(source)
-    path = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source) if not parsed.scheme else None
+    path = (
+        Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source) if not parsed.scheme else None
+    )
     return path if path is not None and path.is_dir() else None
 
 
@@ -194,8 +224,16 @@ def champion_version(name: str, client: Any = None) -> str | None:
     return line_aliases(name, client).get(CHAMPION)
 
 
-def mark_version(name: str, version: str, *, promote: bool, gate: str, base: str | None = None,
-                 change: str | None = None, client: Any = None) -> dict[str, str]:
+def mark_version(
+    name: str,
+    version: str,
+    *,
+    promote: bool,
+    gate: str,
+    base: str | None = None,
+    change: str | None = None,
+    client: Any = None,
+) -> dict[str, str]:
     """Give `version` the `candidate` alias, and `champion` when `promote`; tag its gate verdict
     (`passed`/`failed`/`initial`), its base (a model label) and its change (e.g. `+code`, `-lore`).
     Returns the line's aliases afterwards."""
@@ -216,8 +254,18 @@ def versions_built_on(name: str, base: str, client: Any = None) -> list[dict[str
     from mlflow import MlflowClient
 
     found = (client or MlflowClient()).search_model_versions(f"name = '{name}'")
-    return sorted(({"version": str(v.version), "change": v.tags.get(TAG_DOMAIN, ""), "gate": v.tags.get(TAG_GATE, "")}
-                   for v in found if v.tags.get(TAG_BASE) == base), key=lambda v: int(v["version"]))
+    return sorted(
+        (
+            {
+                "version": str(v.version),
+                "change": v.tags.get(TAG_DOMAIN, ""),
+                "gate": v.tags.get(TAG_GATE, ""),
+            }
+            for v in found
+            if v.tags.get(TAG_BASE) == base
+        ),
+        key=lambda v: int(v["version"]),
+    )
 
 
 def builds_on_champion(base: ResolvedModel, line: str, tracking_uri: str) -> bool:
@@ -254,7 +302,9 @@ def model_line_lock(lock_dir: str | os.PathLike, name: str) -> Iterator[float]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            log.info("model line %s is busy (%s); waiting for it", name, handle.read().strip() or "another run")
+            log.info(
+                "model line %s is busy (%s); waiting for it", name, handle.read().strip() or "another run"
+            )
             fcntl.flock(handle, fcntl.LOCK_EX)
         handle.seek(0)
         handle.truncate()
@@ -281,7 +331,9 @@ def domain_records(config: dict[str, Any], where: str) -> dict[str, dict[str, An
     if "domain_data" in meta:
         order = (config["model"].get("moe") or {}).get("expert_names") or meta.get("domains") or []
         records = meta["domain_data"]  # config.json sorts keys: give them the experts' order again
-        return {d: records[d] for d in sorted(records, key=lambda d: order.index(d) if d in order else len(order))}
+        return {
+            d: records[d] for d in sorted(records, key=lambda d: order.index(d) if d in order else len(order))
+        }
     from nexus.data import open_prepared
     from nexus.data.cache import fingerprint as hash_json
 
@@ -291,8 +343,10 @@ def domain_records(config: dict[str, Any], where: str) -> dict[str, dict[str, An
     records = {}
     for domain in meta.get("domains", []):
         if domain not in data.domains:
-            raise ConfigError(f"{where}: the checkpoint does not record where domain {domain!r} was prepared "
-                              f"(written before domain records); extend the version it was built from")
+            raise ConfigError(
+                f"{where}: the checkpoint does not record where domain {domain!r} was prepared "
+                f"(written before domain records); extend the version it was built from"
+            )
         fp = hash_json([data.domains[domain].fingerprint, data.tokenizer_fingerprint])
         records[domain] = domain_record(meta["data_dir"], fp, str(data.embedding_path(domain)))
     return records

@@ -10,6 +10,7 @@ get GPUs of their own; MoE trainings that would not fit on the GPUs together run
 A multi-device stage runs as its own processes (`nexus.training.launch`), never as a re-run of this
 flow.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,9 +35,15 @@ from nexus.errors import ConfigError
 
 def knob_overrides(**knobs: Any) -> list[str]:
     """Typed flow parameters (the Prefect UI form) as Hydra overrides; None means 'keep'."""
-    keys = {"routers": "router.routers", "expert_steps": "train.expert.max_steps", "moe_steps": "train.moe.max_steps",
-            "seed_steps": "train.seed.max_steps", "finetune_steps": "train.extension.max_steps",
-            "out_dir": "out_dir", "runner": "runner.kind"}
+    keys = {
+        "routers": "router.routers",
+        "expert_steps": "train.expert.max_steps",
+        "moe_steps": "train.moe.max_steps",
+        "seed_steps": "train.seed.max_steps",
+        "finetune_steps": "train.extension.max_steps",
+        "out_dir": "out_dir",
+        "runner": "runner.kind",
+    }
     out = []
     for name, value in knobs.items():
         if value is not None:
@@ -51,18 +58,28 @@ def tracking_context(cfg: PipelineConfig, run_name: str):
     from flows.tracking import configure, pipeline_run
 
     configure(cfg.tracking.uri)
-    return pipeline_run(cfg.tracking.experiment, run_name, config=as_dict(cfg),
-                        attempt_key=f"{run_name}@{Path(cfg.out_dir).resolve()}")
+    return pipeline_run(
+        cfg.tracking.experiment,
+        run_name,
+        config=as_dict(cfg),
+        attempt_key=f"{run_name}@{Path(cfg.out_dir).resolve()}",
+    )
 
 
-def stage_tracking(cfg: PipelineConfig, parent: str | None, register: dict[str, str] | None = None) -> dict | None:
+def stage_tracking(
+    cfg: PipelineConfig, parent: str | None, register: dict[str, str] | None = None
+) -> dict | None:
     """What the stage tasks under the parent run `parent` log with (None when tracking is off): the
     store, the parent, the registered model name per stage label (`register`), and whether intermediate
     checkpoints are uploaded (`tracking.upload_checkpoints`)."""
     if parent is None:
         return None
-    return {"uri": cfg.tracking.uri, "parent_run_id": parent, "register": dict(register or {}),
-            "upload_checkpoints": cfg.tracking.upload_checkpoints}
+    return {
+        "uri": cfg.tracking.uri,
+        "parent_run_id": parent,
+        "register": dict(register or {}),
+        "upload_checkpoints": cfg.tracking.upload_checkpoints,
+    }
 
 
 def states_of(futures: dict[str, Any]) -> dict[str, str]:
@@ -77,7 +94,9 @@ def placement_of(cfg: PipelineConfig) -> dict:
     for stage in ("seed", "expert", "moe", "extension"):
         devices = getattr(cfg.train, stage).num_devices
         if cfg.runner.kind in ("dask", "ray") and gpus and devices > gpus:
-            raise ConfigError(f"train.{stage}.devices={devices}: more GPUs than a machine has (runner.gpus={gpus})")
+            raise ConfigError(
+                f"train.{stage}.devices={devices}: more GPUs than a machine has (runner.gpus={gpus})"
+            )
     return {"kind": cfg.runner.kind, "gpus": gpus, "stages_per_gpu": cfg.runner.stages_per_gpu}
 
 
@@ -89,27 +108,60 @@ def gpus_of(train: dict, placement: dict | None) -> int:
 
 
 @flow(name="expert_phase")
-def expert_phase(data: dict, seed: str, train: dict, out_dir: str, torch_threads: int = 0,
-                 tracking: dict | None = None, placement: dict | None = None) -> dict:
+def expert_phase(
+    data: dict,
+    seed: str,
+    train: dict,
+    out_dir: str,
+    torch_threads: int = 0,
+    tracking: dict | None = None,
+    placement: dict | None = None,
+) -> dict:
     """Phase 1: one expert per domain (from the seed) and one domain embedding per domain, all
     submitted at once to the flow's task runner (each expert asking for its GPUs, `placement`)."""
     domains = list(data["fingerprints"])
     with resource_annotations((placement or {}).get("kind", "threads"), gpus_of(train, placement)):
-        experts = {d: submit(train_stage, "expert", d, train, data["dir"], {d: 1.0}, f"{out_dir}/experts/{d}",
-                             hash_json([data["fingerprints"][d]]), init_checkpoint=seed, val_domains=[d],
-                             torch_threads=torch_threads, tracking=tracking, placement=placement)
-                   for d in domains}
-    embeds = {d: submit(embed_domain, data["dir"], data["config"]["embedding"], d, data["fingerprints"][d]) for d in domains}
-    return {"experts": {d: f.result() for d, f in experts.items()},
-            "embeddings": {d: f.result() for d, f in embeds.items()},
-            "states": {**{f"expert-{d}": f.state.name for d, f in experts.items()},
-                       **{f"embed-{d}": f.state.name for d, f in embeds.items()}}}
+        experts = {
+            d: submit(
+                train_stage,
+                "expert",
+                d,
+                train,
+                data["dir"],
+                {d: 1.0},
+                f"{out_dir}/experts/{d}",
+                hash_json([data["fingerprints"][d]]),
+                init_checkpoint=seed,
+                val_domains=[d],
+                torch_threads=torch_threads,
+                tracking=tracking,
+                placement=placement,
+            )
+            for d in domains
+        }
+    embeds = {
+        d: submit(embed_domain, data["dir"], data["config"]["embedding"], d, data["fingerprints"][d])
+        for d in domains
+    }
+    return {
+        "experts": {d: f.result() for d, f in experts.items()},
+        "embeddings": {d: f.result() for d, f in embeds.items()},
+        "states": {
+            **{f"expert-{d}": f.state.name for d, f in experts.items()},
+            **{f"embed-{d}": f.state.name for d, f in embeds.items()},
+        },
+    }
 
 
 @flow(name="upcycle_pipeline")
-def upcycle_pipeline(experiment: Experiment = "demo", overrides: list[str] | None = None,
-                     routers: list[Router] | None = None, expert_steps: int | None = None,
-                     moe_steps: int | None = None, out_dir: str | None = None) -> dict:
+def upcycle_pipeline(
+    experiment: Experiment = "demo",
+    overrides: list[str] | None = None,
+    routers: list[Router] | None = None,
+    expert_steps: int | None = None,
+    moe_steps: int | None = None,
+    out_dir: str | None = None,
+) -> dict:
     """Train a seed and one expert per domain, upcycle them into MoEs, train and evaluate them.
 
     Returns the summary (also written to `<out_dir>/summary.json` and logged to MLflow).
@@ -122,8 +174,13 @@ def upcycle_pipeline(experiment: Experiment = "demo", overrides: list[str] | Non
         moe_steps: Training steps of each MoE (default: the experiment's).
         out_dir: Output folder, relative to the project home (default: `outputs/<experiment>`).
     """
-    cfg = compose(experiment, [*(overrides or []), *knob_overrides(
-        routers=routers, expert_steps=expert_steps, moe_steps=moe_steps, out_dir=out_dir)])
+    cfg = compose(
+        experiment,
+        [
+            *(overrides or []),
+            *knob_overrides(routers=routers, expert_steps=expert_steps, moe_steps=moe_steps, out_dir=out_dir),
+        ],
+    )
     return run_pipeline(cfg)
 
 
@@ -146,91 +203,211 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         else:
             model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
             seed_weights = _weights("seed", data, cfg.data.seed_domains)
-            futures["seed"] = submit(train_stage,
-                "seed", "seed", as_dict(cfg.train.seed), data["dir"], seed_weights, str(out / "seed"),
-                _fp(data, seed_weights), model=model, val_domains=list(seed_weights), torch_threads=cfg.torch_threads,
-                tracking=track, placement=placement)
+            futures["seed"] = submit(
+                train_stage,
+                "seed",
+                "seed",
+                as_dict(cfg.train.seed),
+                data["dir"],
+                seed_weights,
+                str(out / "seed"),
+                _fp(data, seed_weights),
+                model=model,
+                val_domains=list(seed_weights),
+                torch_threads=cfg.torch_threads,
+                tracking=track,
+                placement=placement,
+            )
             seed = futures["seed"].result()["checkpoint"]
         meta["seed_checkpoint"] = seed
         log.info("seed: %s; training %d experts on runner %r", seed, len(domains), cfg.runner.kind)
         if cfg.router.continued_seed:
             futures["seed-continued"] = continued_seed(cfg, data, seed, out, meta, track, placement)
         phase = expert_phase.with_options(task_runner=make_runner(**as_dict(cfg.runner)))(
-            data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track, placement)
+            data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track, placement
+        )
         experts = {d: r["checkpoint"] for d, r in phase["experts"].items()}
 
-        meta = {**meta, "domain_data": {d: domain_record(data["dir"], data["fingerprints"][d], phase["embeddings"][d])
-                                        for d in domains}}
-        builds, trained = moe_phase(cfg, data, seed, experts, phase["embeddings"], out, meta, track, placement)
-        lines = {k: start_line(f.result()["registered"]) for k, f in trained.items() if f.result()["registered"]}
-        checkpoints = {"seed": seed, **{f"expert:{d}": p for d, p in experts.items()},
-                       **({"seed continued": futures["seed-continued"].result()["checkpoint"]}
-                          if "seed-continued" in futures else {}),
-                       **({"dense merge": builds["merge"].result()} if "merge" in builds else {}),
-                       **{f"moe:{k}": f.result()["checkpoint"] for k, f in trained.items()}}
-        futures.update({f"build-{k}": f for k, f in builds.items()}, **{f"moe-{k}": f for k, f in trained.items()})
-        futures["evaluate"] = evaluate_models.submit(checkpoints, {d: data["dir"] for d in domains},
-                                                     cfg.eval.split, cfg.eval.batch_size, cfg.eval.max_tokens,
-                                                     cfg.torch_threads, cfg.eval.device)
+        meta = {
+            **meta,
+            "domain_data": {
+                d: domain_record(data["dir"], data["fingerprints"][d], phase["embeddings"][d])
+                for d in domains
+            },
+        }
+        builds, trained = moe_phase(
+            cfg, data, seed, experts, phase["embeddings"], out, meta, track, placement
+        )
+        lines = {
+            k: start_line(f.result()["registered"]) for k, f in trained.items() if f.result()["registered"]
+        }
+        checkpoints = {
+            "seed": seed,
+            **{f"expert:{d}": p for d, p in experts.items()},
+            **(
+                {"seed continued": futures["seed-continued"].result()["checkpoint"]}
+                if "seed-continued" in futures
+                else {}
+            ),
+            **({"dense merge": builds["merge"].result()} if "merge" in builds else {}),
+            **{f"moe:{k}": f.result()["checkpoint"] for k, f in trained.items()},
+        }
+        futures.update(
+            {f"build-{k}": f for k, f in builds.items()}, **{f"moe-{k}": f for k, f in trained.items()}
+        )
+        futures["evaluate"] = evaluate_models.submit(
+            checkpoints,
+            dict.fromkeys(domains, data["dir"]),
+            cfg.eval.split,
+            cfg.eval.batch_size,
+            cfg.eval.max_tokens,
+            cfg.torch_threads,
+            cfg.eval.device,
+        )
         results = futures["evaluate"].result()
         if parent:
             record_evaluation(parent, checkpoints, results, lines)
-        summary = {"experiment": cfg.name, "out_dir": str(out), "domains": domains, "checkpoints": checkpoints,
-                   **results, "states": {**states_of(futures), **phase["states"]},
-                   "mlflow": {"tracking_uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment,
-                              "parent_run_id": parent, "model_name": cfg.tracking.model_name, "lines": lines},
-                   "seconds": round(time.time() - start, 1)}
+        summary = {
+            "experiment": cfg.name,
+            "out_dir": str(out),
+            "domains": domains,
+            "checkpoints": checkpoints,
+            **results,
+            "states": {**states_of(futures), **phase["states"]},
+            "mlflow": {
+                "tracking_uri": cfg.tracking.uri,
+                "experiment": cfg.tracking.experiment,
+                "parent_run_id": parent,
+                "model_name": cfg.tracking.model_name,
+                "lines": lines,
+            },
+            "seconds": round(time.time() - start, 1),
+        }
         write_summary(summary, out / "summary.json", parent)
         write_pipeline_report(summary)
         if parent:
             from flows.mlflow_models import log_figures
 
             log_figures(parent, out / "report" / "figures")
-        publish("pipeline", cfg.name, f"upcycle_pipeline: {cfg.name}",
-                {"output folder": f"`{out}`", "domains": ", ".join(domains), "seconds": summary["seconds"],
-                 **{f"model line {ln['name']}": ", ".join(f"@{a} = v{v}" for a, v in sorted(ln["aliases"].items()))
-                    for ln in lines.values()}},
-                results["perplexity"], cfg.tracking.uri if parent else None, parent, list(lines.values()))
+        publish(
+            "pipeline",
+            cfg.name,
+            f"upcycle_pipeline: {cfg.name}",
+            {
+                "output folder": f"`{out}`",
+                "domains": ", ".join(domains),
+                "seconds": summary["seconds"],
+                **{
+                    f"model line {ln['name']}": ", ".join(
+                        f"@{a} = v{v}" for a, v in sorted(ln["aliases"].items())
+                    )
+                    for ln in lines.values()
+                },
+            },
+            results["perplexity"],
+            cfg.tracking.uri if parent else None,
+            parent,
+            list(lines.values()),
+        )
     log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
     return summary
 
 
-def moe_phase(cfg: PipelineConfig, data: dict, seed: str, experts: dict[str, str], embeddings: dict[str, str],
-              out: Path, meta: dict, track: dict | None, placement: dict | None = None) -> tuple[dict, dict]:
+def moe_phase(
+    cfg: PipelineConfig,
+    data: dict,
+    seed: str,
+    experts: dict[str, str],
+    embeddings: dict[str, str],
+    out: Path,
+    meta: dict,
+    track: dict | None,
+    placement: dict | None = None,
+) -> tuple[dict, dict]:
     """Phase 2: upcycle (one MoE per router, plus the sparse-upcycling and dense-merge baselines), then
     train every MoE on the data config's MoE mix, at once, or one after another when they would not
     fit on the GPUs together. Returns the futures (builds, trained MoEs), keyed by kind."""
     kinds = list(cfg.router.routers) + (["sparse"] if cfg.router.sparse_upcycling else [])
-    builds = {k: submit(build_model, k, str(out / "upcycled" / k), seed, experts, embeddings, cfg.router.moe_options(),
-                                    metadata=meta, init_seed=cfg.router.init_seed, tracking=track) for k in kinds}
+    builds = {
+        k: submit(
+            build_model,
+            k,
+            str(out / "upcycled" / k),
+            seed,
+            experts,
+            embeddings,
+            cfg.router.moe_options(),
+            metadata=meta,
+            init_seed=cfg.router.init_seed,
+            tracking=track,
+        )
+        for k in kinds
+    }
     if cfg.router.dense_merge:
-        builds["merge"] = submit(build_model, "merge", str(out / "merged"), seed, experts, metadata=meta,
-                                             tracking=track)
+        builds["merge"] = submit(
+            build_model, "merge", str(out / "merged"), seed, experts, metadata=meta, tracking=track
+        )
     weights = _weights("moe", data)
     placement = placement or {}
-    at_once = parallel_stages(cfg.train.moe.num_devices, placement.get("gpus", 0), placement.get("stages_per_gpu", 1))
+    at_once = parallel_stages(
+        cfg.train.moe.num_devices, placement.get("gpus", 0), placement.get("stages_per_gpu", 1)
+    )
     trained: dict[str, Any] = {}
     for i, k in enumerate(kinds):
         earlier = [trained[kinds[i - at_once]]] if at_once is not None and i >= at_once else []
-        trained[k] = submit(train_stage, "moe", k, as_dict(cfg.train.moe), data["dir"], weights, str(out / "moe" / k),
-                            _fp(data, weights), init_checkpoint=builds[k].result(),
-                            val_domains=list(data["fingerprints"]), metadata=meta, torch_threads=cfg.torch_threads,
-                            tracking=track, placement=placement, wait_for=earlier)
+        trained[k] = submit(
+            train_stage,
+            "moe",
+            k,
+            as_dict(cfg.train.moe),
+            data["dir"],
+            weights,
+            str(out / "moe" / k),
+            _fp(data, weights),
+            init_checkpoint=builds[k].result(),
+            val_domains=list(data["fingerprints"]),
+            metadata=meta,
+            torch_threads=cfg.torch_threads,
+            tracking=track,
+            placement=placement,
+            wait_for=earlier,
+        )
     return builds, trained
 
 
-def continued_seed(cfg: PipelineConfig, data: dict, seed: str, out: Path, meta: dict, track: dict | None,
-                   placement: dict | None = None):
+def continued_seed(
+    cfg: PipelineConfig,
+    data: dict,
+    seed: str,
+    out: Path,
+    meta: dict,
+    track: dict | None,
+    placement: dict | None = None,
+):
     """The data-matched dense baseline: the seed trained further on the MoE mix (train.moe settings)
     for as many tokens as the experts and one MoE consumed together."""
-    tokens = len(data["fingerprints"]) * cfg.train.expert.max_steps * cfg.train.expert.batch_size \
+    tokens = (
+        len(data["fingerprints"]) * cfg.train.expert.max_steps * cfg.train.expert.batch_size
         + cfg.train.moe.max_steps * cfg.train.moe.batch_size
+    )
     train = dataclasses.replace(cfg.train.moe, max_steps=-(-tokens // cfg.train.moe.batch_size))
     weights = _weights("moe", data)
-    return submit(train_stage, "seed", "seed-continued", as_dict(train), data["dir"], weights,
-                              str(out / "seed-continued"), _fp(data, weights), init_checkpoint=seed,
-                              val_domains=list(data["fingerprints"]), metadata=meta,
-                              torch_threads=cfg.torch_threads, tracking=track, placement=placement)
+    return submit(
+        train_stage,
+        "seed",
+        "seed-continued",
+        as_dict(train),
+        data["dir"],
+        weights,
+        str(out / "seed-continued"),
+        _fp(data, weights),
+        init_checkpoint=seed,
+        val_domains=list(data["fingerprints"]),
+        metadata=meta,
+        torch_threads=cfg.torch_threads,
+        tracking=track,
+        placement=placement,
+    )
 
 
 def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
@@ -240,10 +417,14 @@ def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
     if cfg.seed_checkpoint:
         seed_tok = Path(cfg.seed_checkpoint) / "tokenizer.json"
         if seed_tok.read_bytes() != Path(data["tokenizer"]).read_bytes():
-            raise ConfigError(f"seed_checkpoint: {seed_tok} differs from the data's tokenizer {data['tokenizer']}")
+            raise ConfigError(
+                f"seed_checkpoint: {seed_tok} differs from the data's tokenizer {data['tokenizer']}"
+            )
         vocab = json.loads((Path(cfg.seed_checkpoint) / "config.json").read_text())["model"]["vocab_size"]
         if vocab != data["vocab_size"]:
-            raise ConfigError(f"seed_checkpoint: vocab_size {vocab} differs from the data's tokenizer ({data['vocab_size']})")
+            raise ConfigError(
+                f"seed_checkpoint: vocab_size {vocab} differs from the data's tokenizer ({data['vocab_size']})"
+            )
     if "nexus" in cfg.router.routers:
         load_embedder(cfg.data.embedding_model)  # DataError naming the embedder if it cannot load
 
@@ -252,21 +433,31 @@ def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
     """Registered model name per stage: each router's MoE starts a model line (`flows.models.line_name`;
     extensions and removals register its next versions); the seed, each expert and the merge get their own."""
     base = f"nexus-{cfg.name}"
-    return {**{r: line_name(cfg.tracking.model_name, r) for r in cfg.router.routers}, "seed": f"{base}-seed",
-            "seed-continued": f"{base}-seed-continued",
-            "build-merge": f"{base}-merged", **{d: f"{base}-expert-{d}" for d in domains}}
+    return {
+        **{r: line_name(cfg.tracking.model_name, r) for r in cfg.router.routers},
+        "seed": f"{base}-seed",
+        "seed-continued": f"{base}-seed-continued",
+        "build-merge": f"{base}-merged",
+        **{d: f"{base}-expert-{d}" for d in domains},
+    }
 
 
-def record_evaluation(parent: str, checkpoints: dict[str, str], results: dict, lines: dict[str, dict]) -> None:
+def record_evaluation(
+    parent: str, checkpoints: dict[str, str], results: dict, lines: dict[str, dict]
+) -> None:
     """The evaluation in MLflow (metrics on the parent run, every evaluated model and its run; routing
     tables) and each new MoE version's description."""
     from flows.mlflow_models import describe_version, log_evaluation
 
     log_evaluation(parent, checkpoints, results)
     for kind, line in lines.items():
-        describe_version(line["name"], line["version"], results["perplexity"][f"moe:{kind}"],
-                         f"The {kind}-router MoE upcycled from the seed and the experts "
-                         f"{', '.join(d for d in results['perplexity'][f'moe:{kind}'])}, then trained on their mix.")
+        describe_version(
+            line["name"],
+            line["version"],
+            results["perplexity"][f"moe:{kind}"],
+            f"The {kind}-router MoE upcycled from the seed and the experts "
+            f"{', '.join(d for d in results['perplexity'][f'moe:{kind}'])}, then trained on their mix.",
+        )
 
 
 def start_line(registered: dict) -> dict:
@@ -279,7 +470,9 @@ def start_line(registered: dict) -> dict:
     client = MlflowClient()
     name, version = registered["name"], registered["version"]
     if TAG_GATE not in client.get_model_version(name, version).tags:
-        mark_version(name, version, promote=champion_version(name, client) is None, gate="initial", client=client)
+        mark_version(
+            name, version, promote=champion_version(name, client) is None, gate="initial", client=client
+        )
     return {"name": name, "version": version, "aliases": line_aliases(name, client)}
 
 

@@ -11,6 +11,7 @@ cloudpickled Python object, no pickle-based torch format).
 `loglikelihood_rolling`, `nexus.evaluation.text_perplexity`); `continuation`: the greedy continuation
 of `max_new_tokens` tokens (KV-cached, `nexus.evaluation.generation.generate`; empty for 0).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,9 +35,17 @@ def signature() -> Any:
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "text")]),
-        outputs=Schema([ColSpec("string", "text"), ColSpec("double", "perplexity"), ColSpec("double", "bits_per_byte"),
-                        ColSpec("long", "tokens"), ColSpec("string", "continuation")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", 0)]))
+        outputs=Schema(
+            [
+                ColSpec("string", "text"),
+                ColSpec("double", "perplexity"),
+                ColSpec("double", "bits_per_byte"),
+                ColSpec("long", "tokens"),
+                ColSpec("string", "continuation"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 0)]),
+    )
 
 
 class NexusModel(PythonModel):
@@ -62,12 +71,19 @@ class NexusModel(PythonModel):
             score = text_perplexity(self.model, self.tokenizer, [text])
             continuation = ""
             if new_tokens > 0:
-                ids = self.tokenizer.encode(text, add_special_tokens=False)[-self.model.config.max_seq_len:]
+                ids = self.tokenizer.encode(text, add_special_tokens=False)[-self.model.config.max_seq_len :]
                 with torch.no_grad():
                     out = generate(self.model, torch.tensor([ids]), new_tokens)
-                continuation = self.tokenizer.decode(out[0, len(ids):].tolist())
-            rows.append({"text": text, "perplexity": score.perplexity, "bits_per_byte": score.bits_per_byte,
-                         "tokens": score.tokens, "continuation": continuation})
+                continuation = self.tokenizer.decode(out[0, len(ids) :].tolist())
+            rows.append(
+                {
+                    "text": text,
+                    "perplexity": score.perplexity,
+                    "bits_per_byte": score.bits_per_byte,
+                    "tokens": score.tokens,
+                    "continuation": continuation,
+                }
+            )
         return pd.DataFrame(rows)
 
 

@@ -3,6 +3,7 @@ its FFN slice and its router row / domain embedding; everything else is kept), e
 every remaining domain against the model it came from, and register it as the line's next version
 through the same promotion gate as an extension (every remaining domain within tolerance).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,12 @@ from flows.tasks import evaluate_models, remove_domain_expert, submit
 
 
 @flow(name="remove_expert")
-def remove_expert(experiment: Experiment = "demo", overrides: list[str] | None = None, moe: str | None = None,
-                  domain: str = "") -> dict:
+def remove_expert(
+    experiment: Experiment = "demo",
+    overrides: list[str] | None = None,
+    moe: str | None = None,
+    domain: str = "",
+) -> dict:
     """Remove one domain's expert from an MoE; the result is evaluated, gated and registered.
 
     Args:
@@ -38,29 +43,61 @@ def run_removal(cfg: PipelineConfig, plan: RemovalPlan) -> dict:
         if not is_path_ref(plan.base.ref):  # the alias may have moved while another run held the line
             plan = plan_removal(cfg, plan.base.ref, plan.domain)
         base, domain = plan.base, plan.domain
-        out = Path(cfg.out_dir).resolve() / "removals" / domain / (f"v{base.version}" if base.version
-                                                                    else str(base.sha256)[:12])
+        out = (
+            Path(cfg.out_dir).resolve()
+            / "removals"
+            / domain
+            / (f"v{base.version}" if base.version else str(base.sha256)[:12])
+        )
         with tracking_context(cfg, f"remove_expert:{domain}") as parent:
             moe = fetch_checkpoint(base, Path(cfg.out_dir).resolve() / "models")
             meta = base.config["metadata"]
             track = stage_tracking(cfg, parent, {f"remove-{domain}": plan.line})
-            metadata = {**meta, "domains": [d for d in base.moe["expert_names"] if d != domain],
-                        "domain_data": plan.remaining, "base": base.describe()}
-            futures = {"remove": submit(remove_domain_expert, moe, domain, str(out / "model"), metadata=metadata,
-                                        tracking=track)}
+            metadata = {
+                **meta,
+                "domains": [d for d in base.moe["expert_names"] if d != domain],
+                "domain_data": plan.remaining,
+                "base": base.describe(),
+            }
+            futures = {
+                "remove": submit(
+                    remove_domain_expert, moe, domain, str(out / "model"), metadata=metadata, tracking=track
+                )
+            }
             removed = futures["remove"].result()
             evaluated = {"before": moe, "after": removed["checkpoint"]}
             futures["evaluate"] = evaluate_models.submit(
-                evaluated, {d: r["data_dir"] for d, r in plan.remaining.items()},
-                cfg.eval.split, cfg.eval.batch_size, cfg.eval.max_tokens, cfg.torch_threads)
+                evaluated,
+                {d: r["data_dir"] for d, r in plan.remaining.items()},
+                cfg.eval.split,
+                cfg.eval.batch_size,
+                cfg.eval.max_tokens,
+                cfg.torch_threads,
+            )
             results = futures["evaluate"].result()
-            gate = judge(cfg, plan.line, base, evaluated, results, None, removed["registered"], f"-{domain}", parent)
+            gate = judge(
+                cfg, plan.line, base, evaluated, results, None, removed["registered"], f"-{domain}", parent
+            )
             log.info("promotion gate of %s - %r:\n%s", base.label, domain, gate["table"])
-            summary = {"removed": domain, "router": base.moe["router"], "moe": moe, "moe_version": base.version,
-                       "base": base.describe(), "result": removed["checkpoint"], "domains": list(plan.remaining),
-                       **gate["summary"], **results, "states": states_of(futures)}
+            summary = {
+                "removed": domain,
+                "router": base.moe["router"],
+                "moe": moe,
+                "moe_version": base.version,
+                "base": base.describe(),
+                "result": removed["checkpoint"],
+                "domains": list(plan.remaining),
+                **gate["summary"],
+                **results,
+                "states": states_of(futures),
+            }
             write_summary(summary, out / "summary.json", parent)
             publish_round(cfg, f"removal of {domain!r} from {base.label}", summary, parent)
-    log.info("removed %r from %s -> %s (registered %s)", domain, base.label, removed["checkpoint"],
-             summary["registered"] or "nothing: tracking is off")
+    log.info(
+        "removed %r from %s -> %s (registered %s)",
+        domain,
+        base.label,
+        removed["checkpoint"],
+        summary["registered"] or "nothing: tracking is off",
+    )
     return summary

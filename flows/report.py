@@ -1,5 +1,6 @@
 """The comparison report of a pipeline run (and its extension): Markdown, HTML and PNG figures under
 `<out_dir>/report/`, logged to the run's parent MLflow run as artifacts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,12 @@ def write_pipeline_report(summary: dict, extension: dict | None = None) -> dict[
 
     results = {
         "title": f"Nexus: {summary['experiment']}",
-        "metadata": {"output directory": summary["out_dir"], "domains": ", ".join(summary["domains"]),
-                     "pipeline seconds": summary["seconds"], "MLflow parent run": summary["mlflow"]["parent_run_id"]},
+        "metadata": {
+            "output directory": summary["out_dir"],
+            "domains": ", ".join(summary["domains"]),
+            "pipeline seconds": summary["seconds"],
+            "MLflow parent run": summary["mlflow"]["parent_run_id"],
+        },
         "perplexity": summary["metrics"],
         "baselines": {"linear": "moe:linear", "seed": "seed"},
         "routing": summary["routing_analysis"],
@@ -20,13 +25,16 @@ def write_pipeline_report(summary: dict, extension: dict | None = None) -> dict[
     }
     if extension is not None:
         results["extension"] = {
-            "perplexity": extension["metrics"], "baselines": {"before": "before"},
+            "perplexity": extension["metrics"],
+            "baselines": {"before": "before"},
             "note": f"`before`: the MoE; `expert:{extension['domain']}`: the new dense expert; `appended`: the MoE "
-                    "with the new expert appended, before finetuning; `after`: the extended MoE after its "
-                    f"finetune (registered version {extension['registered_version']}).",
+            "with the new expert appended, before finetuning; `after`: the extended MoE after its "
+            f"finetune (registered version {extension['registered_version']}).",
         }
-        results["routing"] = {**results["routing"],
-                              f"moe:nexus+{extension['domain']}": extension["routing_analysis"]["after"]}
+        results["routing"] = {
+            **results["routing"],
+            f"moe:nexus+{extension['domain']}": extension["routing_analysis"]["after"],
+        }
     paths = write_report(results, Path(summary["out_dir"]) / "report")
     parent = summary["mlflow"]["parent_run_id"]
     if parent:

@@ -18,6 +18,7 @@ Everything lands in `<out_dir>/results.json` (written after every replicate), th
 
     python -m flows.reproduce [--seeds 0 1 2] [--budgets 4 12] [--ablation-seeds 0] [--seed-only] [overrides...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,19 @@ RECIPE_ABLATIONS = {
 def replicate_overrides(seed: int, out_dir: Path, seed_model: str | None) -> list[str]:
     """Seed every stage after the shared seed model with `seed`; write under `out_dir`."""
     keys = ("train.expert.seed", "train.moe.seed", "train.extension.seed", "router.init_seed")
-    return [f"out_dir={out_dir}", *(f"{k}={seed}" for k in keys),
-            *([f"seed_checkpoint={seed_model}"] if seed_model else [])]
+    return [
+        f"out_dir={out_dir}",
+        *(f"{k}={seed}" for k in keys),
+        *([f"seed_checkpoint={seed_model}"] if seed_model else []),
+    ]
 
 
 def variant_overrides(variant: str) -> list[str]:
-    return [f"extension.linear_router={variant.removeprefix('linear-')}"] if variant.startswith("linear-") else []
+    return (
+        [f"extension.linear_router={variant.removeprefix('linear-')}"]
+        if variant.startswith("linear-")
+        else []
+    )
 
 
 def seed_key(cfg: PipelineConfig, data: dict) -> str:
@@ -79,14 +87,26 @@ def seed_model(experiment: str = "paper_regime", overrides: list[str] | None = N
     model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
     weights = _weights("seed", data, cfg.data.seed_domains)
     seed_dir = out / f"seed-{seed_key(cfg, data)[:12]}"
-    result = submit(train_stage, "seed", "seed", as_dict(cfg.train.seed), data["dir"], weights, str(seed_dir),
-                    _fp(data, weights), model=model, val_domains=list(weights),
-                    torch_threads=cfg.torch_threads).result()
+    result = submit(
+        train_stage,
+        "seed",
+        "seed",
+        as_dict(cfg.train.seed),
+        data["dir"],
+        weights,
+        str(seed_dir),
+        _fp(data, weights),
+        model=model,
+        val_domains=list(weights),
+        torch_threads=cfg.torch_threads,
+    ).result()
     get_run_logger().info("seed model: %s", result["checkpoint"])
     return result["checkpoint"]
 
 
-def save_replicate(results: dict, path: Path, seed: int, start: float, began: float, what: str = "replicate") -> None:
+def save_replicate(
+    results: dict, path: Path, seed: int, start: float, began: float, what: str = "replicate"
+) -> None:
     """Write `results` (with the total wall time since `start`) after `what` of seed `seed`, begun at `began`."""
     from nexus.io import atomic_write_text
 
@@ -95,8 +115,9 @@ def save_replicate(results: dict, path: Path, seed: int, start: float, began: fl
     get_run_logger().info("%s %d done in %.0f s", what, seed, time.time() - began)
 
 
-def parse_overrides(parser: argparse.ArgumentParser,
-                    argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def parse_overrides(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
     """`parser`'s arguments and the Hydra key=value overrides, which may stand anywhere in `argv`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -104,11 +125,17 @@ def parse_overrides(parser: argparse.ArgumentParser,
 
 
 @flow(name="reproduce_paper")
-def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | None = None,
-                    seeds: list[int] | None = None, budgets: list[int] | None = None,
-                    ablation_seeds: list[int] | None = None, domains: list[str] | None = None,
-                    recipes: list[str] | None = None, routers: list[str] | None = None,
-                    ablations: dict[str, list[str]] | None = None) -> dict:
+def reproduce_paper(
+    experiment: str = "paper_regime",
+    overrides: list[str] | None = None,
+    seeds: list[int] | None = None,
+    budgets: list[int] | None = None,
+    ablation_seeds: list[int] | None = None,
+    domains: list[str] | None = None,
+    recipes: list[str] | None = None,
+    routers: list[str] | None = None,
+    ablations: dict[str, list[str]] | None = None,
+) -> dict:
     """Run the replicates (see the module doc); returns the results written to `<out_dir>/results.json`
     and the paths of the generated report."""
     from flows.results import write_results
@@ -121,20 +148,43 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
     ablation_seeds = [s for s in (ablation_seeds if ablation_seeds is not None else seeds[:1]) if s in seeds]
     base = compose(experiment, overrides)
     root = Path(base.out_dir).resolve()
-    results: dict = {"experiment": experiment, "overrides": overrides, "seeds": seeds, "budgets": budgets,
-                     "domains": domains, "routers": routers, "recipes": recipes, "replicates": {},
-                     "recipe_ablations": {}, "ablations": {},
-                     "tokens_per_step": base.train.extension.batch_size * (base.data.seq_len or base.model.max_seq_len),
-                     "steps": {k: getattr(base.train, k).max_steps for k in ("seed", "expert", "moe")}}
+    results: dict = {
+        "experiment": experiment,
+        "overrides": overrides,
+        "seeds": seeds,
+        "budgets": budgets,
+        "domains": domains,
+        "routers": routers,
+        "recipes": recipes,
+        "replicates": {},
+        "recipe_ablations": {},
+        "ablations": {},
+        "tokens_per_step": base.train.extension.batch_size * (base.data.seq_len or base.model.max_seq_len),
+        "steps": {k: getattr(base.train, k).max_steps for k in ("seed", "expert", "moe")},
+    }
     start = time.time()
     results["seed_model"] = seed_model(experiment, overrides)
     results["seed_seconds"] = round(time.time() - start, 1)
 
-    def extend(run: list[str], moes: dict, domain: str, variant: str, recipe: str, steps: int,
-               extra: list[str] | None = None, suffix: str = "") -> dict:
+    def extend(
+        run: list[str],
+        moes: dict,
+        domain: str,
+        variant: str,
+        recipe: str,
+        steps: int,
+        extra: list[str] | None = None,
+        suffix: str = "",
+    ) -> dict:
         tag = f"{variant}-{recipe}-{steps}{suffix}"
-        return extend_with_expert(experiment, [*run, f"recipe={recipe}", *variant_overrides(variant), *(extra or [])],
-                                  domain=domain, moe=moes[f"moe:{ROUTERS[variant]}"], finetune_steps=steps, tag=tag)
+        return extend_with_expert(
+            experiment,
+            [*run, f"recipe={recipe}", *variant_overrides(variant), *(extra or [])],
+            domain=domain,
+            moe=moes[f"moe:{ROUTERS[variant]}"],
+            finetune_steps=steps,
+            tag=tag,
+        )
 
     runs = {}
     for seed in seeds:
@@ -142,18 +192,30 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
         run = [*overrides, *replicate_overrides(seed, root / f"seed{seed}", results["seed_model"])]
         pipeline = upcycle_pipeline(experiment, run)
         runs[seed] = (run, pipeline["checkpoints"])
-        extensions = {f"{d}/{v}/{r}/{b}": extend(run, pipeline["checkpoints"], d, v, r, b)
-                      for d in domains for v in routers for r in recipes for b in budgets}
-        results["replicates"][str(seed)] = {"pipeline": pipeline, "extensions": extensions,
-                                            "seconds": round(time.time() - began, 1)}
+        extensions = {
+            f"{d}/{v}/{r}/{b}": extend(run, pipeline["checkpoints"], d, v, r, b)
+            for d in domains
+            for v in routers
+            for r in recipes
+            for b in budgets
+        }
+        results["replicates"][str(seed)] = {
+            "pipeline": pipeline,
+            "extensions": extensions,
+            "seconds": round(time.time() - began, 1),
+        }
         save_replicate(results, root / "results.json", seed, start, began)
     for seed in ablation_seeds:  # after every replicate: the main comparison first
         began = time.time()
         run, moes = runs[seed]
         results["recipe_ablations"][str(seed)] = {
-            name: {f"{d}/{v}": extend(run, moes, d, v, "paper", budgets[0], extra, "-" + _slug(name))
-                   for d in domains for v in routers}
-            for name, extra in ablations.items()}
+            name: {
+                f"{d}/{v}": extend(run, moes, d, v, "paper", budgets[0], extra, "-" + _slug(name))
+                for d in domains
+                for v in routers
+            }
+            for name, extra in ablations.items()
+        }
         save_replicate(results, root / "results.json", seed, start, began, "recipe ablations of replicate")
     report = write_results(results, root / "results")
     log.info("results: %s (%.0f s)", report["markdown"], results["seconds"])
@@ -161,28 +223,47 @@ def reproduce_paper(experiment: str = "paper_regime", overrides: list[str] | Non
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.encode("ascii", "ignore").decode()).strip("-").lower()
+    return (
+        "".join(c if c.isalnum() else "-" for c in name.encode("ascii", "ignore").decode()).strip("-").lower()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from flows.cli import offline_env
 
-    parser = argparse.ArgumentParser(prog="python -m flows.reproduce", description=__doc__.split("\n\n")[0],
-                                     epilog="Any key=value argument is a Hydra override (e.g. out_dir=...).")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.reproduce",
+        description=__doc__.split("\n\n")[0],
+        epilog="Any key=value argument is a Hydra override (e.g. out_dir=...).",
+    )
     parser.add_argument("--experiment", default="paper_regime")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[4, 12],
-                        help="finetuning steps of the extension (smallest first)")
-    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=None,
-                        help="replicates that also run the recipe ablations (default: the first seed)")
+    parser.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[4, 12],
+        help="finetuning steps of the extension (smallest first)",
+    )
+    parser.add_argument(
+        "--ablation-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="replicates that also run the recipe ablations (default: the first seed)",
+    )
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), help="held-out domains to extend with")
-    parser.add_argument("--seed-only", action="store_true", help="train (or find) the cached seed model and stop")
+    parser.add_argument(
+        "--seed-only", action="store_true", help="train (or find) the cached seed model and stop"
+    )
     args, overrides = parse_overrides(parser, argv)
     offline_env()
     if args.seed_only:
         print(f"\nseed model: {seed_model(args.experiment, overrides)}")
         return 0
-    out = reproduce_paper(args.experiment, overrides, args.seeds, args.budgets, args.ablation_seeds, args.domains)
+    out = reproduce_paper(
+        args.experiment, overrides, args.seeds, args.budgets, args.ablation_seeds, args.domains
+    )
     print(f"\nresults: {out['report']['markdown']} ({out['seconds']:.0f} s)")
     return 0
 

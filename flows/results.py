@@ -8,6 +8,7 @@ averaged (positive: A is better). Of an extension: the initial domains' change i
 initial domains; the gap closed on the new domain is `(ppl_before − ppl_after) / (ppl_before −
 ppl_expert)` (expert: the new domain's dense expert; 1 = as good as the expert).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -66,8 +67,11 @@ class Replicates:
         out = []
         for run in self.runs:
             table = run["pipeline"]["perplexity"]
-            row = ({d: table[f"expert:{d}"][d] for d in self.domains} if model == "expert (own domain)"
-                   else dict(table[model]))
+            row = (
+                {d: table[f"expert:{d}"][d] for d in self.domains}
+                if model == "expert (own domain)"
+                else dict(table[model])
+            )
             out.append({**row, "average": average(row, self.domains)})
         return out
 
@@ -105,8 +109,9 @@ def divergence_summary(ext: Mapping[str, Any], model: str) -> tuple[float, float
     parts = [Divergence.from_dict(v) for v in ext.get("divergence", {}).get(model, {}).values()]
     if not parts:
         return float("nan"), float("nan"), float("nan")
-    pooled = Divergence([f for p in parts for f in p.first], float(np.mean([p.share for p in parts])),
-                        parts[0].new_tokens)
+    pooled = Divergence(
+        [f for p in parts for f in p.first], float(np.mean([p.share for p in parts])), parts[0].new_tokens
+    )
     return pooled.mean_first, pooled.median_first, pooled.share
 
 
@@ -116,13 +121,28 @@ def _row_cells(rep: Replicates, exts: list[dict], model: str) -> list[str]:
     shares = [new_expert_shares(e, model) for e in exts]
     others = [max(v for d, v in s.items() if d != new) for s in shares]
     fdt = [divergence_summary(e, model) for e in exts]
-    return [fmt(e["perplexity"][model][new] for e in exts), fmt((gap_closed(e, model) for e in exts), 0, True),
-            fmt((c[0] for c in changes), 1, True), fmt((c[1] for c in changes), 1, True),
-            fmt((s[new] for s in shares), 2), fmt(others, 2), fmt((f[0] for f in fdt), 1), fmt((f[2] for f in fdt), 2)]
+    return [
+        fmt(e["perplexity"][model][new] for e in exts),
+        fmt((gap_closed(e, model) for e in exts), 0, True),
+        fmt((c[0] for c in changes), 1, True),
+        fmt((c[1] for c in changes), 1, True),
+        fmt((s[new] for s in shares), 2),
+        fmt(others, 2),
+        fmt((f[0] for f in fdt), 1),
+        fmt((f[2] for f in fdt), 2),
+    ]
 
 
-EXTENSION_HEADER = ["new-domain ppl", "gap closed", "initial: avg change", "initial: worst", "new expert: own share",
-                    "new expert: largest other share", "FDT mean", "divergent share"]
+EXTENSION_HEADER = [
+    "new-domain ppl",
+    "gap closed",
+    "initial: avg change",
+    "initial: worst",
+    "new expert: own share",
+    "new expert: largest other share",
+    "FDT mean",
+    "divergent share",
+]
 
 
 def extension_table(rep: Replicates, domain: str) -> list[str]:
@@ -134,8 +154,14 @@ def extension_table(rep: Replicates, domain: str) -> list[str]:
             rows.append([variant, recipe, "0 (appended)", *_row_cells(rep, first, "appended")])
             for budget in rep.budgets:
                 exts = rep.extensions(domain, variant, recipe, budget)
-                rows.append([variant, recipe, f"{budget} ({budget * rep.tokens_per_step:,})",
-                             *_row_cells(rep, exts, "after")])
+                rows.append(
+                    [
+                        variant,
+                        recipe,
+                        f"{budget} ({budget * rep.tokens_per_step:,})",
+                        *_row_cells(rep, exts, "after"),
+                    ]
+                )
     return _table(["router", "recipe", "finetune steps (tokens)", *EXTENSION_HEADER], rows)
 
 
@@ -151,11 +177,29 @@ def targets_table(rep: Replicates, default: str) -> list[str]:
                 own = [new_expert_shares(e, "after")[domain] for e in exts]
                 appended = [new_expert_shares(e, "appended") for e in exts]
                 largest = [max(s, key=s.get) == domain for s in appended]
-                rows.append([domain, variant, budget, _verdict(worst, lambda v: v <= 0.02, 1, True),
-                             _verdict(gaps, lambda v: v >= 0.8, 0, True), _verdict(own, lambda v: v >= 0.5, 2),
-                             f"{sum(largest)}/{len(largest)} seeds"])
-    return _table(["new domain", "router", "finetune steps", "initial domains within 2 % (worst)",
-                   "gap closed >= 80 %", "own share >= 0.50", "own domain largest right after appending"], rows)
+                rows.append(
+                    [
+                        domain,
+                        variant,
+                        budget,
+                        _verdict(worst, lambda v: v <= 0.02, 1, True),
+                        _verdict(gaps, lambda v: v >= 0.8, 0, True),
+                        _verdict(own, lambda v: v >= 0.5, 2),
+                        f"{sum(largest)}/{len(largest)} seeds",
+                    ]
+                )
+    return _table(
+        [
+            "new domain",
+            "router",
+            "finetune steps",
+            "initial domains within 2 % (worst)",
+            "gap closed >= 80 %",
+            "own share >= 0.50",
+            "own domain largest right after appending",
+        ],
+        rows,
+    )
 
 
 def _verdict(values: list[float], ok: Callable[[float], bool], digits: int, percent: bool = False) -> str:
@@ -174,22 +218,37 @@ def router_gains_table(rep: Replicates) -> list[str]:
                 row = [domain, recipe, budget]
                 for other in others:
                     base = rep.extensions(domain, other, recipe, budget)
-                    row.append(fmt((gain(n["perplexity"]["after"][domain], b["perplexity"]["after"][domain])
-                                    for n, b in zip(nexus, base)), 1, True))
+                    row.append(
+                        fmt(
+                            (
+                                gain(n["perplexity"]["after"][domain], b["perplexity"]["after"][domain])
+                                for n, b in zip(nexus, base)
+                            ),
+                            1,
+                            True,
+                        )
+                    )
                 rows.append(row)
-    return _table(["new domain", "recipe", "finetune steps", *(f"Nexus vs {o} on the new domain" for o in others)],
-                  rows)
+    return _table(
+        ["new domain", "recipe", "finetune steps", *(f"Nexus vs {o} on the new domain" for o in others)], rows
+    )
 
 
 def precomputed_check(rep: Replicates) -> str:
     """How often the precomputed Nexus router's greedy output differed from the live router's."""
-    checks = [d for run in rep.runs for e in run["extensions"].values()
-              for d in e.get("divergence", {}).get("precomputed router", {}).values()]
+    checks = [
+        d
+        for run in rep.runs
+        for e in run["extensions"].values()
+        for d in e.get("divergence", {}).get("precomputed router", {}).values()
+    ]
     diverged = sum(1 for d in checks for f in d["first"] if f is not None)
     prompts = sum(len(d["first"]) for d in checks)
-    return (f"Precomputed vs live Nexus router (every Nexus MoE before an extension, {prompts} prompts): "
-            f"{diverged} prompts diverged, divergent-token share "
-            f"{max((d['share'] for d in checks), default=float('nan')):.3f} at most.")
+    return (
+        f"Precomputed vs live Nexus router (every Nexus MoE before an extension, {prompts} prompts): "
+        f"{diverged} prompts diverged, divergent-token share "
+        f"{max((d['share'] for d in checks), default=float('nan')):.3f} at most."
+    )
 
 
 def ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
@@ -204,8 +263,14 @@ def ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
     for domain in rep.new_domains:
         for variant in rep.variants:
             for name in names:
-                exts = ([results["replicates"][s]["extensions"][f"{domain}/{variant}/paper/{budget}"] for s in seeds]
-                        if name == "paper (as is)" else [ablations[s][name][f"{domain}/{variant}"] for s in seeds])
+                exts = (
+                    [
+                        results["replicates"][s]["extensions"][f"{domain}/{variant}/paper/{budget}"]
+                        for s in seeds
+                    ]
+                    if name == "paper (as is)"
+                    else [ablations[s][name][f"{domain}/{variant}"] for s in seeds]
+                )
                 rows.append([domain, variant, name, *_row_cells(rep, exts, "after")])
     return _table(["new domain", "router", "recipe", *EXTENSION_HEADER], rows)
 
@@ -219,14 +284,18 @@ def cosine_table(rep: Replicates) -> list[str]:
         ext = rep.extensions(domain, "nexus", rep.recipes[0], rep.budgets[0])[0]
         geometry = EmbeddingGeometry.from_dict(ext["embeddings"]["appended"])
         i = geometry.names.index(domain)
-        rows.append([domain, *(f"{geometry.domain_similarity[i][geometry.names.index(d)]:.2f}" for d in rep.domains)])
+        rows.append(
+            [domain, *(f"{geometry.domain_similarity[i][geometry.names.index(d)]:.2f}" for d in rep.domains)]
+        )
     return _table(["new domain", *rep.domains], rows)
 
 
 def main_table(rep: Replicates) -> list[str]:
     cols = [*rep.domains, "average"]
-    rows = [[f"`{m}`", *(fmt(r[c] for r in rep.ppl(m)) for c in cols)]
-            for m in (*rep.models[:-2], "expert (own domain)", *rep.models[-2:])]
+    rows = [
+        [f"`{m}`", *(fmt(r[c] for r in rep.ppl(m)) for c in cols)]
+        for m in (*rep.models[:-2], "expert (own domain)", *rep.models[-2:])
+    ]
     return _table(["model", *cols], rows)
 
 
@@ -236,7 +305,9 @@ def gains_table(rep: Replicates) -> list[str]:
     rows = []
     for base in [m for m in BASELINES if m in rep.models]:
         other = rep.ppl(base)
-        rows.append([f"vs `{base}`", *(fmt((gain(a[c], b[c]) for a, b in zip(nexus, other)), 1, True) for c in cols)])
+        rows.append(
+            [f"vs `{base}`", *(fmt((gain(a[c], b[c]) for a, b in zip(nexus, other)), 1, True) for c in cols)]
+        )
     return _table(["Nexus MoE", *cols], rows)
 
 
@@ -251,43 +322,94 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     fig = out / "figures"
     seeds = ", ".join(rep.seeds)
     default = default_recipe(rep)
-    paths = {"perplexity": plot_perplexity({m: mean_std_row(rep.ppl(m)) for m in rep.models}, fig / "perplexity.png",
-                                           f"Held-out perplexity, mean over seeds {seeds} (lower is better)")}
+    paths = {
+        "perplexity": plot_perplexity(
+            {m: mean_std_row(rep.ppl(m)) for m in rep.models},
+            fig / "perplexity.png",
+            f"Held-out perplexity, mean over seeds {seeds} (lower is better)",
+        )
+    }
     for domain in rep.new_domains:
         ext = rep.extensions(domain, "nexus", default, rep.budgets[-1])[0]
         for model in ("appended", "after"):
             paths[f"routing_{domain}_{model}"] = plot_routing(
-                RoutingAnalysis.from_dict(ext["routing_analysis"][model]), fig / f"routing_nexus_{domain}_{model}.png",
-                title=f"moe:nexus + {domain} ({default}, {'appended' if model == 'appended' else f'{rep.budgets[-1]} steps'},"
-                      f" seed {rep.seeds[0]}): top-1 routing share")
+                RoutingAnalysis.from_dict(ext["routing_analysis"][model]),
+                fig / f"routing_nexus_{domain}_{model}.png",
+                title=f"moe:nexus + {domain} ({default}, "
+                + ("appended" if model == "appended" else f"{rep.budgets[-1]} steps")
+                + f", seed {rep.seeds[0]}): top-1 routing share",
+            )
         paths[f"embeddings_{domain}"] = plot_embedding_similarity(
-            EmbeddingGeometry.from_dict(ext["embeddings"]["appended"]), fig / f"embeddings_{domain}.png",
-            f"Domain vs expert embeddings (cosine): moe:nexus + {domain}, appended (seed {rep.seeds[0]})")
+            EmbeddingGeometry.from_dict(ext["embeddings"]["appended"]),
+            fig / f"embeddings_{domain}.png",
+            f"Domain vs expert embeddings (cosine): moe:nexus + {domain}, appended (seed {rep.seeds[0]})",
+        )
     steps = results.get("steps", {})
-    lines = [f"# Results: `{results['experiment']}`, seeds {seeds}", "",
-             f"Regenerate: `{command(results)}`.", "",
-             f"Wall time {results.get('seconds', 0) / 60:.1f} min (seed model {results.get('seed_seconds', 0) / 60:.1f} "
-             "min, 0 when cached); per replicate "
-             + ", ".join(f"seed {s}: {r['seconds'] / 60:.1f} min" for s, r in results["replicates"].items()) + ".",
-             (f"Steps: seed {steps.get('seed')}, each expert {steps.get('expert')}, each MoE {steps.get('moe')}; "
-             f"finetunes {', '.join(map(str, rep.budgets))} ({rep.tokens_per_step} tokens a step)."),
-             "Every cell: mean ± standard deviation over the seeds. Perplexity on the held-out test split.", "",
-             "## Held-out perplexity after upcycling", "", *main_table(rep), "",
-             f"![perplexity]({paths['perplexity'].relative_to(out)})", "",
-             "## Relative gain of the Nexus MoE (positive: Nexus has the lower perplexity)", "", *gains_table(rep), "",
-             "## New domains: MiniLM cosine with the initial domains", "", *cosine_table(rep), ""]
+    lines = [
+        f"# Results: `{results['experiment']}`, seeds {seeds}",
+        "",
+        f"Regenerate: `{command(results)}`.",
+        "",
+        f"Wall time {results.get('seconds', 0) / 60:.1f} min (seed model {results.get('seed_seconds', 0) / 60:.1f} "
+        "min, 0 when cached); per replicate "
+        + ", ".join(f"seed {s}: {r['seconds'] / 60:.1f} min" for s, r in results["replicates"].items())
+        + ".",
+        (
+            f"Steps: seed {steps.get('seed')}, each expert {steps.get('expert')}, each MoE {steps.get('moe')}; "
+            f"finetunes {', '.join(map(str, rep.budgets))} ({rep.tokens_per_step} tokens a step)."
+        ),
+        "Every cell: mean ± standard deviation over the seeds. Perplexity on the held-out test split.",
+        "",
+        "## Held-out perplexity after upcycling",
+        "",
+        *main_table(rep),
+        "",
+        f"![perplexity]({paths['perplexity'].relative_to(out)})",
+        "",
+        "## Relative gain of the Nexus MoE (positive: Nexus has the lower perplexity)",
+        "",
+        *gains_table(rep),
+        "",
+        "## New domains: MiniLM cosine with the initial domains",
+        "",
+        *cosine_table(rep),
+        "",
+    ]
     for domain in rep.new_domains:
-        lines += [f"## Extension with `{domain}`", "",
-                  ("0 steps: right after appending. Shares: the new expert's top-1 share (layer mean); FDT: first "
-                  "divergent token of the MoE's greedy continuations of the initial domains' held-out prompts."), "",
-                  *extension_table(rep, domain), ""]
-    lines += [f"## Targets (recipe `{default}`)", "", *targets_table(rep, default), "",
-              "## Nexus vs the linear router after the extension", "", *router_gains_table(rep), "",
-              precomputed_check(rep), ""]
+        lines += [
+            f"## Extension with `{domain}`",
+            "",
+            (
+                "0 steps: right after appending. Shares: the new expert's top-1 share (layer mean); FDT: first "
+                "divergent token of the MoE's greedy continuations of the initial domains' held-out prompts."
+            ),
+            "",
+            *extension_table(rep, domain),
+            "",
+        ]
+    lines += [
+        f"## Targets (recipe `{default}`)",
+        "",
+        *targets_table(rep, default),
+        "",
+        "## Nexus vs the linear router after the extension",
+        "",
+        *router_gains_table(rep),
+        "",
+        precomputed_check(rep),
+        "",
+    ]
     ablations = ablation_table(results, rep)
     if ablations:
-        lines += [(f"## Recipe ablations (`paper` with one factor changed; {rep.budgets[0]} steps, seeds "
-                  f"{', '.join(results['recipe_ablations'])})"), "", *ablations, ""]
+        lines += [
+            (
+                f"## Recipe ablations (`paper` with one factor changed; {rep.budgets[0]} steps, seeds "
+                f"{', '.join(results['recipe_ablations'])})"
+            ),
+            "",
+            *ablations,
+            "",
+        ]
     lines += [f"![{k}]({p.relative_to(out)})" for k, p in paths.items() if k != "perplexity"]
     paths["markdown"] = out / "results.md"
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
@@ -305,9 +427,20 @@ def default_recipe(rep: Replicates) -> str:
 def command(results: Mapping[str, Any]) -> str:
     """The `python -m flows.reproduce` command line that produces `results`."""
     ablations = " ".join(map(str, results["recipe_ablations"])) if results.get("recipe_ablations") else ""
-    return " ".join(["python -m flows.reproduce", f"--experiment {results['experiment']}",
-                     "--seeds", *map(str, results["seeds"]), "--budgets", *map(str, results["budgets"]),
-                     f"--ablation-seeds {ablations}".rstrip(), "--domains", *results["domains"], *results["overrides"]])
+    return " ".join(
+        [
+            "python -m flows.reproduce",
+            f"--experiment {results['experiment']}",
+            "--seeds",
+            *map(str, results["seeds"]),
+            "--budgets",
+            *map(str, results["budgets"]),
+            f"--ablation-seeds {ablations}".rstrip(),
+            "--domains",
+            *results["domains"],
+            *results["overrides"],
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     return rewrite_main("flows.results", write_results, argv)
 
 
-def rewrite_main(module: str, write: Callable[[Mapping[str, Any], Path], dict[str, Path]],
-                 argv: list[str] | None = None) -> int:
+def rewrite_main(
+    module: str, write: Callable[[Mapping[str, Any], Path], dict[str, Path]], argv: list[str] | None = None
+) -> int:
     """`python -m <module> RESULTS_JSON [OUT_DIR]`: `write` the tables and figures of a run's JSON again
     (default OUT_DIR: `results/` next to it)."""
     import json
@@ -327,7 +461,9 @@ def rewrite_main(module: str, write: Callable[[Mapping[str, Any], Path], dict[st
         print(f"usage: python -m {module} RESULTS_JSON [OUT_DIR]", file=sys.stderr)
         return 2
     source = Path(args[0])
-    paths = write(json.loads(source.read_text()), Path(args[1]) if len(args) > 1 else source.parent / "results")
+    paths = write(
+        json.loads(source.read_text()), Path(args[1]) if len(args) > 1 else source.parent / "results"
+    )
     print(paths["markdown"])
     return 0
 

@@ -2,6 +2,7 @@
 without writing anything: the CLI runs these before any flow starts, so a typo fails in a second,
 before Prefect is even imported), its finetuning mix, its promotion gate and how its outcome reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,11 +42,15 @@ def check_new_domain(cfg: PipelineConfig, domain: str, folder: str | None) -> No
 
     check_domain_name(domain)
     if folder:
-        splits = cfg.data.to_data_config(cfg.name, str(Path(cfg.out_dir) / "data"), keep=[], extra={domain: folder})
+        splits = cfg.data.to_data_config(
+            cfg.name, str(Path(cfg.out_dir) / "data"), keep=[], extra={domain: folder}
+        )
         check_folder_domain(domain, folder, splits.splits)
     elif domain not in _preset_domains(cfg):
-        raise ConfigError(f"domain {domain!r}: no folder given and experiment {cfg.name!r} has no domain of that "
-                          f"name (it has {sorted(_preset_domains(cfg))})")
+        raise ConfigError(
+            f"domain {domain!r}: no folder given and experiment {cfg.name!r} has no domain of that "
+            f"name (it has {sorted(_preset_domains(cfg))})"
+        )
 
 
 def _preset_domains(cfg: PipelineConfig) -> set[str]:
@@ -53,21 +58,32 @@ def _preset_domains(cfg: PipelineConfig) -> set[str]:
 
     if cfg.data.preset == "none":
         return set(cfg.data.folders)
-    data = preset(cfg.data.preset, corpora_dir=cfg.data.corpora_dir) if cfg.data.preset == "tiny" else preset(cfg.data.preset)
+    data = (
+        preset(cfg.data.preset, corpora_dir=cfg.data.corpora_dir)
+        if cfg.data.preset == "tiny"
+        else preset(cfg.data.preset)
+    )
     return {d.name for d in data.domains} | set(cfg.data.folders)
 
 
-def resolve_base(cfg: PipelineConfig, ref: str | None, domain: str | None = None
-                 ) -> tuple[ResolvedModel, str, dict[str, dict]]:
+def resolve_base(
+    cfg: PipelineConfig, ref: str | None, domain: str | None = None
+) -> tuple[ResolvedModel, str, dict[str, dict]]:
     """The model to extend (None: the line's champion) and what it serves; refuses a domain it has."""
     base = resolve_model(ref, cfg.tracking.model_name, cfg.tracking.uri, "moe")
     names = base.moe["expert_names"]
     if domain is not None and domain in names:
         raise ConfigError(f"domain {domain!r}: {base.label} already has an expert of that name ({names})")
-    return base, line_name(cfg.tracking.model_name, base.moe["router"]), domain_records(base.config, base.label)
+    return (
+        base,
+        line_name(cfg.tracking.model_name, base.moe["router"]),
+        domain_records(base.config, base.label),
+    )
 
 
-def plan_extension(cfg: PipelineConfig, moe_ref: str | None, domain: str, folder: str | None) -> ExtensionPlan:
+def plan_extension(
+    cfg: PipelineConfig, moe_ref: str | None, domain: str, folder: str | None
+) -> ExtensionPlan:
     """Check every input of an extension before anything is written (ConfigError/DataError naming it)."""
     check_new_domain(cfg, domain, folder)
     base, line, earlier = resolve_base(cfg, moe_ref, domain)
@@ -106,14 +122,29 @@ def plan_removal(cfg: PipelineConfig, moe_ref: str | None, domain: str) -> Remov
     if domain not in names:
         raise ConfigError(f"domain {domain!r}: {base.label} has no expert of that name ({names})")
     if len(names) - 1 < max(1, top_k):
-        raise ConfigError(f"domain {domain!r}: removing it would leave {len(names) - 1} expert(s) for top_k={top_k}")
+        raise ConfigError(
+            f"domain {domain!r}: removing it would leave {len(names) - 1} expert(s) for top_k={top_k}"
+        )
     records = domain_records(base.config, base.label)
-    return RemovalPlan(domain, base, line_name(cfg.tracking.model_name, base.moe["router"]),
-                       {d: r for d, r in records.items() if d != domain})
+    return RemovalPlan(
+        domain,
+        base,
+        line_name(cfg.tracking.model_name, base.moe["router"]),
+        {d: r for d, r in records.items() if d != domain},
+    )
 
 
-def judge(cfg: PipelineConfig, line: str, base: ResolvedModel, evaluated: dict[str, str], results: dict,
-          new_domain: str | None, registered: dict | None, change: str, parent: str | None) -> dict:
+def judge(
+    cfg: PipelineConfig,
+    line: str,
+    base: ResolvedModel,
+    evaluated: dict[str, str],
+    results: dict,
+    new_domain: str | None,
+    registered: dict | None,
+    change: str,
+    parent: str | None,
+) -> dict:
     """The promotion gate of a new version built from `base` (`evaluated`: {"before": base, ..., "after":
     the new version} and their `results` from evaluate_models), and the model line's aliases after it:
     `candidate` always, `champion` when the gate passed and `base` is the champion. Logged to MLflow: the
@@ -128,24 +159,42 @@ def judge(cfg: PipelineConfig, line: str, base: ResolvedModel, evaluated: dict[s
     if registered:
         from flows.mlflow_models import describe_version
 
-        describe_version(line, registered["version"], after, f"{change} on {base.label}: promotion gate "
-                         f"{'passed' if verdict.passed else 'failed'} (earlier domains within "
-                         f"{verdict.tolerance:.0%}{', new domain improves' if new_domain else ''}).")
+        describe_version(
+            line,
+            registered["version"],
+            after,
+            f"{change} on {base.label}: promotion gate "
+            f"{'passed' if verdict.passed else 'failed'} (earlier domains within "
+            f"{verdict.tolerance:.0%}{', new domain improves' if new_domain else ''}).",
+        )
         promote = verdict.passed and builds_on_champion(base, line, cfg.tracking.uri)
-        line_info["aliases"] = mark_version(line, registered["version"], promote=promote,
-                                            gate="passed" if verdict.passed else "failed", base=base.label,
-                                            change=change)
+        line_info["aliases"] = mark_version(
+            line,
+            registered["version"],
+            promote=promote,
+            gate="passed" if verdict.passed else "failed",
+            base=base.label,
+            change=change,
+        )
         line_info["promoted"] = promote
-        line_info["siblings"] = [v for v in versions_built_on(line, base.label) if v["version"] != registered["version"]]
+        line_info["siblings"] = [
+            v for v in versions_built_on(line, base.label) if v["version"] != registered["version"]
+        ]
     if parent:
         from flows.mlflow_models import log_evaluation
         from flows.tracking import log_gate
 
         log_gate(parent, verdict)
         log_evaluation(parent, evaluated, results)
-    return {"table": verdict.table(), "summary": {
-        "gate": verdict.to_dict(), "registered": registered,
-        "registered_version": registered["version"] if registered else None, "line": line_info}}
+    return {
+        "table": verdict.table(),
+        "summary": {
+            "gate": verdict.to_dict(),
+            "registered": registered,
+            "registered_version": registered["version"] if registered else None,
+            "line": line_info,
+        },
+    }
 
 
 def publish_round(cfg: PipelineConfig, title: str, summary: dict, parent: str | None) -> None:
@@ -153,13 +202,24 @@ def publish_round(cfg: PipelineConfig, title: str, summary: dict, parent: str | 
     from flows.artifacts import gate_markdown, publish
 
     line = summary["line"]
-    facts = {"base": f"`{summary['base']['ref']}` ({summary['base']['path'] or summary['base']['version']})",
-             "registered": f"{line['name']} version {summary['registered_version']}" if summary["registered"]
-             else "nothing (tracking is off)",
-             "aliases": ", ".join(f"@{a} = v{v}" for a, v in sorted(line["aliases"].items())) or "-"}
-    publish("extension" if "domain" in summary else "removal", cfg.name, title, facts, summary["perplexity"],
-            cfg.tracking.uri if parent else None, parent, [summary["registered"]] if summary["registered"] else [],
-            {"Promotion gate": gate_markdown(summary["gate"])})
+    facts = {
+        "base": f"`{summary['base']['ref']}` ({summary['base']['path'] or summary['base']['version']})",
+        "registered": f"{line['name']} version {summary['registered_version']}"
+        if summary["registered"]
+        else "nothing (tracking is off)",
+        "aliases": ", ".join(f"@{a} = v{v}" for a, v in sorted(line["aliases"].items())) or "-",
+    }
+    publish(
+        "extension" if "domain" in summary else "removal",
+        cfg.name,
+        title,
+        facts,
+        summary["perplexity"],
+        cfg.tracking.uri if parent else None,
+        parent,
+        [summary["registered"]] if summary["registered"] else [],
+        {"Promotion gate": gate_markdown(summary["gate"])},
+    )
 
 
 def round_report(summary: dict) -> str:
@@ -169,21 +229,32 @@ def round_report(summary: dict) -> str:
 
     ppl, domains = summary["perplexity"], summary["domains"]
     lines = [f"{'model':<16}" + "".join(f"{d[:12]:>13}" for d in domains)]
-    lines += [f"{name[:16]:<16}" + "".join(f"{row[d]:>13.2f}" if d in row else f"{'-':>13}" for d in domains)
-              for name, row in ppl.items()]
+    lines += [
+        f"{name[:16]:<16}" + "".join(f"{row[d]:>13.2f}" if d in row else f"{'-':>13}" for d in domains)
+        for name, row in ppl.items()
+    ]
     verdict = GateVerdict.from_dict(summary["gate"])
     line = summary["line"]
     aliases = ", ".join(f"@{a} = v{v}" for a, v in sorted(line["aliases"].items()))
-    where = (f"registered {line['name']} version {summary['registered_version']} ({aliases})"
-             if summary["registered"] else "not registered (tracking is off)")
+    where = (
+        f"registered {line['name']} version {summary['registered_version']} ({aliases})"
+        if summary["registered"]
+        else "not registered (tracking is off)"
+    )
     siblings = [f"v{s['version']} ({s['change']})" for s in line.get("siblings", [])]
-    return "\n".join([*lines, "", verdict.table(), where]
-                     + ([f"also built on the same base, v{summary['base']['version']}: {', '.join(siblings)}"]
-                        if siblings else []))
+    return "\n".join(
+        [*lines, "", verdict.table(), where]
+        + (
+            [f"also built on the same base, v{summary['base']['version']}: {', '.join(siblings)}"]
+            if siblings
+            else []
+        )
+    )
 
 
-def extension_weights(earlier: dict[str, dict], new: dict, domain: str, share: float | None = None
-                      ) -> dict[str, float]:
+def extension_weights(
+    earlier: dict[str, dict], new: dict, domain: str, share: float | None = None
+) -> dict[str, float]:
     """The finetuning mix: `share` (None: the data config's `extension_new_share`) of the new domain, the
     rest over every earlier domain (each read from where it was prepared)."""
     from nexus.data import MixtureConfig, open_prepared, stage_weights

@@ -1,5 +1,6 @@
 """Task runner factory for the parallel phases: threads locally, Dask (prefect-dask) or Ray
 (prefect-ray, when installed) for several processes or machines."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,8 +8,14 @@ from typing import Any
 from nexus.errors import ConfigError
 
 
-def make_runner(kind: str = "threads", workers: int = 2, threads_per_worker: int = 1,
-                address: str | None = None, gpus: int | None = None, stages_per_gpu: int = 1) -> Any:
+def make_runner(
+    kind: str = "threads",
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    address: str | None = None,
+    gpus: int | None = None,
+    stages_per_gpu: int = 1,
+) -> Any:
     """A Prefect task runner.
 
     threads: `ThreadPoolTaskRunner(max_workers=workers)`;
@@ -29,9 +36,16 @@ def make_runner(kind: str = "threads", workers: int = 2, threads_per_worker: int
         from flows.placement import visible_gpus
 
         n_gpus = len(visible_gpus()) if gpus is None else gpus
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": workers, "threads_per_worker": threads_per_worker, "processes": True,
-            "dashboard_address": None, **({"resources": {"GPU": n_gpus}} if n_gpus else {})})
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": threads_per_worker,
+                "processes": True,
+                "dashboard_address": None,
+                **({"resources": {"GPU": n_gpus}} if n_gpus else {}),
+            },
+        )
     if kind == "ray":
         try:
             from prefect_ray import RayTaskRunner

@@ -5,6 +5,7 @@ Each deployment's default parameters are the experiment and its overrides, plus 
 deployments that change a model line (extend, inbox, remove) run one at a time (a deployment
 concurrency limit; the model-line lock serialises them across deployments too).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,12 @@ from typing import Any
 from flows.config import compose
 
 LINE_CHANGING = ("extend", "inbox", "remove")
-WORKER_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY", "PREFECT_LOGGING_EXTRA_LOGGERS")
+WORKER_ENV = (
+    "HF_HUB_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "PREFECT_LOGGING_EXTRA_LOGGERS",
+)
 
 
 def recorded_overrides(experiment: str, overrides: list[str] | None) -> tuple[list[str], str]:
@@ -32,13 +38,23 @@ def worker_env(home: str, result_storage: str | None = None) -> dict[str, str]:
     `<home>/.prefect/results`), and this machine's offline and logging settings."""
     from flows.home import HOME_ENV, PREFECT_RESULT_SETTINGS, prefect_env
 
-    results = {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": result_storage} if result_storage else prefect_env(home)
-    return {HOME_ENV: home, **results,
-            **{k: os.environ[k] for k in (*WORKER_ENV, *PREFECT_RESULT_SETTINGS) if k in os.environ and not
-               (result_storage and k in PREFECT_RESULT_SETTINGS)}}
+    results = (
+        {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": result_storage} if result_storage else prefect_env(home)
+    )
+    return {
+        HOME_ENV: home,
+        **results,
+        **{
+            k: os.environ[k]
+            for k in (*WORKER_ENV, *PREFECT_RESULT_SETTINGS)
+            if k in os.environ and not (result_storage and k in PREFECT_RESULT_SETTINGS)
+        },
+    }
 
 
-def build_deployments(experiment: str = "demo", overrides: list[str] | None = None, **options: Any) -> list[Any]:
+def build_deployments(
+    experiment: str = "demo", overrides: list[str] | None = None, **options: Any
+) -> list[Any]:
     """RunnerDeployments for upcycle_pipeline, extend_with_expert, remove_expert, evaluate and the
     scheduled extend_from_inbox, with the experiment and overrides (and the project home) as default
     parameters; `options` go to every `Flow.to_deployment` (e.g. `entrypoint_type`, `job_variables`)."""
@@ -56,12 +72,17 @@ def build_deployments(experiment: str = "demo", overrides: list[str] | None = No
     elif cfg.extension.interval_seconds:
         schedule["interval"] = cfg.extension.interval_seconds
     one_at_a_time = {"concurrency_limit": 1}
-    return [upcycle_pipeline.to_deployment(f"{experiment}-pipeline", parameters=params, **options),
-            extend_with_expert.to_deployment(f"{experiment}-extend", parameters=params, **one_at_a_time, **options),
-            extend_from_inbox.to_deployment(f"{experiment}-inbox", parameters=params, **schedule, **one_at_a_time,
-                                            **options),
-            remove_expert.to_deployment(f"{experiment}-remove", parameters=params, **one_at_a_time, **options),
-            evaluate.to_deployment(f"{experiment}-evaluate", parameters=params, **options)]
+    return [
+        upcycle_pipeline.to_deployment(f"{experiment}-pipeline", parameters=params, **options),
+        extend_with_expert.to_deployment(
+            f"{experiment}-extend", parameters=params, **one_at_a_time, **options
+        ),
+        extend_from_inbox.to_deployment(
+            f"{experiment}-inbox", parameters=params, **schedule, **one_at_a_time, **options
+        ),
+        remove_expert.to_deployment(f"{experiment}-remove", parameters=params, **one_at_a_time, **options),
+        evaluate.to_deployment(f"{experiment}-evaluate", parameters=params, **options),
+    ]
 
 
 def serve(experiment: str = "demo", overrides: list[str] | None = None) -> None:

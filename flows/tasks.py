@@ -17,6 +17,7 @@ model of its stage run (params, metrics, lineage); its files are uploaded for ev
 the seed, the experts and the upcycled MoEs before training are then logged models without files
 (SHA-256 and path, which is all lineage needs), and never registered.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,7 +86,9 @@ def _code_hash(code: types.CodeType) -> str:
             if isinstance(const, types.CodeType):
                 visit(const)
             else:  # a frozenset's repr follows the per-process string hash order: sort it
-                digest.update(repr(sorted(map(repr, const)) if isinstance(const, frozenset) else const).encode())
+                digest.update(
+                    repr(sorted(map(repr, const)) if isinstance(const, frozenset) else const).encode()
+                )
 
     visit(code)
     return digest.hexdigest()[:16]
@@ -93,9 +96,12 @@ def _code_hash(code: types.CodeType) -> str:
 
 CACHED = {"retries": 1, "retry_delay_seconds": 2, "cache_key_fn": input_key, "persist_result": True}
 
-OUTPUTS = {"train_stage": lambda p: Path(p["out_dir"]), "build_model": lambda p: Path(p["out_dir"]),
-           "remove_expert": lambda p: Path(p["out_dir"]),
-           "embed_domain": lambda p: Path(p["data_dir"]) / "embeddings"}
+OUTPUTS = {
+    "train_stage": lambda p: Path(p["out_dir"]),
+    "build_model": lambda p: Path(p["out_dir"]),
+    "remove_expert": lambda p: Path(p["out_dir"]),
+    "embed_domain": lambda p: Path(p["data_dir"]) / "embeddings",
+}
 """Where each cached task writes: a cached result is a path into it."""
 
 
@@ -116,8 +122,14 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: dict[str, str] | None = None,
-            system_metrics: bool = False):
+def tracked(
+    tracking: dict | None,
+    stage: str,
+    name: str,
+    config: Any,
+    inputs: dict[str, str] | None = None,
+    system_metrics: bool = False,
+):
     """An MLflow stage run under `tracking['parent_run_id']`, or a null context when tracking is off."""
     from contextlib import nullcontext
 
@@ -126,13 +138,25 @@ def tracked(tracking: dict | None, stage: str, name: str, config: Any, inputs: d
     from flows.tracking import configure, stage_run
 
     configure(tracking["uri"])
-    return stage_run(stage, config, parent_run_id=tracking["parent_run_id"], input_checkpoints=inputs,
-                     run_name=name, system_metrics=system_metrics)
+    return stage_run(
+        stage,
+        config,
+        parent_run_id=tracking["parent_run_id"],
+        input_checkpoints=inputs,
+        run_name=name,
+        system_metrics=system_metrics,
+    )
 
 
 @task(retries=1, retry_delay_seconds=2)
-def prepare_data(data: dict, experiment: str, out_dir: str, keep: list[str] | None = None,
-                 extra: dict[str, str] | None = None, tokenizer_path: str | None = None) -> dict[str, Any]:
+def prepare_data(
+    data: dict,
+    experiment: str,
+    out_dir: str,
+    keep: list[str] | None = None,
+    extra: dict[str, str] | None = None,
+    tokenizer_path: str | None = None,
+) -> dict[str, Any]:
     """Prepare the experiment's documents, tokenizer and packed splits (domain embeddings are
     `embed_domain` tasks). A tokenizer is trained on `tokenizer_domains` first, then reused for every
     domain, so adding a domain later does not change any other domain's tokens."""
@@ -142,12 +166,16 @@ def prepare_data(data: dict, experiment: str, out_dir: str, keep: list[str] | No
     section = DataSection(**data)
     tokenizer = tokenizer_path or section.tokenizer_path
     if not tokenizer and section.tokenizer_domains:
-        base = section.to_data_config(experiment, str(Path(out_dir) / "tokenizer-base"),
-                                      keep=list(section.tokenizer_domains))
+        base = section.to_data_config(
+            experiment, str(Path(out_dir) / "tokenizer-base"), keep=list(section.tokenizer_domains)
+        )
         base = _no_embeddings(base)
         tokenizer = str(prepare_experiment(base, base.out_dir, progress=False).tokenizer_path)
-    cfg = _no_embeddings(section.to_data_config(experiment, str(Path(out_dir) / "main"), extra=extra, keep=keep,
-                                                tokenizer_path=tokenizer))
+    cfg = _no_embeddings(
+        section.to_data_config(
+            experiment, str(Path(out_dir) / "main"), extra=extra, keep=keep, tokenizer_path=tokenizer
+        )
+    )
     prepared = prepare_experiment(cfg, cfg.out_dir, progress=False)
     return describe_data(prepared, cfg)
 
@@ -162,12 +190,18 @@ def describe_data(prepared: Any, cfg: Any) -> dict[str, Any]:
     """What later tasks need: directory, per-domain fingerprints (incl. tokenizer), sizes, config."""
     import dataclasses
 
-    return {"dir": str(prepared.out_dir), "seq_len": prepared.seq_len, "vocab_size": len(prepared.load_tokenizer()),
-            "tokenizer": str(prepared.tokenizer_path),
-            "fingerprints": {d: hash_json([dom.fingerprint, prepared.tokenizer_fingerprint])
-                             for d, dom in prepared.domains.items()},
-            "token_counts": prepared.token_counts("train"), "config": json.loads(json.dumps(
-                dataclasses.asdict(cfg), default=str))}
+    return {
+        "dir": str(prepared.out_dir),
+        "seq_len": prepared.seq_len,
+        "vocab_size": len(prepared.load_tokenizer()),
+        "tokenizer": str(prepared.tokenizer_path),
+        "fingerprints": {
+            d: hash_json([dom.fingerprint, prepared.tokenizer_fingerprint])
+            for d, dom in prepared.domains.items()
+        },
+        "token_counts": prepared.token_counts("train"),
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+    }
 
 
 @task(task_run_name="embed-{domain}", **CACHED)
@@ -181,13 +215,19 @@ def embed_domain(data_dir: str, embedding: dict, domain: str, data_fp: str) -> s
     return str(data.embedding_path(domain))
 
 
-def data_module(data_dir: str, weights: dict[str, float], train: Any, val_domains: list[str] | None = None,
-                extra_dirs: dict[str, str] | None = None):
+def data_module(
+    data_dir: str,
+    weights: dict[str, float],
+    train: Any,
+    val_domains: list[str] | None = None,
+    extra_dirs: dict[str, str] | None = None,
+):
     """A MixtureDataModule over packed splits; `extra_dirs` maps domains prepared elsewhere."""
     from nexus.training.datamodule import packed_data_module
 
-    return packed_data_module(data_dir, weights, train.batch_size, train.max_steps, train.seed, val_domains,
-                              extra_dirs)
+    return packed_data_module(
+        data_dir, weights, train.batch_size, train.max_steps, train.seed, val_domains, extra_dirs
+    )
 
 
 def is_final(stage: str, name: str) -> bool:
@@ -202,8 +242,13 @@ def uploads(final: bool, tracking: dict | None) -> bool:
     return final or (tracking or {}).get("upload_checkpoints", "all") == "all"
 
 
-def record_checkpoint(run: Any, checkpoint: str | os.PathLike, final: bool, tracking: dict | None,
-                      register_as: str | None = None) -> Any:
+def record_checkpoint(
+    run: Any,
+    checkpoint: str | os.PathLike,
+    final: bool,
+    tracking: dict | None,
+    register_as: str | None = None,
+) -> Any:
     """Log a checkpoint as the run's MLflow model: uploaded (and registered) when `uploads` says so, else
     a logged model with the same params, tags and lineage but no files (`nexus.checkpoint_path` says
     where they are), never registered. Returns the registered `ModelVersion`, or None."""
@@ -211,7 +256,9 @@ def record_checkpoint(run: Any, checkpoint: str | os.PathLike, final: bool, trac
     return run.log_checkpoint(checkpoint, register_as=register_as if upload else None, upload=upload)
 
 
-def record_result(run: Any, result: Any, final: bool, tracking: dict | None, register_as: str | None = None) -> Any:
+def record_result(
+    run: Any, result: Any, final: bool, tracking: dict | None, register_as: str | None = None
+) -> Any:
     """`record_checkpoint` for a training stage's `StageResult` (its metrics on the run and the model)."""
     upload = uploads(final, tracking)
     return run.log_result(result, register_as=register_as if upload else None, upload=upload)
@@ -229,11 +276,23 @@ def own_processes(train: Any, gpus: list[str]) -> bool:
 
 
 @task(task_run_name="{stage}-{name}", **CACHED)
-def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict[str, float], out_dir: str,
-                data_fp: str, init_checkpoint: str | None = None, model: dict | None = None,
-                val_domains: list[str] | None = None, extra_dirs: dict[str, str] | None = None,
-                metadata: dict | None = None, torch_threads: int = 0, tracking: dict | None = None,
-                placement: dict | None = None) -> dict:
+def train_stage(
+    stage: str,
+    name: str,
+    train: dict,
+    data_dir: str,
+    weights: dict[str, float],
+    out_dir: str,
+    data_fp: str,
+    init_checkpoint: str | None = None,
+    model: dict | None = None,
+    val_domains: list[str] | None = None,
+    extra_dirs: dict[str, str] | None = None,
+    metadata: dict | None = None,
+    torch_threads: int = 0,
+    tracking: dict | None = None,
+    placement: dict | None = None,
+) -> dict:
     """One training stage (seed / expert / moe / extension) through `nexus.training`, in this process
     or (several devices, GPUs) as its own processes; `placement` = {"stages_per_gpu"}. Returns
     `{checkpoint, metrics, global_step, resumed_from_step, run_id, registered, started, finished, pid}`
@@ -247,15 +306,23 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
 
     _threads(torch_threads)
     cfg = TrainConfig(**train)
-    spec = StageSpec("moe" if stage in ("moe", "extension") else "dense", train,
-                     {"dir": data_dir, "weights": weights, "val_domains": val_domains, "extra_dirs": extra_dirs},
-                     out_dir, init_checkpoint, model, metadata,
-                     {TOKENIZER_FILE: str(Path(data_dir) / "tokenizer" / TOKENIZER_FILE)}, torch_threads=torch_threads)
+    spec = StageSpec(
+        "moe" if stage in ("moe", "extension") else "dense",
+        train,
+        {"dir": data_dir, "weights": weights, "val_domains": val_domains, "extra_dirs": extra_dirs},
+        out_dir,
+        init_checkpoint,
+        model,
+        metadata,
+        {TOKENIZER_FILE: str(Path(data_dir) / "tokenizer" / TOKENIZER_FILE)},
+        torch_threads=torch_threads,
+    )
     gpus = visible_gpus() if cfg.accelerator != "cpu" else []
     inputs = {"init": init_checkpoint} if init_checkpoint else None
     version = None
-    with tracked(tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs,
-                 system_metrics=True) as run:
+    with tracked(
+        tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs, system_metrics=True
+    ) as run:
         if run is not None:
             run.log_data_module(data_module(data_dir, weights, cfg, val_domains, extra_dirs), source=data_dir)
         if own_processes(cfg, gpus):
@@ -269,23 +336,45 @@ def train_stage(stage: str, name: str, train: dict, data_dir: str, weights: dict
                 if leased:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(leased)
                 got = launch_stage(spec, cfg.num_devices, env)
-            result = StageResult(Path(got["checkpoint"]), got["metrics"], got["global_step"],
-                                 got["resumed_from_step"], got["fingerprint"])
+            result = StageResult(
+                Path(got["checkpoint"]),
+                got["metrics"],
+                got["global_step"],
+                got["resumed_from_step"],
+                got["fingerprint"],
+            )
         else:
             result = run_spec(spec, loggers=[run.logger()] if run is not None else [])
         if run is not None:
             register = (tracking or {}).get("register", {}).get(name)
             version = record_result(run, result, is_final(stage, name), tracking, register)
-    return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "global_step": result.global_step,
-            "resumed_from_step": result.resumed_from_step, "run_id": run.run_id if run is not None else None,
-            "registered": {"name": version.name, "version": str(version.version)} if version else None,
-            "started": started, "finished": time.time(), "pid": os.getpid()}
+    return {
+        "checkpoint": str(result.checkpoint),
+        "metrics": result.metrics,
+        "global_step": result.global_step,
+        "resumed_from_step": result.resumed_from_step,
+        "run_id": run.run_id if run is not None else None,
+        "registered": {"name": version.name, "version": str(version.version)} if version else None,
+        "started": started,
+        "finished": time.time(),
+        "pid": os.getpid(),
+    }
 
 
 @task(task_run_name="build-{kind}", **CACHED)
-def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], embeddings: dict[str, str] | None = None,
-                moe_options: dict | None = None, lam: float | None = None, metadata: dict | None = None,
-                init_seed: int = 0, extend_options: dict | None = None, tracking: dict | None = None) -> str:
+def build_model(
+    kind: str,
+    out_dir: str,
+    seed: str,
+    experts: dict[str, str],
+    embeddings: dict[str, str] | None = None,
+    moe_options: dict | None = None,
+    lam: float | None = None,
+    metadata: dict | None = None,
+    init_seed: int = 0,
+    extend_options: dict | None = None,
+    tracking: dict | None = None,
+) -> str:
     """Combine checkpoints (nexus.upcycling): kind `nexus`/`linear` (upcycle), `merge` (dense merge),
     `sparse` (sparse upcycling of the seed), `extend` (`experts` = {"moe": path, <new domain>: path};
     `extend_options`: further keywords of `extend`, e.g. `linear_router`)."""
@@ -298,30 +387,58 @@ def build_model(kind: str, out_dir: str, seed: str, experts: dict[str, str], emb
     names = [n for n in experts if n != "moe"]
     emb = load_domain_embeddings(list(embeddings.values()), names)[1] if embeddings else None
     if kind == "extend":
-        model = extend(load["moe"], load[names[0]], domain_embedding=emb[0] if emb is not None else None,
-                       name=names[0], lam=lam, init_seed=init_seed, **(extend_options or {}))
+        model = extend(
+            load["moe"],
+            load[names[0]],
+            domain_embedding=emb[0] if emb is not None else None,
+            name=names[0],
+            lam=lam,
+            init_seed=init_seed,
+            **(extend_options or {}),
+        )
     elif kind == "merge":
         model = merge_dense(load_checkpoint(seed), [load[n] for n in names])
     elif kind == "sparse":
         model = sparse_upcycle(load_checkpoint(seed), len(names), init_seed=init_seed, **opts)
     else:
-        model = upcycle(load_checkpoint(seed), [load[n] for n in names], domain_embeddings=emb,
-                        router=kind, expert_names=names, init_seed=init_seed, **opts)
+        model = upcycle(
+            load_checkpoint(seed),
+            [load[n] for n in names],
+            domain_embeddings=emb,
+            router=kind,
+            expert_names=names,
+            init_seed=init_seed,
+            **opts,
+        )
     inputs = {"seed": seed, **{f"expert:{n}": p for n, p in experts.items()}}
-    with tracked(tracking, "upcycle" if kind != "extend" else "extend", f"build-{kind}",
-                 {"kind": kind, "init_seed": init_seed, **opts},
-                 inputs) as run:
-        path = save_checkpoint(model, out_dir, metadata={**(metadata or {}), "built": kind},
-                               extra_files={TOKENIZER_FILE: Path(seed) / TOKENIZER_FILE})
+    with tracked(
+        tracking,
+        "upcycle" if kind != "extend" else "extend",
+        f"build-{kind}",
+        {"kind": kind, "init_seed": init_seed, **opts},
+        inputs,
+    ) as run:
+        path = save_checkpoint(
+            model,
+            out_dir,
+            metadata={**(metadata or {}), "built": kind},
+            extra_files={TOKENIZER_FILE: Path(seed) / TOKENIZER_FILE},
+        )
         if run is not None:
-            record_checkpoint(run, path, kind in FINAL_BUILDS, tracking,
-                              register_as=(tracking or {}).get("register", {}).get(f"build-{kind}"))
+            record_checkpoint(
+                run,
+                path,
+                kind in FINAL_BUILDS,
+                tracking,
+                register_as=(tracking or {}).get("register", {}).get(f"build-{kind}"),
+            )
     return str(path)
 
 
 @task(name="remove_expert", task_run_name="remove-{domain}", **CACHED)
-def remove_domain_expert(moe: str, domain: str, out_dir: str, metadata: dict | None = None,
-                         tracking: dict | None = None) -> dict:
+def remove_domain_expert(
+    moe: str, domain: str, out_dir: str, metadata: dict | None = None, tracking: dict | None = None
+) -> dict:
     """Drop `domain`'s routed expert from the MoE `moe` (nexus.upcycling.remove_expert); returns
     `{checkpoint, registered}` (registered: {name, version} or None)."""
     from nexus.checkpoint import load_checkpoint, save_checkpoint
@@ -329,18 +446,33 @@ def remove_domain_expert(moe: str, domain: str, out_dir: str, metadata: dict | N
 
     model = remove_expert(load_checkpoint(moe), domain)
     with tracked(tracking, "remove", f"remove-{domain}", {"remove": domain}, {"moe": moe}) as run:
-        path = save_checkpoint(model, out_dir, metadata={**(metadata or {}), "built": "remove"},
-                               extra_files={TOKENIZER_FILE: Path(moe) / TOKENIZER_FILE})
-        version = run.log_checkpoint(path, register_as=(tracking or {}).get("register", {}).get(f"remove-{domain}")) \
-            if run is not None else None
-    return {"checkpoint": str(path),
-            "registered": {"name": version.name, "version": str(version.version)} if version else None}
+        path = save_checkpoint(
+            model,
+            out_dir,
+            metadata={**(metadata or {}), "built": "remove"},
+            extra_files={TOKENIZER_FILE: Path(moe) / TOKENIZER_FILE},
+        )
+        version = (
+            run.log_checkpoint(path, register_as=(tracking or {}).get("register", {}).get(f"remove-{domain}"))
+            if run is not None
+            else None
+        )
+    return {
+        "checkpoint": str(path),
+        "registered": {"name": version.name, "version": str(version.version)} if version else None,
+    }
 
 
 @task(task_run_name="evaluate", **CACHED)
-def evaluate_models(checkpoints: dict[str, str], splits: dict[str, str], split: str = "test",
-                    batch_size: int = 8, max_tokens: int | None = None, torch_threads: int = 0,
-                    device: str = "auto") -> dict:
+def evaluate_models(
+    checkpoints: dict[str, str],
+    splits: dict[str, str],
+    split: str = "test",
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    torch_threads: int = 0,
+    device: str = "auto",
+) -> dict:
     """Held-out perplexity per model and domain, and routing shares of every MoE, on at most
     `max_tokens` tokens per domain (read from the memory-mapped split, nothing more), on `device`
     ("auto": a leased GPU when there is one, else the CPU).
@@ -358,8 +490,14 @@ def evaluate_models(checkpoints: dict[str, str], splits: dict[str, str], split: 
         return _evaluate(checkpoints, splits, split, batch_size, max_tokens, where)
 
 
-def _evaluate(checkpoints: dict[str, str], splits: dict[str, str], split: str, batch_size: int,
-              max_tokens: int | None, device: str) -> dict:
+def _evaluate(
+    checkpoints: dict[str, str],
+    splits: dict[str, str],
+    split: str,
+    batch_size: int,
+    max_tokens: int | None,
+    device: str,
+) -> dict:
     from nexus.checkpoint import load_checkpoint
     from nexus.data import open_prepared
     from nexus.evaluation import analyze_routing, domain_perplexities, embedding_geometry
@@ -368,8 +506,14 @@ def _evaluate(checkpoints: dict[str, str], splits: dict[str, str], split: str, b
     tokens = {d: opened[p].packed(d, split).tokens for d, p in splits.items()}
     tokens = {d: t[: max_tokens + 1] if max_tokens else t for d, t in tokens.items()}
     tokenizer = next(iter(opened.values())).load_tokenizer()
-    out: dict[str, dict] = {"perplexity": {}, "loss": {}, "metrics": {}, "routing": {}, "routing_analysis": {},
-                            "embeddings": {}}
+    out: dict[str, dict] = {
+        "perplexity": {},
+        "loss": {},
+        "metrics": {},
+        "routing": {},
+        "routing_analysis": {},
+        "embeddings": {},
+    }
     for name, path in checkpoints.items():
         model = load_checkpoint(path, device=device).eval()
         ppl = domain_perplexities(model, tokens, tokenizer, batch_size=batch_size)
@@ -378,8 +522,11 @@ def _evaluate(checkpoints: dict[str, str], splits: dict[str, str], split: str, b
         out["metrics"][name] = {d: p.to_dict() for d, p in ppl.items()}
         if model.config.is_moe:
             routing = analyze_routing(model, tokens, batch_size=batch_size)
-            out["routing"][name] = {"experts": routing.experts, "domains": routing.domains,
-                                    "top1_share": routing.layer_mean("top1_share").tolist()}
+            out["routing"][name] = {
+                "experts": routing.experts,
+                "domains": routing.domains,
+                "top1_share": routing.layer_mean("top1_share").tolist(),
+            }
             out["routing_analysis"][name] = routing.to_dict()
         if model.domain_embeddings is not None:
             out["embeddings"][name] = embedding_geometry(model).to_dict()

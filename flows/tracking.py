@@ -16,6 +16,7 @@ their `config.json`, so a flow needs to pass no run ids around. Stage runs use `
 explicit run ids (never the thread-local fluent run), so stages can run in parallel threads.
 `nexus/` never imports this module.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,11 +45,16 @@ from flows.mlflow_models import log_model_inputs
 from nexus.checkpoint import WEIGHTS, read_checkpoint_config
 
 TAG_ATTEMPT, TAG_PREVIOUS = "nexus.attempt_key", "nexus.previous_attempt"
-TAG_STAGE, TAG_SHA, TAG_PARENTS, TAG_INPUTS = ("nexus.stage", "nexus.checkpoint_sha256", "nexus.parent_runs",
-                                               "nexus.inputs")
+TAG_STAGE, TAG_SHA, TAG_PARENTS, TAG_INPUTS = (
+    "nexus.stage",
+    "nexus.checkpoint_sha256",
+    "nexus.parent_runs",
+    "nexus.inputs",
+)
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
-_SECRET = re.compile(r"passw|secret|credential|api_?key|access_?key|private_?key|auth(?!or)|(^|[._])token$",
-                     re.IGNORECASE)
+_SECRET = re.compile(
+    r"passw|secret|credential|api_?key|access_?key|private_?key|auth(?!or)|(^|[._])token$", re.IGNORECASE
+)
 
 
 def configure(tracking_uri: str | None = None) -> str:
@@ -100,7 +106,11 @@ def resolved(config: Any) -> Any:
         return [resolved(v) for v in config]
     if isinstance(config, str):
         return _URI_PASSWORD.sub(r"\1***@", config)  # postgresql://user:secret@host -> user:***@host
-    return config if isinstance(config, (int, float, bool, type(None))) else _URI_PASSWORD.sub(r"\1***@", str(config))
+    return (
+        config
+        if isinstance(config, (int, float, bool, type(None)))
+        else _URI_PASSWORD.sub(r"\1***@", str(config))
+    )
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -116,12 +126,17 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 def _log_params(client: MlflowClient, run_id: str, config: Any) -> None:
     params = [Param(k, str(v)[:6000]) for k, v in flatten(resolved(config)).items()]
     for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100])
+        client.log_batch(run_id, params=params[i : i + 100])
 
 
 @contextmanager
-def pipeline_run(experiment: str, run_name: str = "pipeline", config: Any = None,
-                 tags: Mapping[str, str] | None = None, attempt_key: str | None = None) -> Iterator[str]:
+def pipeline_run(
+    experiment: str,
+    run_name: str = "pipeline",
+    config: Any = None,
+    tags: Mapping[str, str] | None = None,
+    attempt_key: str | None = None,
+) -> Iterator[str]:
     """The parent run of one pipeline invocation; yields its run id. Ends FAILED on an exception.
 
     Runs with the same `attempt_key` (e.g. flow + output directory) are attempts at the same work:
@@ -135,8 +150,10 @@ def pipeline_run(experiment: str, run_name: str = "pipeline", config: Any = None
         previous = _close_previous_attempt(client, experiment_id, attempt_key)
         if previous:
             extra[TAG_PREVIOUS] = previous
-    run = client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: run_name, TAG_STAGE: "pipeline", **extra,
-                                                 **source_tags(), **(tags or {})})
+    run = client.create_run(
+        experiment_id,
+        tags={MLFLOW_RUN_NAME: run_name, TAG_STAGE: "pipeline", **extra, **source_tags(), **(tags or {})},
+    )
     with _terminated(client, run.info.run_id):
         if config is not None:
             _log_params(client, run.info.run_id, config)
@@ -146,11 +163,17 @@ def pipeline_run(experiment: str, run_name: str = "pipeline", config: Any = None
 def _close_previous_attempt(client: MlflowClient, experiment_id: str, key: str) -> str | None:
     """The latest earlier attempt's run id if it did not finish; RUNNING leftovers become FAILED."""
     quoted = key.replace("'", "\\'")
-    earlier = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_ATTEMPT}` = '{quoted}'",
-                                 order_by=["attributes.start_time DESC"], max_results=50)
+    earlier = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ATTEMPT}` = '{quoted}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
     failed = RunStatus.to_string(RunStatus.FAILED)
     for run in (r for r in earlier if r.info.status == "RUNNING"):  # killed: nothing ended it
-        children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        children = client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+        )
         for child in (c for c in children if c.info.status == "RUNNING"):
             client.set_terminated(child.info.run_id, failed)
         client.set_terminated(run.info.run_id, failed)
@@ -189,25 +212,40 @@ class StageRun:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0, model_id: str | None = None) -> None:
         """Metrics of the run (and of its logged model `model_id`, shown in the Logged Models tab)."""
-        ms = [Metric(k, float(v), int(time.time() * 1000), step, model_id=model_id) for k, v in metrics.items()]
+        ms = [
+            Metric(k, float(v), int(time.time() * 1000), step, model_id=model_id) for k, v in metrics.items()
+        ]
         for i in range(0, len(ms), 1000):
-            self.client.log_batch(self.run_id, metrics=ms[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=ms[i : i + 1000])
 
-    def log_dataset(self, name: str, fingerprint: str, source: str, context: str = "train",
-                    tags: Mapping[str, str] | None = None) -> None:
+    def log_dataset(
+        self,
+        name: str,
+        fingerprint: str,
+        source: str,
+        context: str = "train",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
             warnings.simplefilter("ignore", UserWarning)
             src = resolve_dataset_source(source)
         dataset = MetaDataset(src, name=name, digest=fingerprint[:32])
-        input_tags = [InputTag("mlflow.data.context", context), InputTag("nexus.fingerprint", fingerprint),
-                      *(InputTag(k, str(v)) for k, v in (tags or {}).items())]
+        input_tags = [
+            InputTag("mlflow.data.context", context),
+            InputTag("nexus.fingerprint", fingerprint),
+            *(InputTag(k, str(v)) for k, v in (tags or {}).items()),
+        ]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
 
     def log_data_module(self, data: Any, source: str, name: str = "nexus-data") -> None:
         """A `MixtureDataModule` as the dataset input (digest = its fingerprint, weights as tags)."""
         desc = data.describe()
-        self.log_dataset(name, desc["fingerprint"], source, tags={"weights": json.dumps(desc["weights"]),
-                                                                   "val_domains": ",".join(desc["val_domains"])})
+        self.log_dataset(
+            name,
+            desc["fingerprint"],
+            source,
+            tags={"weights": json.dumps(desc["weights"]), "val_domains": ",".join(desc["val_domains"])},
+        )
 
     def log_artifacts(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(local_path)
@@ -216,8 +254,13 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_checkpoint(self, checkpoint: str | os.PathLike, register_as: str | None = None,
-                       step: int = 0, upload: bool = True) -> ModelVersion | None:
+    def log_checkpoint(
+        self,
+        checkpoint: str | os.PathLike,
+        register_as: str | None = None,
+        step: int = 0,
+        upload: bool = True,
+    ) -> ModelVersion | None:
         """Log a nexus checkpoint directory as this run's MLflow model (flows/mlflow_models.py), tag its
         weights' SHA-256 (what later stages match their inputs against) and optionally register it as a
         new version of `register_as`. `upload=False`: the logged model without the checkpoint's files
@@ -225,17 +268,27 @@ class StageRun:
         from flows.mlflow_models import log_checkpoint_model, register
 
         if register_as and not upload:
-            raise ValueError(f"{register_as}: a registered model version carries its checkpoint (upload=True)")
+            raise ValueError(
+                f"{register_as}: a registered model version carries its checkpoint (upload=True)"
+            )
         sha = read_checkpoint_config(checkpoint).get("sha256", {}).get(WEIGHTS, "")
         self.client.set_tag(self.run_id, TAG_SHA, sha)
         run = self.client.get_run(self.run_id)
         stage, name = run.data.tags.get(TAG_STAGE, ""), run.info.run_name or "model"
-        model = log_checkpoint_model(self.client, self.run_id, checkpoint, name if stage in name else f"{stage}-{name}",
-                                     step, upload=upload)
+        model = log_checkpoint_model(
+            self.client,
+            self.run_id,
+            checkpoint,
+            name if stage in name else f"{stage}-{name}",
+            step,
+            upload=upload,
+        )
         self.model_id = model.model_id
         return register(self.client, register_as, model, self.run_id) if register_as else None
 
-    def log_result(self, result: Any, register_as: str | None = None, upload: bool = True) -> ModelVersion | None:
+    def log_result(
+        self, result: Any, register_as: str | None = None, upload: bool = True
+    ) -> ModelVersion | None:
         """A `nexus.training.StageResult`: the checkpoint (registered), its final metrics (on the run and
         on its logged model), resume info."""
         self.client.set_tag(self.run_id, "nexus.resumed_from_step", str(result.resumed_from_step))
@@ -251,16 +304,27 @@ def find_producing_run(checkpoint: str | os.PathLike, client: MlflowClient | Non
     if not sha:
         return None
     exp_ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exp_ids, filter_string=f"tags.`{TAG_SHA}` = '{sha}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        exp_ids,
+        filter_string=f"tags.`{TAG_SHA}` = '{sha}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
 @contextmanager
-def stage_run(stage: str, config: Any = None, *, parent_run_id: str | None = None,
-              input_checkpoints: Mapping[str, str | os.PathLike] | None = None,
-              extra_parent_runs: Sequence[str] = (), run_name: str | None = None,
-              tags: Mapping[str, str] | None = None, system_metrics: bool = False) -> Iterator[StageRun]:
+def stage_run(
+    stage: str,
+    config: Any = None,
+    *,
+    parent_run_id: str | None = None,
+    input_checkpoints: Mapping[str, str | os.PathLike] | None = None,
+    extra_parent_runs: Sequence[str] = (),
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    system_metrics: bool = False,
+) -> Iterator[StageRun]:
     """A run for one stage, nested under `parent_run_id` (default: the active fluent run).
 
     Logs the flattened, redacted `config` as params and as artifact `config.json`, the models of
@@ -274,10 +338,18 @@ def stage_run(stage: str, config: Any = None, *, parent_run_id: str | None = Non
     for role, path in (input_checkpoints or {}).items():
         sha = read_checkpoint_config(path).get("sha256", {}).get(WEIGHTS)
         inputs[role] = {"path": str(path), "sha256": sha, "run_id": find_producing_run(path, client)}
-    run = client.create_run(client.get_run(parent_id).info.experiment_id, tags={
-        MLFLOW_RUN_NAME: run_name or stage, MLFLOW_PARENT_RUN_ID: parent_id, TAG_STAGE: stage,
-        TAG_PARENTS: ",".join(dict.fromkeys(extra_parent_runs)), TAG_INPUTS: json.dumps(inputs),
-        **source_tags(), **(tags or {})})
+    run = client.create_run(
+        client.get_run(parent_id).info.experiment_id,
+        tags={
+            MLFLOW_RUN_NAME: run_name or stage,
+            MLFLOW_PARENT_RUN_ID: parent_id,
+            TAG_STAGE: stage,
+            TAG_PARENTS: ",".join(dict.fromkeys(extra_parent_runs)),
+            TAG_INPUTS: json.dumps(inputs),
+            **source_tags(),
+            **(tags or {}),
+        },
+    )
     with _terminated(client, run.info.run_id), _system_metrics(run.info.run_id, system_metrics):
         log_model_inputs(client, run.info.run_id, input_checkpoints or {})
         if config is not None:
@@ -312,11 +384,16 @@ def source_tags() -> dict[str, str]:
         from prefect import runtime
 
         flow_run = runtime.flow_run.id
-    except Exception:  # noqa: BLE001 - prefect missing or no run context
+    except Exception:
         flow_run = None
     if flow_run:
-        tags.update({MLFLOW_SOURCE_NAME: f"prefect flow {runtime.flow_run.flow_name}", "prefect.flow_run_id": flow_run,
-                     "prefect.flow_run_name": str(runtime.flow_run.name)})
+        tags.update(
+            {
+                MLFLOW_SOURCE_NAME: f"prefect flow {runtime.flow_run.flow_name}",
+                "prefect.flow_run_id": flow_run,
+                "prefect.flow_run_name": str(runtime.flow_run.name),
+            }
+        )
         url = runtime.flow_run.ui_url
         if url:
             tags["prefect.flow_run_url"] = url
@@ -337,8 +414,14 @@ def _git_commit() -> str | None:
     import subprocess
 
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, timeout=10, check=False)
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -388,8 +471,9 @@ class LineageNode:
                 stack.extend(reversed(node.parents))
 
 
-def walk_lineage(run_id: str, client: MlflowClient | None = None,
-                 _memo: dict[str, LineageNode] | None = None) -> LineageNode:
+def walk_lineage(
+    run_id: str, client: MlflowClient | None = None, _memo: dict[str, LineageNode] | None = None
+) -> LineageNode:
     """The tree of runs that produced `run_id`'s inputs, back to the seed, from the MLflow store alone:
     a run's parents are the runs that produced its model inputs (MLflow's own lineage records), plus any
     named in `nexus.parent_runs`."""
@@ -399,12 +483,28 @@ def walk_lineage(run_id: str, client: MlflowClient | None = None,
         return memo[run_id]
     run = client.get_run(run_id)
     tags = run.data.tags
-    datasets = [{"name": d.dataset.name, "digest": d.dataset.digest,
-                 **{t.key.removeprefix("mlflow.data."): t.value for t in d.tags}} for d in run.inputs.dataset_inputs]
+    datasets = [
+        {
+            "name": d.dataset.name,
+            "digest": d.dataset.digest,
+            **{t.key.removeprefix("mlflow.data."): t.value for t in d.tags},
+        }
+        for d in run.inputs.dataset_inputs
+    ]
     models = [(mv.name, mv.version) for mv in client.search_model_versions(f"run_id = '{run_id}'")]
-    node = memo[run_id] = LineageNode(run_id, run.info.run_name, tags.get(TAG_STAGE, ""), run.info.status,
-                                      tags.get(TAG_SHA), datasets, models, [])
+    node = memo[run_id] = LineageNode(
+        run_id,
+        run.info.run_name,
+        tags.get(TAG_STAGE, ""),
+        run.info.status,
+        tags.get(TAG_SHA),
+        datasets,
+        models,
+        [],
+    )
     producers = [client.get_logged_model(i.model_id).source_run_id for i in run.inputs.model_inputs or []]
-    parents = dict.fromkeys([*(p for p in producers if p and p != run_id), *filter(None, tags.get(TAG_PARENTS, "").split(","))])
+    parents = dict.fromkeys(
+        [*(p for p in producers if p and p != run_id), *filter(None, tags.get(TAG_PARENTS, "").split(","))]
+    )
     node.parents = [walk_lineage(p, client, memo) for p in parents]
     return node

@@ -5,19 +5,26 @@
 
 Names are imported on first use, so `import nexus` (and the `nexus` CLI) starts without torch.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ModelConfig": "nexus.config", "MoEConfig": "nexus.config",
-    "Transformer": "nexus.model", "parameter_counts": "nexus.model",
-    "load_checkpoint": "nexus.checkpoint", "save_checkpoint": "nexus.checkpoint",
-    "upcycle": "nexus.upcycling", "merge_dense": "nexus.upcycling", "sparse_upcycle": "nexus.upcycling",
-    "extend": "nexus.upcycling", "remove_expert": "nexus.upcycling",
+    "ModelConfig": "nexus.config",
+    "MoEConfig": "nexus.config",
+    "Transformer": "nexus.model",
+    "parameter_counts": "nexus.model",
+    "load_checkpoint": "nexus.checkpoint",
+    "save_checkpoint": "nexus.checkpoint",
+    "upcycle": "nexus.upcycling",
+    "merge_dense": "nexus.upcycling",
+    "sparse_upcycle": "nexus.upcycling",
+    "extend": "nexus.upcycling",
+    "remove_expert": "nexus.upcycling",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names)
 __version__ = "0.1.0"
 
 

@@ -5,6 +5,7 @@ Saving is atomic: everything is written into a temporary sibling directory that 
 place, so a crash leaves the previous checkpoint or the new one, never a mix. Loading never
 unpickles; it validates the config, the tensor names and shapes, and the file's SHA-256.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,17 +69,34 @@ def save_checkpoint(
     return path
 
 
-def check_state_shapes(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str,
-                       optional: set[str] = frozenset()) -> None:
+def check_state_shapes(
+    found: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    where: str,
+    optional: set[str] = frozenset(),
+) -> None:
     """Raise `CheckpointError` (prefixed by `where`) naming missing, unexpected or wrongly shaped tensors."""
     missing = sorted(set(expected) - set(found) - set(optional))
     unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k}: file {tuple(found[k].shape)} vs config {tuple(v.shape)}"
-             for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    wrong = [
+        f"{k}: file {tuple(found[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        raise CheckpointError(f"{where}: " + "; ".join(filter(None, [
-            missing and f"missing tensors {missing[:5]}", unexpected and f"unexpected tensors {unexpected[:5]}",
-            wrong and f"wrong shapes {wrong[:5]}"])))
+        raise CheckpointError(
+            f"{where}: "
+            + "; ".join(
+                filter(
+                    None,
+                    [
+                        missing and f"missing tensors {missing[:5]}",
+                        unexpected and f"unexpected tensors {unexpected[:5]}",
+                        wrong and f"wrong shapes {wrong[:5]}",
+                    ],
+                )
+            )
+        )
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -106,7 +124,9 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     if data.get("format") != FORMAT or "model" not in data:
         raise CheckpointError(f"{cfg_file}: not a {FORMAT} config (missing 'format'/'model')")
     if data.get("version", 0) > VERSION:
-        raise CheckpointError(f"{cfg_file}: checkpoint version {data['version']} is newer than supported ({VERSION})")
+        raise CheckpointError(
+            f"{cfg_file}: checkpoint version {data['version']} is newer than supported ({VERSION})"
+        )
     return data
 
 
@@ -119,7 +139,9 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
     verify_checksum: bool = True,
 ) -> Transformer:
     """Load a checkpoint directory into a `Transformer` (no pickle), validating everything."""

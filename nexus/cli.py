@@ -1,6 +1,7 @@
 """The `nexus` console script. Each subcommand lives in its own module, imported only when used
 (the ML stack takes seconds to import), and exposes `add_parser(subparsers)` which registers its
 command(s), each with `func(args)` (via `set_defaults`) that runs it."""
+
 from __future__ import annotations
 
 import argparse

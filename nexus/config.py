@@ -3,6 +3,7 @@
 `conf/model/*.yaml` mirrors `ModelConfig` (registered as a Hydra structured config), so a typo in a
 key fails when the config is composed, not an hour into training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,14 +72,18 @@ class MoEConfig:
         if self.domain_embed_dim < 1:
             raise ConfigError(f"moe.domain_embed_dim must be >= 1, got {self.domain_embed_dim}")
         if self.attention_experts not in ATTENTION_EXPERTS:
-            raise ConfigError(f"moe.attention_experts must be one of {ATTENTION_EXPERTS}, "
-                              f"got {self.attention_experts!r}")
+            raise ConfigError(
+                f"moe.attention_experts must be one of {ATTENTION_EXPERTS}, got {self.attention_experts!r}"
+            )
         if self.attention_routing not in ("soft", "top_k"):
-            raise ConfigError(f"moe.attention_routing must be 'soft' or 'top_k', "
-                              f"got {self.attention_routing!r}")
+            raise ConfigError(
+                f"moe.attention_routing must be 'soft' or 'top_k', got {self.attention_routing!r}"
+            )
         if not 1 <= self.attention_top_k <= max(self.n_experts, 1):
-            raise ConfigError(f"moe.attention_top_k={self.attention_top_k} must be in [1, {self.n_experts}] "
-                              "(the number of experts)")
+            raise ConfigError(
+                f"moe.attention_top_k={self.attention_top_k} must be in [1, {self.n_experts}] "
+                "(the number of experts)"
+            )
 
     @property
     def has_attention_experts(self) -> bool:
@@ -151,7 +156,11 @@ class ModelConfig:
     def architecture(self) -> dict[str, Any]:
         """The fields that decide the dense weights' meaning: what two models must share to be combined
         (initialisation settings excluded, `n_kv_heads` resolved)."""
-        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("moe", "init_std")}
+        arch = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("moe", "init_std")
+        }
         arch["n_kv_heads"] = self.kv_heads
         return arch
 

@@ -2,6 +2,7 @@
 sees the old complete version or the new complete version, never a partial one. Temporary names
 carry the writer's pid, so the next write to the same path can tell a dead writer's leftovers from
 a live concurrent one's and clean them up (`recover`)."""
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,9 @@ def recover(path: Path) -> None:
     the previous version is moved back."""
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
         if not _writer_alive(leftover.name):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(
+                missing_ok=True
+            )
     stale = [p for p in path.parent.glob(f".{path.name}.old-*") if not _writer_alive(p.name)]
     if not path.exists() and len(stale) == 1:
         os.replace(stale[0], path)

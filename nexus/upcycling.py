@@ -10,6 +10,7 @@ Parameters are addressed by state-dict name. In block i, `blocks.i.ffn.*` is the
 attention experts (BAM), `blocks.i.attn.{experts,router,shared}.*` are per expert like the FFN's
 (`nexus.attention_upcycling`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,18 +40,25 @@ def is_ffn_key(name: str) -> bool:
 
 def non_ffn_keys(model: Transformer) -> list[str]:
     """The tensors every expert has and the MoE shares: averaged by `upcycle`, λ-merged by `extend`."""
-    return [k for k in model.state_dict()
-            if not is_ffn_key(k) and not is_attention_expert_key(k) and k != "domain_embeddings"]
+    return [
+        k
+        for k in model.state_dict()
+        if not is_ffn_key(k) and not is_attention_expert_key(k) and k != "domain_embeddings"
+    ]
 
 
-def check_configs_compatible(reference: ModelConfig, others: Sequence[ModelConfig], names: Sequence[str]) -> None:
+def check_configs_compatible(
+    reference: ModelConfig, others: Sequence[ModelConfig], names: Sequence[str]
+) -> None:
     """Every config must share the reference's dense architecture; name the first that does not."""
     ref = reference.architecture()
     for name, config in zip(names, others):
         other = config.architecture()
         diff = [f"{k}={other[k]!r} (expected {ref[k]!r})" for k in ref if other[k] != ref[k]]
         if diff:
-            raise IncompatibleModelsError(f"{name} does not match the reference architecture: " + ", ".join(diff))
+            raise IncompatibleModelsError(
+                f"{name} does not match the reference architecture: " + ", ".join(diff)
+            )
 
 
 def check_compatible(reference: Transformer, others: Sequence[Transformer], names: Sequence[str]) -> None:
@@ -63,10 +71,12 @@ def _check_domain_embeddings(domain_embeddings, n: int, dim: int | None = None) 
     d = torch.as_tensor(domain_embeddings, dtype=torch.float32)
     if d.ndim != 2 or d.shape[0] != n:
         raise IncompatibleModelsError(
-            f"domain_embeddings has shape {tuple(d.shape)}; expected ({n}, m): one row per expert")
+            f"domain_embeddings has shape {tuple(d.shape)}; expected ({n}, m): one row per expert"
+        )
     if dim is not None and d.shape[1] != dim:
         raise IncompatibleModelsError(
-            f"domain embedding dimension {d.shape[1]} differs from the router's domain_embed_dim={dim}")
+            f"domain embedding dimension {d.shape[1]} differs from the router's domain_embed_dim={dim}"
+        )
     if not torch.isfinite(d).all():
         raise IncompatibleModelsError("domain_embeddings contain NaN or infinite values")
     return d
@@ -139,7 +149,9 @@ def upcycle(
 
 
 @torch.no_grad()
-def merge_dense(seed: Transformer, experts: Sequence[Transformer], weights: Sequence[float] | None = None) -> Transformer:
+def merge_dense(
+    seed: Transformer, experts: Sequence[Transformer], weights: Sequence[float] | None = None
+) -> Transformer:
     """Branch-Train-Merge baseline: one dense model whose every parameter is the (weighted, by
     default uniform) average over the seed and the experts."""
     if not experts:
@@ -158,15 +170,29 @@ def merge_dense(seed: Transformer, experts: Sequence[Transformer], weights: Sequ
 
 
 @torch.no_grad()
-def sparse_upcycle(dense: Transformer, n_experts: int, top_k: int = 1, shared_expert: bool = False,
-                   init_seed: int = 0, **moe_options) -> Transformer:
+def sparse_upcycle(
+    dense: Transformer,
+    n_experts: int,
+    top_k: int = 1,
+    shared_expert: bool = False,
+    init_seed: int = 0,
+    **moe_options,
+) -> Transformer:
     """Sparse upcycling (Komatsuzaki et al., 2023): every routed expert starts as a copy of the dense
     FFN, all other weights are kept, and a linear router is initialised from scratch."""
     if n_experts < 1:
         raise IncompatibleModelsError(f"sparse_upcycle needs n_experts >= 1, got {n_experts}")
     names = [f"expert_{i}" for i in range(n_experts)]
-    return upcycle(dense, [dense] * n_experts, router="linear", expert_names=names, top_k=top_k,
-                   shared_expert=shared_expert, init_seed=init_seed, **moe_options)
+    return upcycle(
+        dense,
+        [dense] * n_experts,
+        router="linear",
+        expert_names=names,
+        top_k=top_k,
+        shared_expert=shared_expert,
+        init_seed=init_seed,
+        **moe_options,
+    )
 
 
 def _new_model(config: ModelConfig, like: Transformer, init_seed: int) -> Transformer:
@@ -222,7 +248,9 @@ def extend(
     if not 0.0 <= lam <= 1.0:
         raise IncompatibleModelsError(f"lambda must be in [0, 1], got {lam}")
     if linear_router not in LINEAR_ROUTER_MODES:
-        raise IncompatibleModelsError(f"linear_router must be one of {LINEAR_ROUTER_MODES}, got {linear_router!r}")
+        raise IncompatibleModelsError(
+            f"linear_router must be one of {LINEAR_ROUTER_MODES}, got {linear_router!r}"
+        )
     reset = mcfg.router == "linear" and linear_router == "reset"
 
     out = _resized_moe(moe, [*mcfg.expert_names, name], init_seed)
@@ -244,7 +272,9 @@ def extend(
     if mcfg.router == "nexus":
         d_new = _check_domain_embeddings(
             None if domain_embedding is None else torch.as_tensor(domain_embedding).reshape(1, -1),
-            1, mcfg.domain_embed_dim)
+            1,
+            mcfg.domain_embed_dim,
+        )
         out.domain_embeddings.copy_(torch.cat([moe.domain_embeddings, d_new.to(moe.domain_embeddings)]))
     return out
 
@@ -254,19 +284,26 @@ def remove_expert(moe: Transformer, expert: str | int) -> Transformer:
     """Drop one routed expert: its FFN slice (and attention expert), its domain embedding / router rows.
     Shared weights are kept as they are (an `extend` merge cannot be undone)."""
     mcfg = _check_moe(moe)
-    idx = mcfg.expert_names.index(expert) if isinstance(expert, str) and expert in mcfg.expert_names else expert
+    idx = (
+        mcfg.expert_names.index(expert) if isinstance(expert, str) and expert in mcfg.expert_names else expert
+    )
     if not isinstance(idx, int) or not 0 <= idx < mcfg.n_experts:
         raise IncompatibleModelsError(f"no expert {expert!r}; experts are {mcfg.expert_names}")
     if mcfg.n_experts == 1:
         raise IncompatibleModelsError("cannot remove the last routed expert")
     if mcfg.top_k > mcfg.n_experts - 1:
-        raise IncompatibleModelsError(f"top_k={mcfg.top_k} would exceed the {mcfg.n_experts - 1} remaining experts")
+        raise IncompatibleModelsError(
+            f"top_k={mcfg.top_k} would exceed the {mcfg.n_experts - 1} remaining experts"
+        )
     keep = [i for i in range(mcfg.n_experts) if i != idx]
     out = _resized_moe(moe, [mcfg.expert_names[i] for i in keep])
     state = out.state_dict()
     for key, tensor in moe.state_dict().items():
-        per_expert = ".ffn.experts." in key or key.endswith("router.weight") or key == "domain_embeddings" \
+        per_expert = (
+            ".ffn.experts." in key
+            or key.endswith("router.weight")
+            or key == "domain_embeddings"
             or is_routed_attention_key(key)
+        )
         state[key].copy_(tensor[keep] if per_expert else tensor)
     return out
-

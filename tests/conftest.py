@@ -1,4 +1,5 @@
 """Shared test fixtures: the `tiny` model preset and deterministic, offline settings."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,5 @@
 """Every benchmark runs end to end in its tiny `--smoke` mode (so they do not rot) and writes JSON."""
+
 import json
 
 import pytest
@@ -13,8 +14,9 @@ from benchmarks import (
 )
 
 
-@pytest.mark.parametrize("module", [bench_moe_layer, bench_train_step, bench_inference, bench_generation, bench_bam,
-                                    bench_data])
+@pytest.mark.parametrize(
+    "module", [bench_moe_layer, bench_train_step, bench_inference, bench_generation, bench_bam, bench_data]
+)
 def test_benchmark_smoke(module, tmp_path):
     summary = module.main(["--smoke", "--out", str(tmp_path)])
     assert isinstance(summary, dict)

@@ -1,4 +1,5 @@
 """Checkpoints: round trip, atomic writes, and clear reports of corrupt or mismatched files."""
+
 import json
 import os
 
@@ -23,8 +24,13 @@ def test_round_trip(tmp_path, kind):
     if kind in ("dense", "tied"):
         model = Transformer(tiny(tie_embeddings=kind == "tied"))
     else:
-        model = upcycle(Transformer(tiny()), [Transformer(tiny()) for _ in range(2)],
-                        domain_embeddings=torch.randn(2, 8), router=kind, expert_names=["x", "y"])
+        model = upcycle(
+            Transformer(tiny()),
+            [Transformer(tiny()) for _ in range(2)],
+            domain_embeddings=torch.randn(2, 8),
+            router=kind,
+            expert_names=["x", "y"],
+        )
     save_checkpoint(model, tmp_path / "ckpt", metadata={"stage": kind})
     loaded = load_checkpoint(tmp_path / "ckpt")
     _same(model, loaded)
@@ -57,7 +63,9 @@ def test_failed_save_writes_nothing_and_keeps_the_previous_checkpoint(tmp_path):
 
 def test_extra_files_travel_with_the_checkpoint(tmp_path):
     (tmp_path / "tok.json").write_text('{"vocab": 1}')
-    save_checkpoint(Transformer(tiny()), tmp_path / "ckpt", extra_files={"tokenizer.json": tmp_path / "tok.json"})
+    save_checkpoint(
+        Transformer(tiny()), tmp_path / "ckpt", extra_files={"tokenizer.json": tmp_path / "tok.json"}
+    )
     assert (tmp_path / "ckpt" / "tokenizer.json").read_text() == '{"vocab": 1}'
 
 
@@ -102,7 +110,10 @@ def test_weights_that_do_not_match_the_config_are_named(tmp_path):
     cfg = json.loads(cfg_file.read_text())
     cfg["model"]["ffn_hidden"] = 32
     cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"wrong shapes \['blocks.0.ffn.w_in.weight: file \(128, 32\) vs config \(64, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"wrong shapes \['blocks.0.ffn.w_in.weight: file \(128, 32\) vs config \(64, 32\)",
+    ):
         load_checkpoint(tmp_path / "ckpt")
 
 
@@ -110,8 +121,9 @@ def test_leftovers_of_a_killed_writer_are_cleaned_by_the_next_write(tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()  # a pid that no longer runs
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()  # a pid that no longer runs
     model = Transformer(tiny())
     save_checkpoint(model, tmp_path / "ckpt")
     (tmp_path / f".ckpt.tmp-{dead}-abc").mkdir()  # killed while writing

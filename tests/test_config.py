@@ -1,4 +1,5 @@
 """Typed configs validate themselves and round-trip through plain dicts (config.json)."""
+
 import pytest
 
 from nexus.config import ModelConfig, MoEConfig, tiny
@@ -11,22 +12,28 @@ def test_round_trip_through_dict():
     assert cfg.dense() == tiny() and cfg.moe.n_experts == 2
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(d_model=30, n_heads=4), "not divisible by n_heads"),
-    (dict(n_heads=4, n_kv_heads=3), "not divisible by n_kv_heads"),
-    (dict(n_layers=0), "n_layers must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(d_model=30, n_heads=4), "not divisible by n_heads"),
+        (dict(n_heads=4, n_kv_heads=3), "not divisible by n_kv_heads"),
+        (dict(n_layers=0), "n_layers must be >= 1"),
+    ],
+)
 def test_invalid_model_values(bad, match):
     with pytest.raises(ConfigError, match=match):
         tiny(**bad)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(expert_names=["a", "a"]), "duplicates"),
-    (dict(expert_names=["a"], top_k=2), "exceeds the number of experts"),
-    (dict(router="hash"), "'nexus' or 'linear'"),
-    (dict(dispatch="masks"), "'sorted' or 'grouped_mm'"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(expert_names=["a", "a"]), "duplicates"),
+        (dict(expert_names=["a"], top_k=2), "exceeds the number of experts"),
+        (dict(router="hash"), "'nexus' or 'linear'"),
+        (dict(dispatch="masks"), "'sorted' or 'grouped_mm'"),
+    ],
+)
 def test_invalid_moe_values(bad, match):
     with pytest.raises(ConfigError, match=match):
         MoEConfig(**bad)

@@ -1,6 +1,7 @@
 """The Docker files, validated offline: compose by `docker-compose config` when the client is
 installed (Debian's docker-compose needs no engine for it) plus structural checks, Dockerfiles
 parsed with dockerfile-parse. The worker images must install the project as the README does."""
+
 from __future__ import annotations
 
 import re
@@ -19,8 +20,9 @@ DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose client not installed")
 def test_compose_file_passes_docker_compose_config():
-    done = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -29,11 +31,16 @@ def test_compose_topology_binds_loopback_and_checks_health():
     assert {"postgres", "mlflow", "prefect-server", "worker"} <= set(services)
     for name, service in services.items():
         for port in service.get("ports", []):
-            assert str(port).startswith("${NEXUS_BIND:-127.0.0.1}:"), f"{name} publishes {port} beyond loopback"
+            assert str(port).startswith("${NEXUS_BIND:-127.0.0.1}:"), (
+                f"{name} publishes {port} beyond loopback"
+            )
         if name != "worker":
             assert "healthcheck" in service, f"{name} has no health check"
     assert "postgresql://" in services["mlflow"]["command"]
-    assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert (
+        "postgresql+asyncpg://"
+        in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    )
     worker = services["worker"]["command"]
     assert "prefect worker start --pool nexus" in worker and "nexus deploy --pool nexus" in worker
 
@@ -46,7 +53,20 @@ def test_dockerfiles_parse_and_install_like_the_readme(dockerfile):
         baseimage = parser.baseimage
     instructions = [i["instruction"] for i in structure]
     assert instructions[0] == "FROM" and ":" in baseimage and not baseimage.endswith(":latest")
-    known = {"FROM", "RUN", "COPY", "ENV", "ARG", "WORKDIR", "USER", "VOLUME", "CMD", "ENTRYPOINT", "EXPOSE", "LABEL"}
+    known = {
+        "FROM",
+        "RUN",
+        "COPY",
+        "ENV",
+        "ARG",
+        "WORKDIR",
+        "USER",
+        "VOLUME",
+        "CMD",
+        "ENTRYPOINT",
+        "EXPOSE",
+        "LABEL",
+    }
     assert set(instructions) <= known, set(instructions) - known
     runs = [i["value"] for i in structure if i["instruction"] == "RUN"]
     assert any(re.match(r"make install\b", r) for r in runs), "the image must install with `make install`"

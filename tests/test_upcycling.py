@@ -1,4 +1,5 @@
 """Upcycling operations checked against their definitions and against each other."""
+
 import pytest
 import torch
 
@@ -36,9 +37,15 @@ def test_upcycle_copies_ffns_and_averages_the_rest(family, router):
     state = moe.state_dict()
     for i in range(seed.config.n_layers):
         for proj in ("w_in", "w_out"):
-            assert torch.equal(state[f"blocks.{i}.ffn.shared.{proj}.weight"], seed.state_dict()[f"blocks.{i}.ffn.{proj}.weight"])
+            assert torch.equal(
+                state[f"blocks.{i}.ffn.shared.{proj}.weight"],
+                seed.state_dict()[f"blocks.{i}.ffn.{proj}.weight"],
+            )
             for e, expert in enumerate(experts):
-                assert torch.equal(state[f"blocks.{i}.ffn.experts.{proj}"][e], expert.state_dict()[f"blocks.{i}.ffn.{proj}.weight"])
+                assert torch.equal(
+                    state[f"blocks.{i}.ffn.experts.{proj}"][e],
+                    expert.state_dict()[f"blocks.{i}.ffn.{proj}.weight"],
+                )
     keys = non_ffn_keys(moe)
     assert "tok_emb.weight" in keys and "blocks.1.attn.wq.weight" in keys and "norm.weight" in keys
     for key in keys:
@@ -53,8 +60,14 @@ def test_upcycle_copies_ffns_and_averages_the_rest(family, router):
 def test_moe_of_identical_experts_equals_the_dense_model(top_k):
     """Renormalised gates over identical experts sum to one copy of the FFN: the MoE is the model."""
     expert = dense()
-    moe = upcycle(dense(), [expert] * 3, domain_embeddings=torch.randn(3, M), shared_expert=False,
-                  normalize_gates=True, top_k=top_k)
+    moe = upcycle(
+        dense(),
+        [expert] * 3,
+        domain_embeddings=torch.randn(3, M),
+        shared_expert=False,
+        normalize_gates=True,
+        top_k=top_k,
+    )
     idx = torch.randint(0, 96, (2, 16))
     torch.testing.assert_close(moe(idx).logits, expert(idx).logits, rtol=1e-5, atol=1e-5)
 
@@ -104,8 +117,9 @@ def test_extend_with_lambda_zero_keeps_every_non_ffn_weight_exactly(family, rout
     ext = extend(moe, dense(), domain_embedding=torch.randn(M), name="code", lam=0.0)
     for key in non_ffn_keys(moe):
         assert torch.equal(ext.state_dict()[key], moe.state_dict()[key]), key
-    assert not torch.equal(extend(moe, dense(), domain_embedding=torch.randn(M), lam=0.5).tok_emb.weight,
-                           moe.tok_emb.weight)
+    assert not torch.equal(
+        extend(moe, dense(), domain_embedding=torch.randn(M), lam=0.5).tok_emb.weight, moe.tok_emb.weight
+    )
 
 
 def test_linear_router_reset_redraws_every_row_and_append_keeps_the_trained_ones(family):
@@ -217,8 +231,10 @@ def test_fresh_router_initialisation_is_deterministic_and_leaves_global_rng_alon
     c = upcycle(seed, experts, router="linear", init_seed=1)
     assert not torch.equal(a.blocks[0].ffn.router.weight, c.blocks[0].ffn.router.weight)
     new = dense()
-    assert torch.equal(extend(a, new).state_dict()["blocks.0.ffn.router.weight"],
-                       extend(b, new).state_dict()["blocks.0.ffn.router.weight"])
+    assert torch.equal(
+        extend(a, new).state_dict()["blocks.0.ffn.router.weight"],
+        extend(b, new).state_dict()["blocks.0.ffn.router.weight"],
+    )
 
 
 def test_router_initialisation_is_deterministic_under_threads(family):

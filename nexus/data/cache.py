@@ -4,6 +4,7 @@ A cache entry is a directory holding a `_fingerprint` file. It is built in a sib
 directory and moved into place with a rename, so a crash never leaves a half-written entry that
 a later run would mistake for a valid one.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """`nexus data prepare`: build an experiment's documents, tokenizer, packed splits and domain
 embeddings, then print documents/tokens/bytes per domain and split, the embeddings' cosine
 similarities and the wall time of each stage (with whether it was reused from the cache)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", default="demo", help="preset: demo (Debian packages) or tiny (fixtures)")
     p.add_argument("--out", type=Path, help="data directory (default outputs/data/<experiment>)")
     p.add_argument("--cache-dir", type=Path, help="download cache (default .cache/nexus)")
-    p.add_argument("--corpora", type=Path, default=Path("tests/fixtures/corpora"),
-                   help="fixture corpora root for --experiment tiny")
-    p.add_argument("--new-domain", action="append", default=[], metavar="NAME=PATH",
-                   help="add a held-out folder/glob domain (.txt/.md/.jsonl), e.g. for an extension run")
+    p.add_argument(
+        "--corpora",
+        type=Path,
+        default=Path("tests/fixtures/corpora"),
+        help="fixture corpora root for --experiment tiny",
+    )
+    p.add_argument(
+        "--new-domain",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="add a held-out folder/glob domain (.txt/.md/.jsonl), e.g. for an extension run",
+    )
     p.add_argument("--text-field", default="text", help="JSONL field holding the text of --new-domain files")
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--seq-len", type=int)
@@ -53,11 +63,16 @@ def build_config(args: argparse.Namespace):
     overrides = {
         "tokenizer": {"vocab_size": args.vocab_size},
         "packing": {"seq_len": args.seq_len, "num_proc": args.num_proc},
-        "embedding": {"sample_size": args.embed_sample, "model": args.embedder,
-                      "enabled": False if args.no_embeddings else None},
+        "embedding": {
+            "sample_size": args.embed_sample,
+            "model": args.embedder,
+            "enabled": False if args.no_embeddings else None,
+        },
     }
-    changes = {section: replace(getattr(cfg, section), **{k: v for k, v in fields.items() if v is not None})
-               for section, fields in overrides.items()}
+    changes = {
+        section: replace(getattr(cfg, section), **{k: v for k, v in fields.items() if v is not None})
+        for section, fields in overrides.items()
+    }
     return replace(cfg, domains=cfg.domains + tuple(extra), **changes)
 
 
@@ -69,9 +84,17 @@ def run_prepare(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = build_config(args)
     data = prepare_experiment(cfg, progress=not args.quiet)
-    print(f"experiment {data.experiment}: {data.out_dir}  (tokenizer {data.tokenizer_path}, seq_len {data.seq_len})")
+    print(
+        f"experiment {data.experiment}: {data.out_dir}  (tokenizer {data.tokenizer_path}, seq_len {data.seq_len})"
+    )
     print(format_report(data))
-    print("\nstages: " + ", ".join(f"{stage} {secs:.1f}s ({'reused' if data.reused.get(stage) else 'built'})"
-                                   for stage, secs in data.timings.items() if stage != "total"))
+    print(
+        "\nstages: "
+        + ", ".join(
+            f"{stage} {secs:.1f}s ({'reused' if data.reused.get(stage) else 'built'})"
+            for stage, secs in data.timings.items()
+            if stage != "total"
+        )
+    )
     print(f"wall time: {data.timings['total']:.1f}s")
     return 0

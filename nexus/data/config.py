@@ -4,6 +4,7 @@ A `DataConfig` names the experiment's domains (each a union of one or more `Sour
 documents are split, the tokenizer, the packing, the stage mixtures and the domain embeddings.
 Presets (the `demo` experiment and the `tiny` fixture experiment) live in `nexus.data.presets`.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,10 @@ def check_domain_name(name: str) -> str:
     """A domain name is one safe path component (it names folders, registered models and experts):
     a letter or digit first, then letters, digits, `_`, `.` or `-`, at most 64 characters."""
     if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_NAME_LENGTH:
-        raise ConfigError(f"domain name {name!r} must match {_NAME.pattern} and have at most "
-                          f"{MAX_NAME_LENGTH} characters (no slash, space or leading dot)")
+        raise ConfigError(
+            f"domain name {name!r} must match {_NAME.pattern} and have at most "
+            f"{MAX_NAME_LENGTH} characters (no slash, space or leading dot)"
+        )
     return name
 
 
@@ -94,17 +97,21 @@ class DomainConfig:
         object.__setattr__(self, "sources", tuple(self.sources))
 
     @classmethod
-    def debian(cls, name: str, packages: dict[str, str], held_out: bool = False, **options: Any) -> DomainConfig:
+    def debian(
+        cls, name: str, packages: dict[str, str], held_out: bool = False, **options: Any
+    ) -> DomainConfig:
         """A domain from Debian packages `{package: format}`; `options` go to each SourceConfig."""
         sources = tuple(SourceConfig("debian", package=p, format=f, **options) for p, f in packages.items())
         return cls(name, sources, held_out)
 
     @classmethod
-    def folder(cls, name: str, path: str, format: str = "auto", text_field: str = "text",
-               held_out: bool = False) -> DomainConfig:
+    def folder(
+        cls, name: str, path: str, format: str = "auto", text_field: str = "text", held_out: bool = False
+    ) -> DomainConfig:
         """A domain from a local folder or glob (how a user brings a new domain)."""
-        return cls(name, (SourceConfig("folder", path=str(path), format=format, text_field=text_field),),
-                   held_out)
+        return cls(
+            name, (SourceConfig("folder", path=str(path), format=format, text_field=text_field),), held_out
+        )
 
 
 @dataclass(frozen=True)
@@ -119,8 +126,10 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if not (0 < self.validation < 1 and 0 < self.test < 1 and self.validation + self.test < 1):
-            raise ConfigError(f"split fractions validation={self.validation}, test={self.test} "
-                              "must be in (0, 1) and sum to < 1")
+            raise ConfigError(
+                f"split fractions validation={self.validation}, test={self.test} "
+                "must be in (0, 1) and sum to < 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -176,8 +185,9 @@ class MixtureConfig:
             raise ConfigError(f"mixture weighting {self.weighting!r} is not proportional|uniform|explicit")
         if (self.weighting == "explicit") != (self.weights is not None):
             raise ConfigError("mixture `weights` is required for, and only for, weighting='explicit'")
-        if any(w < 0 for w in (self.weights or {}).values()) or (self.weights is not None
-                                                                 and sum(self.weights.values()) <= 0):
+        if any(w < 0 for w in (self.weights or {}).values()) or (
+            self.weights is not None and sum(self.weights.values()) <= 0
+        ):
             raise ConfigError(f"mixture weights must be >= 0 with a positive sum: {self.weights}")
         for key in ("general_share", "extension_new_share"):
             if not 0 <= getattr(self, key) <= 1:

@@ -4,6 +4,7 @@ Root is needed only for `apt-get update` on a machine whose package lists are em
 (e.g. `linux-doc`, `python3-doc`) is followed to the versioned package it depends on, so the demo
 keeps working when the registry moves to a newer version.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,10 +61,17 @@ def query_packages(names: list[str]) -> None:
         fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", record, flags=re.MULTILINE))
         if "Package" not in fields or "Version" not in fields:
             continue
-        depends = tuple(dep.split()[0].split(":")[0] for dep in fields.get("Depends", "").split(",")
-                        if dep.strip() and "|" not in dep)
-        _INFO.setdefault(fields["Package"], PackageInfo(fields["Package"], fields["Version"], depends,
-                                                        int(fields.get("Installed-Size", "0"))))
+        depends = tuple(
+            dep.split()[0].split(":")[0]
+            for dep in fields.get("Depends", "").split(",")
+            if dep.strip() and "|" not in dep
+        )
+        _INFO.setdefault(
+            fields["Package"],
+            PackageInfo(
+                fields["Package"], fields["Version"], depends, int(fields.get("Installed-Size", "0"))
+            ),
+        )
     pointed = [dep for n in missing if n in _INFO and _is_metapackage(_INFO[n]) for dep in _INFO[n].depends]
     if pointed:
         query_packages(pointed)
@@ -100,12 +108,12 @@ def fetch_package(info: PackageInfo, cache_dir: Path, domain: str) -> Path:
             proc = _run(["apt-get", "download", f"{info.name}={info.version}"], cwd=work)
             debs = list(Path(work).glob("*.deb"))
             if proc.returncode != 0 or not debs:
-                raise DataError(f"domain {domain!r}: `apt-get download {info.name}` failed: "
-                                f"{proc.stderr.strip()[-500:]}")
+                raise DataError(
+                    f"domain {domain!r}: `apt-get download {info.name}` failed: {proc.stderr.strip()[-500:]}"
+                )
             proc = _run(["dpkg-deb", "-x", str(debs[0]), str(tmp)])
             if proc.returncode != 0:
                 raise DataError(f"domain {domain!r}: cannot extract {debs[0]}: {proc.stderr.strip()}")
 
     cached_dir(target, info.version, build)
     return target
-

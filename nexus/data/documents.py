@@ -8,6 +8,7 @@ land in two splits) and stable when documents are added to a domain.
 documents each) and keeps only 8 bytes per document in memory (its dedup hash), so a domain of any
 size is split in bounded memory; `split_documents` is the same in memory, for small inputs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,15 +60,17 @@ def hash_order(ids: Iterable[str], seed: int | str = 0) -> list[int]:
     first k" is a reproducible random sample that keeps its members when documents are added.
     Holds 16 bytes per id (a 64-bit key and the argsort), not the ids: pass a lazy iterable (e.g.
     `column_batches`) for a large split."""
-    keys = np.fromiter((int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in ids),
-                       dtype=np.uint64)
+    keys = np.fromiter(
+        (int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in ids),
+        dtype=np.uint64,
+    )
     return np.argsort(keys, kind="stable").tolist()
 
 
 def column_batches(dataset, column: str, batch_size: int = 10_000) -> Iterator[str]:
     """The values of one column of a (memory-mapped) `datasets.Dataset`, read in batches."""
     for start in range(0, len(dataset), batch_size):
-        yield from dataset[start:start + batch_size][column]
+        yield from dataset[start : start + batch_size][column]
 
 
 class SeenHashes:
@@ -86,7 +89,9 @@ class SeenHashes:
             return False
         self.recent.add(key)
         if len(self.recent) >= max(65_536, len(self.sorted) // 8):
-            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            self.sorted = np.union1d(
+                self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))
+            )
             self.recent.clear()
         return True
 
@@ -107,8 +112,9 @@ class SplitDocuments:
         return sum(len(t.encode("utf-8")) for t in self.text)
 
 
-def assign_documents(docs: Iterable[tuple[str, str]], cfg: SplitConfig,
-                     seen: SeenHashes | None = None) -> Iterator[tuple[str, str, str, str]]:
+def assign_documents(
+    docs: Iterable[tuple[str, str]], cfg: SplitConfig, seen: SeenHashes | None = None
+) -> Iterator[tuple[str, str, str, str]]:
     """`(split, text, doc_id, origin)` per kept document: normalised, long enough, not a duplicate."""
     seen = SeenHashes() if seen is None else seen
     for raw, origin in docs:
@@ -126,12 +132,15 @@ def _check_counts(domain: str, counts: dict[str, int], cfg: SplitConfig, where: 
         raise DataError(f"domain {domain!r}: no document of >= {cfg.min_chars} characters in {where}")
     for name, n in counts.items():
         if not n:
-            raise DataError(f"domain {domain!r}: split {name!r} is empty ({total} documents in "
-                            f"{where}); add documents or raise the split fraction")
+            raise DataError(
+                f"domain {domain!r}: split {name!r} is empty ({total} documents in "
+                f"{where}); add documents or raise the split fraction"
+            )
 
 
-def split_documents(domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConfig,
-                    where: str) -> dict[str, SplitDocuments]:
+def split_documents(
+    domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConfig, where: str
+) -> dict[str, SplitDocuments]:
     """Normalise, drop short and duplicate documents, assign splits, in memory. `where` names the
     sources in errors. Raises DataError when the domain or one of its splits ends up empty."""
     splits = {name: SplitDocuments() for name in SPLITS}
@@ -149,8 +158,9 @@ SHARD_DOCUMENTS, SHARD_BYTES = 10_000, 16 << 20
 COLUMNS = ("text", "doc_id", "origin")
 
 
-def write_documents(domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConfig, where: str,
-                    out_dir: Path) -> dict[str, dict[str, int]]:
+def write_documents(
+    domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConfig, where: str, out_dir: Path
+) -> dict[str, dict[str, int]]:
     """`split_documents`, streamed: documents go to per-split Arrow shards under `out_dir/shards`
     as they are read, then into `out_dir` as a `datasets.DatasetDict` (`save_to_disk`, read back
     memory-mapped); returns {split: {"documents", "bytes"}}. Memory: one shard's buffer per split
@@ -190,8 +200,9 @@ def write_documents(domain: str, docs: Iterable[tuple[str, str]], cfg: SplitConf
     for split in SPLITS:
         flush(split)
     _check_counts(domain, {name: st["documents"] for name, st in stats.items()}, cfg, where)
-    DatasetDict({name: concatenate_datasets([HFDataset.from_file(str(p)) for p in shards[name]])
-                 for name in SPLITS}).save_to_disk(str(out_dir))
+    DatasetDict(
+        {name: concatenate_datasets([HFDataset.from_file(str(p)) for p in shards[name]]) for name in SPLITS}
+    ).save_to_disk(str(out_dir))
     shutil.rmtree(out_dir / "shards")
     return stats
 

@@ -19,6 +19,7 @@ works, e.g. the paper's hosted Cohere Embed v3:
 or any sentence-transformers model: `load_embedder("BAAI/bge-small-en-v1.5")` / a local path.
 The router's input size must match the embedder's dimension: `check_embedding_dim` enforces it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from nexus.io import atomic_write
 from nexus.data.config import EmbeddingConfig
 from nexus.errors import DataError
+from nexus.io import atomic_write
 
 Embedder = Callable[[list[str]], Any]  # texts -> array-like (n, m)
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -55,13 +56,17 @@ class SentenceTransformerEmbedder:
             self.model = SentenceTransformer(model, device=device)
         except Exception as err:  # import/OS/hub errors: all mean "this embedder is not available"
             raise DataError(f"embedder {self.name!r} cannot be loaded: {type(err).__name__}: {err}") from err
-        self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
-                       else self.model.get_sentence_embedding_dimension())
+        self.dim = int(
+            self.model.get_embedding_dimension()
+            if hasattr(self.model, "get_embedding_dimension")
+            else self.model.get_sentence_embedding_dimension()
+        )
         self.batch_size = batch_size
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                 show_progress_bar=False).astype(np.float32)
+        return self.model.encode(
+            texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+        ).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=2)
@@ -85,8 +90,9 @@ def chunk_text(text: str, max_chars: int, max_chunks: int) -> list[str]:
     return chunks
 
 
-def embed_domain(texts: Sequence[str], embedder: Embedder, cfg: EmbeddingConfig, progress: bool = True,
-                 desc: str = "embed") -> np.ndarray:
+def embed_domain(
+    texts: Sequence[str], embedder: Embedder, cfg: EmbeddingConfig, progress: bool = True, desc: str = "embed"
+) -> np.ndarray:
     """d = mean over documents of (mean over the document's chunks of embedder(chunk)); (m,) float32."""
     from tqdm.auto import tqdm
 
@@ -99,14 +105,16 @@ def embed_domain(texts: Sequence[str], embedder: Embedder, cfg: EmbeddingConfig,
         raise DataError(f"{desc}: no text to embed")
     vectors = []
     for start in tqdm(range(0, len(chunks), cfg.batch_size), desc=desc, unit="batch", disable=not progress):
-        vectors.append(np.asarray(embedder(chunks[start:start + cfg.batch_size]), dtype=np.float32))
+        vectors.append(np.asarray(embedder(chunks[start : start + cfg.batch_size]), dtype=np.float32))
     chunk_vecs = np.concatenate(vectors)
     owners = np.asarray(owner)
     docs = np.stack([chunk_vecs[owners == i].mean(axis=0) for i in np.unique(owners)])
     return docs.mean(axis=0).astype(np.float32)
 
 
-def save_domain_embedding(path: str | Path, domain: str, vector: np.ndarray, metadata: dict[str, Any]) -> Path:
+def save_domain_embedding(
+    path: str | Path, domain: str, vector: np.ndarray, metadata: dict[str, Any]
+) -> Path:
     """Write d_i as safetensors `{"embedding": (m,) float32}` with string metadata (domain, dim and
     the caller's: embedder, sample_size, data_fingerprint, ...), atomically."""
     from safetensors.numpy import save_file
@@ -139,8 +147,11 @@ def load_domain_embeddings(source: str | Path | Sequence[str | Path], names: Seq
 
     if isinstance(source, (str, Path)):
         directory = Path(source)
-        paths = ([directory / f"{n}{SUFFIX}" for n in names] if names is not None
-                 else sorted(directory.glob(f"*{SUFFIX}")))
+        paths = (
+            [directory / f"{n}{SUFFIX}" for n in names]
+            if names is not None
+            else sorted(directory.glob(f"*{SUFFIX}"))
+        )
         if not paths:
             raise DataError(f"domain embeddings: no *{SUFFIX} files in {directory}")
     else:
@@ -165,8 +176,10 @@ def check_embedding_dim(embeddings: Any, expected_dim: int, domain: str, path: s
     model's router was built for)."""
     dim = int(np.shape(embeddings)[-1]) if np.ndim(embeddings) else -1
     if dim != expected_dim:
-        raise DataError(f"domain {domain!r}: embedding {path} has dimension {dim}, but the router "
-                        f"expects {expected_dim} (was it made with another embedder?)")
+        raise DataError(
+            f"domain {domain!r}: embedding {path} has dimension {dim}, but the router "
+            f"expects {expected_dim} (was it made with another embedder?)"
+        )
 
 
 def cosine_similarity(matrix: Any) -> np.ndarray:

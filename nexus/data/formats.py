@@ -4,6 +4,7 @@ Each format is a pair (file patterns, parser). A parser yields `(text, origin)` 
 where `origin` names the file (and line or headword) the text came from. Every decoding or
 schema problem raises `DataError` naming the domain and the file.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -31,8 +32,10 @@ def decode(data: bytes, domain: str, where: str, src: SourceConfig) -> str | Non
     except UnicodeDecodeError as err:
         if src.skip_undecodable:
             return None
-        raise DataError(f"domain {domain!r}: {where} is not UTF-8 text (byte {err.start}: "
-                        f"{data[err.start:err.start + 4]!r})") from err
+        raise DataError(
+            f"domain {domain!r}: {where} is not UTF-8 text (byte {err.start}: "
+            f"{data[err.start : err.start + 4]!r})"
+        ) from err
 
 
 def read_text(path: Path, domain: str, src: SourceConfig) -> str | None:
@@ -76,7 +79,9 @@ def _b64(value: str) -> int:
 def _dictd(index: Path, domain: str, src: SourceConfig) -> Iterator[Document]:
     """dictd database: `NAME.index` lines `headword<TAB>offset<TAB>length` (base64) into
     `NAME.dict.dz` (dictzip, gzip-compatible); one document per distinct entry."""
-    data_file = next((p for p in (index.with_suffix(".dict.dz"), index.with_suffix(".dict")) if p.exists()), None)
+    data_file = next(
+        (p for p in (index.with_suffix(".dict.dz"), index.with_suffix(".dict")) if p.exists()), None
+    )
     if data_file is None:
         raise DataError(f"domain {domain!r}: dictd index {index} has no .dict.dz/.dict beside it")
     raw = Path(data_file).read_bytes()
@@ -94,7 +99,7 @@ def _dictd(index: Path, domain: str, src: SourceConfig) -> Iterator[Document]:
             continue
         seen.add(span)
         where = f"{data_file}#{parts[0]}"
-        text = decode(body[span[0]:span[0] + span[1]], domain, where, src)
+        text = decode(body[span[0] : span[0] + span[1]], domain, where, src)
         if text is not None:
             yield text, where
 
@@ -140,8 +145,11 @@ def list_files(root: str, fmt: str, domain: str, exclude_parts: frozenset[str] =
     patterns = FORMATS[fmt][0]
     if any(c in root for c in "*?["):
         names = [pat.rsplit("/", 1)[-1] for pat in patterns]
-        files = [Path(p) for p in glob.glob(root, recursive=True)
-                 if any(fnmatch.fnmatch(Path(p).name, n) for n in names)]
+        files = [
+            Path(p)
+            for p in glob.glob(root, recursive=True)
+            if any(fnmatch.fnmatch(Path(p).name, n) for n in names)
+        ]
         base = None
     else:
         base = Path(root)

@@ -11,6 +11,7 @@ Weights of a stage (all normalised to sum to 1):
 `MixtureSampler` draws a domain by weight, then the next index of that domain's own shuffled
 order (a fresh permutation each epoch of the domain), and yields `(domain, index)`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,13 +30,16 @@ def _normalise(weights: Mapping[str, float], what: str) -> dict[str, float]:
     return {d: float(w) / total for d, w in weights.items()}
 
 
-def mixture_weights(token_counts: Mapping[str, int], weighting: str = "proportional",
-                    explicit: Mapping[str, float] | None = None) -> dict[str, float]:
+def mixture_weights(
+    token_counts: Mapping[str, int],
+    weighting: str = "proportional",
+    explicit: Mapping[str, float] | None = None,
+) -> dict[str, float]:
     """Weights over the domains of `token_counts` (see the module doc)."""
     if weighting == "proportional":
         return _normalise(token_counts, "proportional mixture")
     if weighting == "uniform":
-        return _normalise({d: 1.0 for d in token_counts}, "uniform mixture")
+        return _normalise(dict.fromkeys(token_counts, 1.0), "uniform mixture")
     if weighting == "explicit":
         missing = set(explicit or {}) - set(token_counts)
         if explicit is None or missing:
@@ -74,8 +78,8 @@ class MixtureSampler:
         self.seed = seed
         self._probs = np.array([self.weights[d] for d in self.domains])
         self._rng = np.random.default_rng(seed)
-        self._epoch = {d: 0 for d in self.domains}
-        self._pos = {d: 0 for d in self.domains}
+        self._epoch = dict.fromkeys(self.domains, 0)
+        self._pos = dict.fromkeys(self.domains, 0)
         self._perm: dict[str, np.ndarray] = {}
         self.draws = 0
 
@@ -105,14 +109,22 @@ class MixtureSampler:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python data (JSON/torch.save friendly)."""
-        return {"seed": self.seed, "draws": self.draws, "rng": self._rng.bit_generator.state,
-                "epoch": dict(self._epoch), "pos": dict(self._pos), "sizes": dict(self.sizes),
-                "weights": dict(self.weights)}
+        return {
+            "seed": self.seed,
+            "draws": self.draws,
+            "rng": self._rng.bit_generator.state,
+            "epoch": dict(self._epoch),
+            "pos": dict(self._pos),
+            "sizes": dict(self.sizes),
+            "weights": dict(self.weights),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state["sizes"] != self.sizes or state["seed"] != self.seed:
-            raise DataError(f"mixture sampler state is for sizes={state['sizes']} seed={state['seed']}, "
-                            f"not sizes={self.sizes} seed={self.seed}")
+            raise DataError(
+                f"mixture sampler state is for sizes={state['sizes']} seed={state['seed']}, "
+                f"not sizes={self.sizes} seed={self.seed}"
+            )
         self._rng.bit_generator.state = state["rng"]
         self._epoch, self._pos = dict(state["epoch"]), dict(state["pos"])
         self._perm.clear()
@@ -122,8 +134,13 @@ class MixtureSampler:
 STAGES = ("seed", "expert", "moe", "extension")
 
 
-def stage_weights(stage: str, token_counts: Mapping[str, int], initial: Sequence[str], cfg: MixtureConfig,
-                  domain: str | None = None) -> dict[str, float]:
+def stage_weights(
+    stage: str,
+    token_counts: Mapping[str, int],
+    initial: Sequence[str],
+    cfg: MixtureConfig,
+    domain: str | None = None,
+) -> dict[str, float]:
     """Domain weights of a training stage.
 
     seed:      the general mix: proportional over the initial domains;

@@ -6,6 +6,7 @@ On disk, a packed split is a directory:
   meta.json        domain, split, dtype, counts, eos_id, vocab_size, fingerprint
 Training memory-maps `tokens.bin` (no re-tokenising) through `PackedSplit`.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,19 @@ def _encode_batch(batch: dict[str, list], tokenizer_file: str, eos_id: int) -> d
     return {"ids": [enc.ids + [eos_id] for enc in encodings]}
 
 
-def pack_documents(docs, tokenizer_file: Path, out_dir: Path, *, domain: str, split: str,
-                   fingerprint: str, eos_id: int, vocab_size: int, num_proc: int = 1,
-                   batch_size: int = 1000) -> dict[str, int]:
+def pack_documents(
+    docs,
+    tokenizer_file: Path,
+    out_dir: Path,
+    *,
+    domain: str,
+    split: str,
+    fingerprint: str,
+    eos_id: int,
+    vocab_size: int,
+    num_proc: int = 1,
+    batch_size: int = 1000,
+) -> dict[str, int]:
     """Tokenize a documents `datasets.Dataset` (column `text`) into `out_dir` (see module doc).
 
     Tokenization is batched and runs in `num_proc` processes (datasets.map); its Arrow cache is
@@ -47,9 +58,14 @@ def pack_documents(docs, tokenizer_file: Path, out_dir: Path, *, domain: str, sp
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(vocab_size)
     tokenized = docs.map(
-        _encode_batch, batched=True, batch_size=batch_size, num_proc=num_proc if len(docs) > 1 else None,
-        remove_columns=docs.column_names, fn_kwargs={"tokenizer_file": str(tokenizer_file), "eos_id": eos_id},
-        cache_file_name=str(out_dir / "tokenized.arrow"), new_fingerprint=f"{fingerprint[:16]}-{split}",
+        _encode_batch,
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc if len(docs) > 1 else None,
+        remove_columns=docs.column_names,
+        fn_kwargs={"tokenizer_file": str(tokenizer_file), "eos_id": eos_id},
+        cache_file_name=str(out_dir / "tokenized.arrow"),
+        new_fingerprint=f"{fingerprint[:16]}-{split}",
         desc=f"tokenize {domain}/{split}",
     )
     lengths = []  # one int64 array per batch: 8 bytes per document
@@ -65,9 +81,16 @@ def pack_documents(docs, tokenizer_file: Path, out_dir: Path, *, domain: str, sp
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     np.save(out_dir / OFFSETS_FILE, offsets)
-    meta = {"domain": domain, "split": split, "dtype": dtype.name, "num_tokens": int(offsets[-1]),
-            "num_documents": len(lengths), "eos_id": eos_id, "vocab_size": vocab_size,
-            "fingerprint": fingerprint}
+    meta = {
+        "domain": domain,
+        "split": split,
+        "dtype": dtype.name,
+        "num_tokens": int(offsets[-1]),
+        "num_documents": len(lengths),
+        "eos_id": eos_id,
+        "vocab_size": vocab_size,
+        "fingerprint": fingerprint,
+    }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
     return {"documents": meta["num_documents"], "tokens": meta["num_tokens"]}
 
@@ -108,8 +131,9 @@ class PackedSplit:
             expected = self.num_tokens * dtype.itemsize
             stream = self.path / STREAM_FILE
             if not stream.is_file() or stream.stat().st_size != expected:
-                raise DataError(f"packed split {self.domain}/{self.split}: {stream} is missing or "
-                                f"not {expected} bytes")
+                raise DataError(
+                    f"packed split {self.domain}/{self.split}: {stream} is missing or not {expected} bytes"
+                )
             self._tokens = np.memmap(stream, dtype=dtype, mode="r") if expected else np.zeros(0, dtype)
         return self._tokens
 
@@ -125,11 +149,13 @@ class PackedSplit:
         if not -n <= i < n:
             raise IndexError(f"sequence {i} out of range for {self.domain}/{self.split} ({n} sequences)")
         start = (i % n) * self.seq_len
-        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokens": None}
 
     def __repr__(self) -> str:
-        return (f"PackedSplit({self.domain}/{self.split}, {len(self)} x {self.seq_len}+1, "
-                f"{self.num_tokens} tokens)")
+        return (
+            f"PackedSplit({self.domain}/{self.split}, {len(self)} x {self.seq_len}+1, "
+            f"{self.num_tokens} tokens)"
+        )

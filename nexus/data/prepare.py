@@ -13,6 +13,7 @@ A stage whose fingerprint matches what is on disk is reused, not rebuilt. Memory
 whatever the domains' size: documents stream to disk, the tokenizer trains on a sample, packing
 tokenizes in batches (`num_proc` processes) and reads the documents memory-mapped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,7 +56,9 @@ class _Timer:
         self.data.reused[stage] = self.data.reused.get(stage, True) and reused
 
 
-def prepare_experiment(cfg: DataConfig, out_dir: str | Path | None = None, progress: bool = True) -> PreparedData:
+def prepare_experiment(
+    cfg: DataConfig, out_dir: str | Path | None = None, progress: bool = True
+) -> PreparedData:
     """Build (or reuse) all data of an experiment and return its `PreparedData` handle.
 
     out_dir: overrides `cfg.out_dir`; progress: tqdm bars (datasets' and the embedder's)."""
@@ -79,8 +82,10 @@ def _prepare(cfg: DataConfig, out_dir: str | Path | None, progress: bool) -> Pre
     # 1-2. validate and read everything that is not cached; nothing is written to `out` yet.
     t0 = time.perf_counter()
     debian.query_packages([s.package for d in cfg.domains for s in d.sources if s.kind == "debian"])
-    fps = {d.name: documents_fingerprint(d.name, [source_identity(s, d.name) for s in d.sources], cfg.splits)
-           for d in cfg.domains}
+    fps = {
+        d.name: documents_fingerprint(d.name, [source_identity(s, d.name) for s in d.sources], cfg.splits)
+        for d in cfg.domains
+    }
     embedder = _Embedder(cfg.embedding)
     embedder.check_dim()
     if cfg.tokenizer.path is not None:
@@ -88,8 +93,13 @@ def _prepare(cfg: DataConfig, out_dir: str | Path | None, progress: bool) -> Pre
 
         load_tokenizer(cfg.tokenizer.path, cfg.tokenizer.eos_token)
     pending = [d for d in cfg.domains if read_fingerprint(out / "documents" / d.name) != fps[d.name]]
-    data = PreparedData(out, cfg.experiment, cfg.packing.seq_len, "",
-                        {d.name: DomainData(d.name, d.held_out, fps[d.name]) for d in cfg.domains})
+    data = PreparedData(
+        out,
+        cfg.experiment,
+        cfg.packing.seq_len,
+        "",
+        {d.name: DomainData(d.name, d.held_out, fps[d.name]) for d in cfg.domains},
+    )
     timer = _Timer(data)
     if pending:  # streamed into a staging directory next to `out`; moved in once every domain was read
         with staging_directory(out) as staging:
@@ -151,10 +161,16 @@ def _tokenizer(cfg: DataConfig, data: PreparedData) -> tuple[str, bool]:
         given = Path(tc.path)
         text = given.read_text() if given.is_file() else backend.to_str()  # a file is copied verbatim
         fp = fingerprint({"tokenizer": text})
-        return fp, cached_dir(data.tokenizer_path.parent, fp, lambda tmp: (tmp / TOKENIZER_FILE).write_text(text))
+        return fp, cached_dir(
+            data.tokenizer_path.parent, fp, lambda tmp: (tmp / TOKENIZER_FILE).write_text(text)
+        )
     initial = cfg.initial_domains  # the held-out extension domain is never in the sample
-    fp = fingerprint({"cfg": [tc.vocab_size, tc.sample_chars_per_domain, tc.min_frequency, tc.eos_token],
-                      "docs": [data.domains[d].fingerprint for d in initial]})
+    fp = fingerprint(
+        {
+            "cfg": [tc.vocab_size, tc.sample_chars_per_domain, tc.min_frequency, tc.eos_token],
+            "docs": [data.domains[d].fingerprint for d in initial],
+        }
+    )
 
     def build(tmp: Path) -> None:
         def sample():
@@ -162,14 +178,21 @@ def _tokenizer(cfg: DataConfig, data: PreparedData) -> tuple[str, bool]:
                 train = data.documents(name)["train"]
                 order = hash_order(column_batches(train, "doc_id"), "tokenizer")
                 yield from sample_texts((train[i]["text"] for i in order), tc.sample_chars_per_domain)
+
         log.info("training tokenizer (vocab %d) on %s", tc.vocab_size, initial)
         train_tokenizer(sample(), tc.vocab_size, tmp / TOKENIZER_FILE, tc.eos_token, tc.min_frequency)
 
     return fp, cached_dir(data.tokenizer_path.parent, fp, build)
 
 
-def _pack(cfg: DataConfig, data: PreparedData, dom: DomainData, split: str,
-          tok_info: Callable[[], tuple[int, int]], split_docs: Callable[[], Any]) -> bool:
+def _pack(
+    cfg: DataConfig,
+    data: PreparedData,
+    dom: DomainData,
+    split: str,
+    tok_info: Callable[[], tuple[int, int]],
+    split_docs: Callable[[], Any],
+) -> bool:
     """Pack one split unless cached; `tok_info() -> (eos_id, vocab_size)`, `split_docs()` -> its
     documents Dataset. Returns whether the cached split was reused."""
     from nexus.data.packing import pack_documents
@@ -180,9 +203,18 @@ def _pack(cfg: DataConfig, data: PreparedData, dom: DomainData, split: str,
     def build(tmp: Path) -> None:
         eos_id, vocab_size = tok_info()
         log.info("packing %s/%s", dom.name, split)
-        pack_documents(split_docs(), data.tokenizer_path, tmp, domain=dom.name,
-                       split=split, fingerprint=fp, eos_id=eos_id, vocab_size=vocab_size,
-                       num_proc=cfg.packing.num_proc, batch_size=cfg.packing.batch_size)
+        pack_documents(
+            split_docs(),
+            data.tokenizer_path,
+            tmp,
+            domain=dom.name,
+            split=split,
+            fingerprint=fp,
+            eos_id=eos_id,
+            vocab_size=vocab_size,
+            num_proc=cfg.packing.num_proc,
+            batch_size=cfg.packing.batch_size,
+        )
 
     reused = cached_dir(path, fp, build)
     dom.splits[split].tokens = data.packed(dom.name, split).num_tokens
@@ -209,24 +241,42 @@ class _Embedder:
             check_embedding_dim([0.0] * model.dim, self.ec.expected_dim, "*", f"embedder {model.name}")
 
 
-def embed_prepared_domain(data: PreparedData, domain: str, ec: EmbeddingConfig, embedder: _Embedder | None = None,
-                          progress: bool = False) -> bool:
+def embed_prepared_domain(
+    data: PreparedData,
+    domain: str,
+    ec: EmbeddingConfig,
+    embedder: _Embedder | None = None,
+    progress: bool = False,
+) -> bool:
     """Write d_i for one domain of prepared data unless cached (one Prefect task per domain calls
     this); returns whether the cached embedding was reused."""
     embedder = embedder or _Embedder(ec)
     dom = data.domains[domain]
-    fp = fingerprint({"docs": dom.fingerprint, "embedder": embedder.name, "recipe": [
-        ec.sample_size, ec.max_chars, ec.max_chunks_per_doc, ec.seed]})
+    fp = fingerprint(
+        {
+            "docs": dom.fingerprint,
+            "embedder": embedder.name,
+            "recipe": [ec.sample_size, ec.max_chars, ec.max_chunks_per_doc, ec.seed],
+        }
+    )
     path = data.embedding_path(dom.name)
     meta = read_embedding_metadata(path)
     reused = meta is not None and meta.get("fingerprint") == fp
     if not reused:
         train = data.documents(dom.name)["train"]
-        sample = [train[i]["text"] for i in hash_order(column_batches(train, "doc_id"), ec.seed)[:ec.sample_size]]
+        sample = [
+            train[i]["text"] for i in hash_order(column_batches(train, "doc_id"), ec.seed)[: ec.sample_size]
+        ]
         vector = embed_domain(sample, embedder.get(), ec, progress, desc=f"embed {dom.name}")
-        meta = {"embedder": embedder.name, "sample_size": len(sample), "data_fingerprint": dom.fingerprint,
-                "fingerprint": fp, "max_chars": ec.max_chars, "max_chunks_per_doc": ec.max_chunks_per_doc,
-                "dim": len(vector)}
+        meta = {
+            "embedder": embedder.name,
+            "sample_size": len(sample),
+            "data_fingerprint": dom.fingerprint,
+            "fingerprint": fp,
+            "max_chars": ec.max_chars,
+            "max_chunks_per_doc": ec.max_chunks_per_doc,
+            "dim": len(vector),
+        }
         save_domain_embedding(path, dom.name, vector, meta)
     data.embedding_dim, data.embedder = int(meta["dim"]), meta["embedder"]
     return reused

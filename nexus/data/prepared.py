@@ -7,6 +7,7 @@ Layout of an experiment's data directory (`open_prepared(dir)` reads `manifest.j
     packed/<domain>/<split>/          token stream (see nexus.data.packing.PackedSplit)
     embeddings/<domain>.safetensors   d_i with metadata (see nexus.data.embeddings)
 """
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nexus.io import atomic_write_text
 from nexus.data.documents import SPLITS
 from nexus.data.embeddings import SUFFIX, cosine_similarity, load_domain_embeddings
 from nexus.data.packing import PackedSplit
 from nexus.errors import DataError
+from nexus.io import atomic_write_text
 
 MANIFEST = "manifest.json"
 
@@ -42,10 +43,10 @@ class DomainData:
 class PreparedData:
     """Handle on a prepared experiment. Typical use in training code:
 
-        data = open_prepared("outputs/data/demo")
-        tok = data.load_tokenizer()                       # eos: tok.eos_token_id, vocab: len(tok)
-        train = data.packed("kernel-docs", "train")       # PackedSplit, items (seq_len + 1,) int64
-        names, D, meta = data.domain_embeddings(data.initial_domains)   # D: (n, m) float32
+    data = open_prepared("outputs/data/demo")
+    tok = data.load_tokenizer()                       # eos: tok.eos_token_id, vocab: len(tok)
+    train = data.packed("kernel-docs", "train")       # PackedSplit, items (seq_len + 1,) int64
+    names, D, meta = data.domain_embeddings(data.initial_domains)   # D: (n, m) float32
     """
 
     out_dir: Path
@@ -74,8 +75,10 @@ class PreparedData:
 
     def _domain(self, name: str) -> DomainData:
         if name not in self.domains:
-            raise DataError(f"domain {name!r} is not in experiment {self.experiment!r} ({self.out_dir}); "
-                            f"known: {list(self.domains)}")
+            raise DataError(
+                f"domain {name!r} is not in experiment {self.experiment!r} ({self.out_dir}); "
+                f"known: {list(self.domains)}"
+            )
         return self.domains[name]
 
     def load_tokenizer(self):
@@ -142,12 +145,17 @@ def format_report(data: PreparedData) -> str:
         for split, st in dom.splits.items():
             ratio = st.bytes / st.tokens if st.tokens else float("nan")
             tag = " (held out)" if dom.held_out and split == "train" else ""
-            lines.append(f"{dom.name:<14}{split:<12}{st.documents:>11,}{st.tokens:>13,}{st.bytes:>14,}"
-                         f"  {ratio:.2f}{tag}")
+            lines.append(
+                f"{dom.name:<14}{split:<12}{st.documents:>11,}{st.tokens:>13,}{st.bytes:>14,}"
+                f"  {ratio:.2f}{tag}"
+            )
     if data.embedding_dim:
         names, sim = data.similarity()
         width = max(len(n) for n in names) + 2
-        lines += ["", f"domain embeddings: cosine similarity ({data.embedder}, dim {data.embedding_dim})",
-                  " " * width + "".join(f"{n[:11]:>12}" for n in names)]
+        lines += [
+            "",
+            f"domain embeddings: cosine similarity ({data.embedder}, dim {data.embedding_dim})",
+            " " * width + "".join(f"{n[:11]:>12}" for n in names),
+        ]
         lines += [f"{n:<{width}}" + "".join(f"{v:>12.3f}" for v in row) for n, row in zip(names, sim)]
     return "\n".join(lines)

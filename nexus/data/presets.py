@@ -5,6 +5,7 @@ demo: the four initial domains from Debian packages (downloaded via apt into the
 tiny: the same five domains from the small fixture corpora committed under
   tests/fixtures/corpora (same file formats, a few KB each), sized for tests.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -34,7 +35,11 @@ DEMO_PACKAGES: dict[str, dict[str, str]] = {
 HELD_OUT_PACKAGES: dict[str, dict[str, str]] = {"german": {"fortunes-de": "fortunes"}}
 # domain (a subfolder of the fixture corpora) -> format
 TINY_FORMATS: dict[str, str] = {
-    "dictionary": "dictd", "kernel-docs": "rst", "python-docs": "rst", "lore": "jargon", "code": "python",
+    "dictionary": "dictd",
+    "kernel-docs": "rst",
+    "python-docs": "rst",
+    "lore": "jargon",
+    "code": "python",
 }
 
 
@@ -44,7 +49,8 @@ def demo_config(**overrides: Any) -> DataConfig:
     domains.append(DomainConfig("code", (SourceConfig("stdlib"),), held_out=True))
     domains += [DomainConfig.debian(name, pkgs, held_out=True) for name, pkgs in HELD_OUT_PACKAGES.items()]
     cfg = DataConfig(
-        experiment="demo", domains=tuple(domains),
+        experiment="demo",
+        domains=tuple(domains),
         tokenizer=TokenizerConfig(vocab_size=4096, sample_chars_per_domain=2_000_000),
         packing=PackingConfig(seq_len=256, num_proc=2, batch_size=1000),
         embedding=EmbeddingConfig(sample_size=64, batch_size=32, max_chars=1000, max_chunks_per_doc=1),
@@ -62,7 +68,8 @@ def tiny_config(corpora_dir: str | Path, **overrides: Any) -> DataConfig:
             sources.append(SourceConfig("folder", path=str(root / name), format="fortunes"))
         domains.append(DomainConfig(name, tuple(sources), held_out=name == "code"))
     cfg = DataConfig(
-        experiment="tiny", domains=tuple(domains),
+        experiment="tiny",
+        domains=tuple(domains),
         splits=SplitConfig(validation=0.2, test=0.2),
         tokenizer=TokenizerConfig(vocab_size=512, sample_chars_per_domain=20_000),
         packing=PackingConfig(seq_len=32, num_proc=1, batch_size=64),

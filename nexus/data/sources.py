@@ -11,6 +11,7 @@ local data files (parquet/JSONL/JSON/CSV/text; `path` a builder name with `data_
 directory of such files) and hub datasets streamed (`streaming: false` downloads a hub dataset
 into the HF cache first).
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,7 +82,9 @@ def read_source(src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Doc
 
 
 def _read_debian(src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
-    roots = [debian.fetch_package(info, cache_dir, domain) for info in debian.resolve_package(src.package, domain)]
+    roots = [
+        debian.fetch_package(info, cache_dir, domain) for info in debian.resolve_package(src.package, domain)
+    ]
     files = [f for root in roots for f in _files(src, domain, str(root))]
     yield from parse_files(files, _format(src), domain, src)
 
@@ -107,8 +110,10 @@ def _hf_files(src: SourceConfig) -> tuple[str, list[Path]] | None:
     files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.suffix in HF_BUILDERS)
     builders = {HF_BUILDERS.get(f.suffix) for f in files}
     if len(builders) != 1 or None in builders:
-        raise DataError(f"{src.path}: expected data files of one kind ({', '.join(HF_BUILDERS)}), found "
-                        f"{sorted({f.suffix for f in files}) or 'none'}")
+        raise DataError(
+            f"{src.path}: expected data files of one kind ({', '.join(HF_BUILDERS)}), found "
+            f"{sorted({f.suffix for f in files}) or 'none'}"
+        )
     return builders.pop(), files  # type: ignore[return-value]
 
 
@@ -135,8 +140,10 @@ def _load_hf(src: SourceConfig, domain: str):
         raise
     except Exception as err:  # datasets raises many types (FileNotFound, ConnectionError, ValueError...)
         where = f"{src.path}" + (f" (data_files={src.data_files})" if src.data_files else "")
-        raise DataError(f"domain {domain!r}: cannot load dataset {where} split {src.hf_split!r}: "
-                        f"{type(err).__name__}: {str(err)[:300]}") from err
+        raise DataError(
+            f"domain {domain!r}: cannot load dataset {where} split {src.hf_split!r}: "
+            f"{type(err).__name__}: {str(err)[:300]}"
+        ) from err
     _check_columns(src, domain, ds.column_names)
     return ds
 
@@ -146,8 +153,9 @@ def _check_columns(src: SourceConfig, domain: str, columns: list[str] | None) ->
         return
     for key in (src.text_field, src.filter_field):
         if key is not None and key.split(".")[0] not in columns:
-            raise DataError(f"domain {domain!r}: dataset {src.path} has no column {key!r} "
-                            f"(columns: {sorted(columns)})")
+            raise DataError(
+                f"domain {domain!r}: dataset {src.path} has no column {key!r} (columns: {sorted(columns)})"
+            )
 
 
 def _hf_identity(src: SourceConfig, domain: str) -> Any:
@@ -180,7 +188,9 @@ def _read_hf(src: SourceConfig, domain: str) -> Iterator[Document]:
                 continue
             text = _lookup(record, src.text_field)
             if not isinstance(text, str):
-                raise DataError(f"domain {domain!r}: dataset {src.path} row {i} has no string {src.text_field!r}")
+                raise DataError(
+                    f"domain {domain!r}: dataset {src.path} row {i} has no string {src.text_field!r}"
+                )
             yield text, f"{src.path}[{i}]"
 
 
@@ -197,8 +207,18 @@ def check_folder_domain(name: str, folder: str, splits: SplitConfig | None = Non
 
 def describe(src: SourceConfig) -> str:
     """Where a source reads from, for messages."""
-    return src.path if src.kind in ("folder", "hf") else (
-        f"Debian package {src.package}" if src.kind == "debian" else f"stdlib {stdlib_root()}")
+    return (
+        src.path
+        if src.kind in ("folder", "hf")
+        else (f"Debian package {src.package}" if src.kind == "debian" else f"stdlib {stdlib_root()}")
+    )
 
 
-__all__ = ["STDLIB_EXCLUDE", "check_folder_domain", "describe", "read_source", "source_identity", "stdlib_root"]
+__all__ = [
+    "STDLIB_EXCLUDE",
+    "check_folder_domain",
+    "describe",
+    "read_source",
+    "source_identity",
+    "stdlib_root",
+]

@@ -3,6 +3,7 @@
 
 The paper's finding to check: the projection keeps the relative similarities of the domains
 (e.g. code-like domains stay close) while pushing experts further apart."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -30,17 +31,27 @@ class EmbeddingGeometry:
     def mean_off_diagonal(self) -> dict[str, float]:
         """Average similarity between different domains / experts (lower = further apart)."""
         off = ~np.eye(len(self.names), dtype=bool)
-        return {"domain": float(self.domain_similarity[off].mean()) if off.any() else float("nan"),
-                "expert": float(self.expert_similarity[off].mean()) if off.any() else float("nan")}
+        return {
+            "domain": float(self.domain_similarity[off].mean()) if off.any() else float("nan"),
+            "expert": float(self.expert_similarity[off].mean()) if off.any() else float("nan"),
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"names": self.names, "domain_similarity": self.domain_similarity.tolist(),
-                "expert_similarity": self.expert_similarity.tolist(), "layer": self.layer}
+        return {
+            "names": self.names,
+            "domain_similarity": self.domain_similarity.tolist(),
+            "expert_similarity": self.expert_similarity.tolist(),
+            "layer": self.layer,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EmbeddingGeometry:
-        return cls(list(data["names"]), np.asarray(data["domain_similarity"]),
-                   np.asarray(data["expert_similarity"]), int(data["layer"]))
+        return cls(
+            list(data["names"]),
+            np.asarray(data["domain_similarity"]),
+            np.asarray(data["expert_similarity"]),
+            int(data["layer"]),
+        )
 
 
 @torch.no_grad()
@@ -54,5 +65,9 @@ def embedding_geometry(model: Transformer, layer: int = -1) -> EmbeddingGeometry
     assert isinstance(ffn, MoELayer) and isinstance(ffn.router, NexusRouter)
     domains = model.domain_embeddings.float()
     experts = ffn.router.expert_embeddings(model.domain_embeddings).float()
-    return EmbeddingGeometry(list(model.config.moe.expert_names), cosine_similarity(domains.cpu().numpy()),
-                             cosine_similarity(experts.cpu().numpy()), layer)
+    return EmbeddingGeometry(
+        list(model.config.moe.expert_names),
+        cosine_similarity(domains.cpu().numpy()),
+        cosine_similarity(experts.cpu().numpy()),
+        layer,
+    )

@@ -6,6 +6,7 @@ A version built from `base` passes when
   - every earlier domain stays within tolerance: ppl_d(after) <= (1 + tolerance) · ppl_d(before).
 Perplexities are held-out ones of the same split for both models.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,29 +47,38 @@ class GateVerdict:
         return [c.domain for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "tolerance": self.tolerance,
-                "domains": {c.domain: {**asdict(c), "change": c.change} for c in self.checks}}
+        return {
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "domains": {c.domain: {**asdict(c), "change": c.change} for c in self.checks},
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> GateVerdict:
         fields = ("domain", "role", "before", "after", "limit", "passed")
-        return cls(tuple(DomainCheck(**{k: c[k] for k in fields}) for c in data["domains"].values()),
-                   data["tolerance"])
+        return cls(
+            tuple(DomainCheck(**{k: c[k] for k in fields}) for c in data["domains"].values()),
+            data["tolerance"],
+        )
 
     def table(self) -> str:
         """The verdict as text: one line per domain, then the decision."""
         lines = [f"{'domain':<20}{'role':>9}{'before':>11}{'after':>11}{'change':>9}  verdict"]
         for c in self.checks:
-            lines.append(f"{c.domain[:20]:<20}{c.role:>9}{c.before:>11.2f}{c.after:>11.2f}{c.change:>+9.1%}  "
-                         + ("pass" if c.passed else f"FAIL (limit {c.limit:.2f})"))
+            lines.append(
+                f"{c.domain[:20]:<20}{c.role:>9}{c.before:>11.2f}{c.after:>11.2f}{c.change:>+9.1%}  "
+                + ("pass" if c.passed else f"FAIL (limit {c.limit:.2f})")
+            )
         rule = f"earlier domains within {self.tolerance:.0%}" + (
-            ", the new domain must improve" if any(c.role == "new" for c in self.checks) else "")
+            ", the new domain must improve" if any(c.role == "new" for c in self.checks) else ""
+        )
         lines.append(f"gate {'PASSED' if self.passed else 'FAILED'} ({rule})")
         return "\n".join(lines)
 
 
-def promotion_gate(before: Mapping[str, float], after: Mapping[str, float], new_domain: str | None,
-                   tolerance: float) -> GateVerdict:
+def promotion_gate(
+    before: Mapping[str, float], after: Mapping[str, float], new_domain: str | None, tolerance: float
+) -> GateVerdict:
     """Judge `after` against `before` ({domain: held-out perplexity}) over the domains `after` serves:
     `new_domain` must satisfy `after < before`, every other domain `after <= (1 + tolerance) · before`.
     `new_domain` is None for a removal (only earlier domains are judged)."""
@@ -76,8 +86,10 @@ def promotion_gate(before: Mapping[str, float], after: Mapping[str, float], new_
         raise ConfigError(f"gate tolerance must be a finite value >= 0, got {tolerance}")
     missing = sorted(set(after) - set(before))
     if missing or (new_domain is not None and new_domain not in after):
-        raise ConfigError(f"gate: no 'before' perplexity for {missing or [new_domain]}; both models must be "
-                          "evaluated on every domain of the new version")
+        raise ConfigError(
+            f"gate: no 'before' perplexity for {missing or [new_domain]}; both models must be "
+            "evaluated on every domain of the new version"
+        )
     checks = []
     for domain, ppl in after.items():
         role = "new" if domain == new_domain else "earlier"

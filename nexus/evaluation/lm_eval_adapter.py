@@ -16,6 +16,7 @@ From the shell, run lm-eval's own CLI through this module (so the class is regis
 Scoring is batched through `nexus.evaluation.perplexity.score_windows`, so `loglikelihood_rolling`
 and `text_perplexity` are one computation; `generate_until` decodes with the KV cache.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,7 +32,7 @@ from nexus.model.transformer import Transformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # lm-eval 0.4.13 loads its own model classes (`hf`, …) only into an empty registry: load them first.
-import lm_eval.models  # noqa: F401
+import lm_eval.models  # noqa: E402, F401
 
 # Run as `python -m`, this file is `__main__`; the class is registered by importing the module
 # proper below instead (registering both copies under one name is an error in lm-eval).
@@ -44,9 +45,18 @@ class NexusLM(TemplateLM):
     tokenizer.json path or a PreTrainedTokenizerFast); optional `batch_size`, `device`, `dtype`,
     `max_length` (default the model's max_seq_len), `max_gen_toks`."""
 
-    def __init__(self, path: str | None = None, model: Transformer | None = None, tokenizer: Any = None,
-                 batch_size: int | str | None = 8, device: str | None = None, dtype: str | None = None,
-                 max_length: int | None = None, max_gen_toks: int = 64, **_ignored: Any) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        model: Transformer | None = None,
+        tokenizer: Any = None,
+        batch_size: int | str | None = 8,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 64,
+        **_ignored: Any,
+    ) -> None:
         super().__init__()
         from nexus.data.tokenizer import load_tokenizer
 
@@ -55,13 +65,17 @@ class NexusLM(TemplateLM):
         self._device = torch.device(device)
         if model is None:
             if path is None:
-                raise ValueError("nexus model: give model_args path=<checkpoint dir> (or model= and tokenizer=)")
+                raise ValueError(
+                    "nexus model: give model_args path=<checkpoint dir> (or model= and tokenizer=)"
+                )
             from nexus.checkpoint import load_checkpoint
 
             model = load_checkpoint(path, device=self._device, dtype=_DTYPES.get(dtype or "float32"))
             tokenizer = tokenizer or Path(path) / "tokenizer.json"
         if tokenizer is None:
-            raise ValueError("nexus model: no tokenizer (pass tokenizer= or a checkpoint with tokenizer.json)")
+            raise ValueError(
+                "nexus model: no tokenizer (pass tokenizer= or a checkpoint with tokenizer.json)"
+            )
         self.model = model.to(self._device).eval()
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         # lm-eval passes "auto" / strings from the CLI; we batch by a fixed size.
@@ -83,12 +97,14 @@ class NexusLM(TemplateLM):
     def tok_decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list, disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         """requests: ((context, continuation), context_ids, continuation_ids); the continuation is
         scored after as much of the context as fits in max_length."""
         windows = []
         for _, ctx, cont in requests:
-            whole = (ctx + cont)[-(self.max_length + 1):]
+            whole = (ctx + cont)[-(self.max_length + 1) :]
             windows.append(Window(whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
         results = score_windows(self.model, windows, self.batch_size)
         for (key, _, _), result in zip(requests, results):
@@ -141,14 +157,16 @@ class NexusLM(TemplateLM):
             idx = torch.cat([idx, nxt.unsqueeze(-1)], dim=1)
             done |= nxt == self.eot_token_id
             if until:
-                done |= torch.tensor([any(s in self.tok_decode(row) for s in until)
-                                      for row in idx[:, start:].tolist()], device=idx.device)
+                done |= torch.tensor(
+                    [any(s in self.tok_decode(row) for s in until) for row in idx[:, start:].tolist()],
+                    device=idx.device,
+                )
             if bool(done.all()):
                 break
         texts = []
         for row in idx[:, start:].tolist():
             if self.eot_token_id in row:
-                row = row[:row.index(self.eot_token_id)]
+                row = row[: row.index(self.eot_token_id)]
             text = self.tok_decode(row)
             for stop in until:
                 text = text.split(stop, 1)[0]
@@ -159,6 +177,6 @@ class NexusLM(TemplateLM):
 if __name__ == "__main__":
     from lm_eval.__main__ import cli_evaluate
 
-    import nexus.evaluation.lm_eval_adapter  # noqa: F401, PLW0406  (registers "nexus")
+    import nexus.evaluation.lm_eval_adapter  # noqa: F401  (registers "nexus")
 
     cli_evaluate()

@@ -12,6 +12,7 @@ Two ways to cut text into model-sized windows, both scored by the same batched `
   that predict every token once with up to `max_len` tokens of context (`text_perplexity`). This
   is lm-eval's `loglikelihood_rolling`, so `text_perplexity` equals what lm-eval reports.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,14 @@ class Perplexity:
         return math.exp(self.nll / self.bytes) if self.bytes else math.nan
 
     def to_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
-                "byte_perplexity": self.byte_perplexity, "tokens": self.tokens, "bytes": self.bytes}
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "byte_perplexity": self.byte_perplexity,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+        }
 
 
 def stream_windows(tokens: Sequence[int] | np.ndarray, seq_len: int) -> list[Window]:
@@ -72,7 +79,7 @@ def stream_windows(tokens: Sequence[int] | np.ndarray, seq_len: int) -> list[Win
     tokens = np.asarray(tokens, dtype=np.int64)
     windows = []
     for start in range(0, max(len(tokens) - 1, 0), seq_len):
-        chunk = tokens[start:start + seq_len + 1]
+        chunk = tokens[start : start + seq_len + 1]
         windows.append(Window(chunk[:-1], chunk[1:], len(chunk) - 1))
     return windows
 
@@ -87,11 +94,11 @@ def document_windows(tokens: Sequence[int], prefix_id: int, max_len: int) -> lis
     if n == 0:
         return []
     first = min(max_len, n)
-    windows = [Window(seq[:first], seq[1:first + 1], first)]
+    windows = [Window(seq[:first], seq[1 : first + 1], first)]
     predicted = first
     while predicted < n:
         end = min(predicted + max_len, n)  # seq index of the last target
-        windows.append(Window(seq[end - max_len:end], seq[end - max_len + 1:end + 1], end - predicted))
+        windows.append(Window(seq[end - max_len : end], seq[end - max_len + 1 : end + 1], end - predicted))
         predicted = end
     return windows
 
@@ -109,7 +116,9 @@ class WindowBatch:
 
 
 @torch.no_grad()
-def forward_windows(model: Transformer, windows: Sequence[Window], batch_size: int = 8) -> Iterator[WindowBatch]:
+def forward_windows(
+    model: Transformer, windows: Sequence[Window], batch_size: int = 8
+) -> Iterator[WindowBatch]:
     """Run `model` over `windows` in batches of similar length (longest first), right-padded.
 
     Padding sits after the real tokens, so causal attention and per-token routing leave the real
@@ -118,7 +127,7 @@ def forward_windows(model: Transformer, windows: Sequence[Window], batch_size: i
     device = next(model.parameters()).device
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
     for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         width = len(windows[index[0]].input_ids)
         inputs = torch.zeros(len(index), width, dtype=torch.long)
         targets = torch.zeros_like(inputs)
@@ -130,12 +139,14 @@ def forward_windows(model: Transformer, windows: Sequence[Window], batch_size: i
             inputs[row, :n] = torch.as_tensor(np.asarray(w.input_ids, dtype=np.int64))
             targets[row, :n] = torch.as_tensor(np.asarray(w.targets, dtype=np.int64))
             valid[row, :n] = True
-            scored[row, n - w.n_scored:n] = True
+            scored[row, n - w.n_scored : n] = True
         output = model(inputs.to(device))
         yield WindowBatch(index, output, targets.to(device), valid.to(device), scored.to(device))
 
 
-def score_windows(model: Transformer, windows: Sequence[Window], batch_size: int = 8) -> list[tuple[float, bool]]:
+def score_windows(
+    model: Transformer, windows: Sequence[Window], batch_size: int = 8
+) -> list[tuple[float, bool]]:
     """Per window: (sum of the scored targets' log-probabilities, whether each is the argmax)."""
     results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
     for batch in forward_windows(model, windows, batch_size):
@@ -166,8 +177,13 @@ def stream_bytes(tokens: Sequence[int] | np.ndarray, tokenizer: Any) -> int:
     return len(text.encode("utf-8")) + n_eos
 
 
-def split_perplexity(model: Transformer, split: Any, tokenizer: Any | None = None, seq_len: int | None = None,
-                     batch_size: int = 8) -> Perplexity:
+def split_perplexity(
+    model: Transformer,
+    split: Any,
+    tokenizer: Any | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+) -> Perplexity:
     """Perplexity of a packed held-out split in training-style windows of `seq_len` (default the
     model's max_seq_len); bits per byte too when `tokenizer` is given."""
     tokens = token_array(split)
@@ -177,14 +193,23 @@ def split_perplexity(model: Transformer, split: Any, tokenizer: Any | None = Non
     return Perplexity(nll, sum(w.n_scored for w in windows), n_bytes)
 
 
-def domain_perplexities(model: Transformer, splits: Mapping[str, Any], tokenizer: Any | None = None,
-                        seq_len: int | None = None, batch_size: int = 8) -> dict[str, Perplexity]:
+def domain_perplexities(
+    model: Transformer,
+    splits: Mapping[str, Any],
+    tokenizer: Any | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Perplexity]:
     """`split_perplexity` for every `{domain: held-out split}`."""
-    return {domain: split_perplexity(model, split, tokenizer, seq_len, batch_size) for domain, split in splits.items()}
+    return {
+        domain: split_perplexity(model, split, tokenizer, seq_len, batch_size)
+        for domain, split in splits.items()
+    }
 
 
-def text_perplexity(model: Transformer, tokenizer: Any, texts: Sequence[str], batch_size: int = 8,
-                    max_len: int | None = None) -> Perplexity:
+def text_perplexity(
+    model: Transformer, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_len: int | None = None
+) -> Perplexity:
     """Perplexity of documents given as text, each scored on its own after an EOS (lm-eval's
     `loglikelihood_rolling`); bytes are the texts' UTF-8 bytes."""
     max_len = max_len or model.config.max_seq_len
@@ -198,9 +223,14 @@ def text_perplexity(model: Transformer, tokenizer: Any, texts: Sequence[str], ba
     return Perplexity(nll, n_tokens, sum(len(t.encode("utf-8")) for t in texts))
 
 
-def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], splits: Mapping[str, Any], tokenizer: Any | None = None,
-                         batch_size: int = 8, device: str = "cpu",
-                         dtype: torch.dtype | None = None) -> dict[str, dict[str, Perplexity]]:
+def evaluate_checkpoints(
+    checkpoints: Mapping[str, str | Path],
+    splits: Mapping[str, Any],
+    tokenizer: Any | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> dict[str, dict[str, Perplexity]]:
     """`{model name: {domain: Perplexity}}` for checkpoint directories that share the splits'
     tokenizer (by default the first checkpoint's `tokenizer.json`)."""
     from nexus.checkpoint import load_checkpoint

@@ -16,6 +16,7 @@
 Relative gain of model m over baseline b on a domain: `(ppl_b - ppl_m) / ppl_b` (positive = m
 has the lower perplexity).
 """
+
 from __future__ import annotations
 
 import html
@@ -45,13 +46,21 @@ def _fmt(value: Any) -> str:
 
 def _metric(table: Mapping[str, Mapping[str, Any]], key: str) -> dict[str, dict[str, float]]:
     """{model: {domain: value}} of `key` from per-domain dicts (or plain floats = perplexity)."""
-    return {m: {d: float(v[key] if isinstance(v, Mapping) else (v if key == "perplexity" else math.nan))
-                for d, v in row.items()} for m, row in table.items()}
+    return {
+        m: {
+            d: float(v[key] if isinstance(v, Mapping) else (v if key == "perplexity" else math.nan))
+            for d, v in row.items()
+        }
+        for m, row in table.items()
+    }
 
 
 def _with_mean(table: dict[str, dict[str, float]]) -> tuple[list[str], dict[str, dict[str, float]]]:
     domains = list(dict.fromkeys(d for row in table.values() for d in row))
-    out = {m: {**row, "mean": sum(row.get(d, math.nan) for d in domains) / len(domains)} for m, row in table.items()}
+    out = {
+        m: {**row, "mean": sum(row.get(d, math.nan) for d in domains) / len(domains)}
+        for m, row in table.items()
+    }
     return [*domains, "mean"], out
 
 
@@ -70,21 +79,29 @@ def relative_gains(ppl: Mapping[str, Mapping[str, float]], baseline: str) -> dic
     the mean perplexities over domains."""
     _, ppl = _with_mean({m: dict(r) for m, r in ppl.items()})
     base = ppl[baseline]
-    return {m: {d: 100 * (base[d] - v) / base[d] for d, v in row.items() if d in base}
-            for m, row in ppl.items() if m != baseline}
+    return {
+        m: {d: 100 * (base[d] - v) / base[d] for d, v in row.items() if d in base}
+        for m, row in ppl.items()
+        if m != baseline
+    }
 
 
 def _perplexity_blocks(section: Mapping[str, Any], heading: str) -> list[Block]:
     ppl = _metric(section["perplexity"], "perplexity")
-    blocks: list[Block] = [("h2", heading), ("p", ("Held-out perplexity (lower is better; `mean` is the "
-                                             "arithmetic mean over domains).")), ("table", _value_rows(ppl))]
+    blocks: list[Block] = [
+        ("h2", heading),
+        ("p", ("Held-out perplexity (lower is better; `mean` is the arithmetic mean over domains).")),
+        ("table", _value_rows(ppl)),
+    ]
     bpb = _metric(section["perplexity"], "bits_per_byte")
     if any(not math.isnan(v) for row in bpb.values() for v in row.values()):
         blocks += [("p", "Bits per byte (tokenizer-independent)."), ("table", _value_rows(bpb))]
     for role, name in (section.get("baselines") or {}).items():
         if name in ppl:
-            blocks += [("p", f"Relative gain vs {role} baseline `{name}`, % lower perplexity (positive = better)."),
-                       ("table", _value_rows(relative_gains(ppl, name), add_mean=False))]
+            blocks += [
+                ("p", f"Relative gain vs {role} baseline `{name}`, % lower perplexity (positive = better)."),
+                ("table", _value_rows(relative_gains(ppl, name), add_mean=False)),
+            ]
     if section.get("note"):
         blocks.append(("p", section["note"]))
     return blocks
@@ -98,12 +115,23 @@ def _routing_blocks(routing: Mapping[str, Any], figures: Path) -> list[Block]:
         analysis = data if isinstance(data, RoutingAnalysis) else RoutingAnalysis.from_dict(data)
         blocks.append(("h3", f"`{model}`"))
         for metric, label in METRICS.items():
-            png = plot_routing(analysis, figures / f"routing_{_slug(model)}_{metric}.png", metric, f"{model}: {label}")
-            blocks += [("p", (f"{label.capitalize()} per expert (columns) for each domain's held-out tokens "
-                             "(rows), averaged over layers.")),
-                       ("table", [[_fmt(c) for c in row] for row in analysis.table(metric)]),
-                       ("img", f"figures/{png.name}", f"{model}: {label}")]
-        png = plot_routing_layers(analysis, figures / f"routing_{_slug(model)}_layers.png", "top1_share", model)
+            png = plot_routing(
+                analysis, figures / f"routing_{_slug(model)}_{metric}.png", metric, f"{model}: {label}"
+            )
+            blocks += [
+                (
+                    "p",
+                    (
+                        f"{label.capitalize()} per expert (columns) for each domain's held-out tokens "
+                        "(rows), averaged over layers."
+                    ),
+                ),
+                ("table", [[_fmt(c) for c in row] for row in analysis.table(metric)]),
+                ("img", f"figures/{png.name}", f"{model}: {label}"),
+            ]
+        png = plot_routing_layers(
+            analysis, figures / f"routing_{_slug(model)}_layers.png", "top1_share", model
+        )
         blocks.append(("img", f"figures/{png.name}", f"{model}: top-1 share per layer"))
     return blocks
 
@@ -114,18 +142,29 @@ def _embedding_blocks(embeddings: Mapping[str, Any], figures: Path) -> list[Bloc
     blocks: list[Block] = [("h2", "Domain and expert embeddings")]
     for model, data in embeddings.items():
         geometry = data if isinstance(data, EmbeddingGeometry) else EmbeddingGeometry.from_dict(data)
-        png = plot_embedding_similarity(geometry, figures / f"embeddings_{_slug(model)}.png", f"{model}: cosine similarity")
+        png = plot_embedding_similarity(
+            geometry, figures / f"embeddings_{_slug(model)}.png", f"{model}: cosine similarity"
+        )
         off = geometry.mean_off_diagonal()
-        blocks += [("p", (f"`{model}`: mean off-diagonal cosine similarity, domains {off['domain']:.3f}, "
-                         f"experts (block {geometry.layer}) {off['expert']:.3f}.")),
-                   ("img", f"figures/{png.name}", f"{model}: domain vs expert embeddings")]
+        blocks += [
+            (
+                "p",
+                (
+                    f"`{model}`: mean off-diagonal cosine similarity, domains {off['domain']:.3f}, "
+                    f"experts (block {geometry.layer}) {off['expert']:.3f}."
+                ),
+            ),
+            ("img", f"figures/{png.name}", f"{model}: domain vs expert embeddings"),
+        ]
     return blocks
 
 
 def _lm_eval_blocks(lm_eval: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[Block]:
     keys = list(dict.fromkeys((t, m) for tasks in lm_eval.values() for t, ms in tasks.items() for m in ms))
     rows = [["model", *(f"{t} {m}" for t, m in keys)]]
-    rows += [[model, *(tasks.get(t, {}).get(m, math.nan) for t, m in keys)] for model, tasks in lm_eval.items()]
+    rows += [
+        [model, *(tasks.get(t, {}).get(m, math.nan) for t, m in keys)] for model, tasks in lm_eval.items()
+    ]
     return [("h2", "lm-eval"), ("table", rows)]
 
 
@@ -138,8 +177,16 @@ def _markdown(blocks: list[Block]) -> str:
             out.append(f"{rest[0]}\n")
         elif kind == "table":
             rows = [[_fmt(c) for c in row] for row in rest[0]]
-            out.append("\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
-                                  *("| " + " | ".join(r) + " |" for r in rows[1:])]) + "\n")
+            out.append(
+                "\n".join(
+                    [
+                        "| " + " | ".join(rows[0]) + " |",
+                        "|" + "---|" * len(rows[0]),
+                        *("| " + " | ".join(r) + " |" for r in rows[1:]),
+                    ]
+                )
+                + "\n"
+            )
         elif kind == "img":
             out.append(f"![{rest[1]}]({rest[0]})\n")
     return "\n".join(out)
@@ -160,12 +207,18 @@ def _html(blocks: list[Block], title: str) -> str:
             cells = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
         elif kind == "img":
-            body.append(f'<figure><img src="{html.escape(rest[0])}" alt="{html.escape(rest[1])}">'
-                        f"<figcaption>{html.escape(rest[1])}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            body.append(
+                f'<figure><img src="{html.escape(rest[0])}" alt="{html.escape(rest[1])}">'
+                f"<figcaption>{html.escape(rest[1])}</figcaption></figure>"
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -7,6 +7,7 @@ layer and expert,
 and both averaged over layers (`layer_mean`). The paper's "average routing probability" figures
 correspond to either view; with top-1 routing the share is what each expert actually computes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -46,21 +47,40 @@ class RoutingAnalysis:
     def own_expert_share(self, metric: str = "top1_share") -> dict[str, float]:
         """For domains that have an expert of the same name: the layer-averaged metric of that expert."""
         values = self.layer_mean(metric)
-        return {d: float(values[i, self.experts.index(d)]) for i, d in enumerate(self.domains) if d in self.experts}
+        return {
+            d: float(values[i, self.experts.index(d)])
+            for i, d in enumerate(self.domains)
+            if d in self.experts
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"domains": self.domains, "experts": self.experts, "mean_prob": self.mean_prob.tolist(),
-                "top1_share": self.top1_share.tolist(), "tokens": self.tokens}
+        return {
+            "domains": self.domains,
+            "experts": self.experts,
+            "mean_prob": self.mean_prob.tolist(),
+            "top1_share": self.top1_share.tolist(),
+            "tokens": self.tokens,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoutingAnalysis:
-        return cls(list(data["domains"]), list(data["experts"]), np.asarray(data["mean_prob"], dtype=np.float64),
-                   np.asarray(data["top1_share"], dtype=np.float64), dict(data["tokens"]))
+        return cls(
+            list(data["domains"]),
+            list(data["experts"]),
+            np.asarray(data["mean_prob"], dtype=np.float64),
+            np.asarray(data["top1_share"], dtype=np.float64),
+            dict(data["tokens"]),
+        )
 
 
-def analyze_routing(model: Transformer, splits: Mapping[str, Any], seq_len: int | None = None,
-                    batch_size: int = 8, max_tokens: int | None = None,
-                    expert_names: Sequence[str] | None = None) -> RoutingAnalysis:
+def analyze_routing(
+    model: Transformer,
+    splits: Mapping[str, Any],
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    expert_names: Sequence[str] | None = None,
+) -> RoutingAnalysis:
     """Routing statistics of an MoE `model` over `{domain: held-out tokens}` (packed splits, arrays
     or tensors), read in training-style windows; at most `max_tokens` tokens per domain."""
     if model.config.moe is None:
@@ -71,9 +91,11 @@ def analyze_routing(model: Transformer, splits: Mapping[str, Any], seq_len: int 
     prob_sum, top1_count = np.zeros(shape), np.zeros(shape)
     tokens: dict[str, int] = {}
     for d, (domain, split) in enumerate(splits.items()):
-        ids = token_array(split)[:max_tokens + 1 if max_tokens else None]
+        ids = token_array(split)[: max_tokens + 1 if max_tokens else None]
         n = 0
-        for batch in forward_windows(model, stream_windows(ids, seq_len or model.config.max_seq_len), batch_size):
+        for batch in forward_windows(
+            model, stream_windows(ids, seq_len or model.config.max_seq_len), batch_size
+        ):
             valid = batch.valid.flatten()  # RoutingInfo rows follow the (B, T) order
             n += int(valid.sum())
             for layer, info in enumerate(batch.output.routing):

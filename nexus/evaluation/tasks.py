@@ -6,6 +6,7 @@ hub. `write_task_suite` writes the JSONL files, one YAML config per task and a g
 `<prefix>` (all domains) into a directory usable as lm-eval's `--include_path`, and returns the
 configs as dicts for `lm_eval.simple_evaluate(tasks=...)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,11 @@ from typing import Any
 import numpy as np
 
 # metric -> aggregation (lm-eval's defaults for loglikelihood_rolling, stated to keep it quiet)
-PERPLEXITY_METRICS = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
-                      "bits_per_byte": "bits_per_byte"}
+PERPLEXITY_METRICS = {
+    "word_perplexity": "weighted_perplexity",
+    "byte_perplexity": "weighted_perplexity",
+    "bits_per_byte": "bits_per_byte",
+}
 
 
 @dataclass
@@ -51,14 +55,17 @@ def perplexity_task_config(name: str, data_file: str | Path) -> dict[str, Any]:
         "doc_to_text": "",
         "doc_to_target": "{{text}}",
         "should_decontaminate": False,
-        "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False}
-                        for m, agg in PERPLEXITY_METRICS.items()],
+        "metric_list": [
+            {"metric": m, "aggregation": agg, "higher_is_better": False}
+            for m, agg in PERPLEXITY_METRICS.items()
+        ],
         "metadata": {"version": 1.0},
     }
 
 
-def write_task_suite(domain_texts: Mapping[str, Sequence[str]], out_dir: str | Path,
-                     prefix: str = "nexus_heldout") -> TaskSuite:
+def write_task_suite(
+    domain_texts: Mapping[str, Sequence[str]], out_dir: str | Path, prefix: str = "nexus_heldout"
+) -> TaskSuite:
     """Write `<out_dir>/<prefix>_<domain>.{jsonl,yaml}` per domain and `<prefix>.yaml` (the group)."""
     import yaml
 
@@ -71,7 +78,9 @@ def write_task_suite(domain_texts: Mapping[str, Sequence[str]], out_dir: str | P
         data_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t))
         suite.configs[name] = perplexity_task_config(name, data_file)
         (out / f"{name}.yaml").write_text(yaml.safe_dump(suite.configs[name], sort_keys=False))
-    (out / f"{prefix}.yaml").write_text(yaml.safe_dump({"group": prefix, "task": suite.names}, sort_keys=False))
+    (out / f"{prefix}.yaml").write_text(
+        yaml.safe_dump({"group": prefix, "task": suite.names}, sort_keys=False)
+    )
     return suite
 
 
@@ -82,6 +91,6 @@ def split_texts(split: Any, tokenizer: Any, max_documents: int | None = None) ->
     n_docs = len(offsets) - 1 if max_documents is None else min(max_documents, len(offsets) - 1)
     texts = []
     for d in range(n_docs):
-        ids = tokens[offsets[d]:offsets[d + 1]].tolist()
+        ids = tokens[offsets[d] : offsets[d + 1]].tolist()
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return texts

@@ -3,6 +3,7 @@
 `NexusForCausalLM`) and back in bit for bit.
 
 See docs/interop.md for what imports and exports, and why each mapping is exact."""
+
 from nexus.interop.hf_export import (
     export_architecture,
     export_checkpoint,
@@ -28,7 +29,21 @@ from nexus.interop.hf_import import (
 )
 
 __all__ = [
-    "LLAMA", "MISTRAL", "NEXUS", "QWEN2", "QWEN2_MOE", "UnsupportedModelError", "check_same_family",
-    "export_architecture", "export_checkpoint", "export_hf", "hf_config", "hf_model_config", "hf_state_dict",
-    "import_hf", "load_hf_model", "model_config_of", "tokenizer_files",
+    "LLAMA",
+    "MISTRAL",
+    "NEXUS",
+    "QWEN2",
+    "QWEN2_MOE",
+    "UnsupportedModelError",
+    "check_same_family",
+    "export_architecture",
+    "export_checkpoint",
+    "export_hf",
+    "hf_config",
+    "hf_model_config",
+    "hf_state_dict",
+    "import_hf",
+    "load_hf_model",
+    "model_config_of",
+    "tokenizer_files",
 ]

@@ -1,4 +1,5 @@
 """`nexus import HF_DIR OUT_DIR` and `nexus export CHECKPOINT OUT_DIR`."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,22 +35,38 @@ def _run_export(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `import` and `export`."""
     imp = subparsers.add_parser(
-        "import", help="import a transformers directory (Llama, Mistral, Qwen2, or any `nexus export`) "
-                       "as a Nexus checkpoint")
+        "import",
+        help="import a transformers directory (Llama, Mistral, Qwen2, or any `nexus export`) "
+        "as a Nexus checkpoint",
+    )
     imp.add_argument("hf_dir", help="local transformers model directory (config.json + safetensors)")
     imp.add_argument("out_dir", help="Nexus checkpoint directory to write (replaced atomically)")
     imp.add_argument("--dtype", choices=_DTYPES, default=None, help="weight dtype (default: as stored)")
-    imp.add_argument("--like", default=None, metavar="CHECKPOINT",
-                     help="refuse unless the model shares this seed's architecture and tokenizer files")
+    imp.add_argument(
+        "--like",
+        default=None,
+        metavar="CHECKPOINT",
+        help="refuse unless the model shares this seed's architecture and tokenizer files",
+    )
     imp.set_defaults(func=_run_import)
 
     exp = subparsers.add_parser(
-        "export", help="export a Nexus checkpoint for transformers (Llama / Qwen2 / Qwen2-MoE where exact, "
-                       "else the remote-code NexusForCausalLM), with a model card")
+        "export",
+        help="export a Nexus checkpoint for transformers (Llama / Qwen2 / Qwen2-MoE where exact, "
+        "else the remote-code NexusForCausalLM), with a model card",
+    )
     exp.add_argument("checkpoint", help="Nexus checkpoint directory")
     exp.add_argument("out_dir", help="transformers model directory to write (replaced atomically)")
-    exp.add_argument("--remote-code", action="store_true",
-                     help="always export as NexusForCausalLM (remote code), also for sequential-block models")
-    exp.add_argument("--results", action="append", default=[], metavar="JSON",
-                     help="lm-eval results (e.g. from `nexus eval`) for the model card; repeatable")
+    exp.add_argument(
+        "--remote-code",
+        action="store_true",
+        help="always export as NexusForCausalLM (remote code), also for sequential-block models",
+    )
+    exp.add_argument(
+        "--results",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="lm-eval results (e.g. from `nexus eval`) for the model card; repeatable",
+    )
     exp.set_defaults(func=_run_export)

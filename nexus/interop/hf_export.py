@@ -27,6 +27,7 @@ config.json, so `nexus import` restores the checkpoint bit for bit. It also carr
 (with a `tokenizer_config.json` when the checkpoint has only `tokenizer.json`), a
 `generation_config.json` and a model card: the directory is ready for `push_to_hub` / `upload_folder`.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,11 @@ from nexus.model.params import parameter_counts
 from nexus.model.transformer import Transformer
 
 EXPORT_FORMAT, EXPORT_VERSION = "nexus-export", 1
-GENERATION_CONFIG, MODEL_CARD, TOKENIZER_CONFIG = "generation_config.json", "README.md", "tokenizer_config.json"
+GENERATION_CONFIG, MODEL_CARD, TOKENIZER_CONFIG = (
+    "generation_config.json",
+    "README.md",
+    "tokenizer_config.json",
+)
 
 
 def export_architecture(config: ModelConfig, remote_code: bool = False) -> str:
@@ -87,46 +92,82 @@ def export_architecture(config: ModelConfig, remote_code: bool = False) -> str:
 
 
 def _remote_config(config: ModelConfig) -> dict[str, Any]:
-    out = {"model_type": "nexus", "parallel_blocks": config.parallel_blocks, "qkv_bias": config.qkv_bias,
-           "head_dim": config.head_dim, "auto_map": {"AutoConfig": "configuration_nexus.NexusConfig",
-                                                     "AutoModelForCausalLM": "modeling_nexus.NexusForCausalLM"}}
+    out = {
+        "model_type": "nexus",
+        "parallel_blocks": config.parallel_blocks,
+        "qkv_bias": config.qkv_bias,
+        "head_dim": config.head_dim,
+        "auto_map": {
+            "AutoConfig": "configuration_nexus.NexusConfig",
+            "AutoModelForCausalLM": "modeling_nexus.NexusForCausalLM",
+        },
+    }
     if config.moe is not None:
         moe = config.moe
-        out.update(expert_names=moe.expert_names, router=moe.router, num_experts_per_tok=moe.top_k,
-                   shared_expert=moe.shared_expert, norm_topk_prob=moe.normalize_gates,
-                   domain_embed_dim=moe.domain_embed_dim, router_hidden_size=moe.router_hidden,
-                   attention_experts=moe.attention_experts, attention_routing=moe.attention_routing,
-                   attention_top_k=moe.attention_top_k, attention_shared_expert=moe.attention_shared_expert)
+        out.update(
+            expert_names=moe.expert_names,
+            router=moe.router,
+            num_experts_per_tok=moe.top_k,
+            shared_expert=moe.shared_expert,
+            norm_topk_prob=moe.normalize_gates,
+            domain_embed_dim=moe.domain_embed_dim,
+            router_hidden_size=moe.router_hidden,
+            attention_experts=moe.attention_experts,
+            attention_routing=moe.attention_routing,
+            attention_top_k=moe.attention_top_k,
+            attention_shared_expert=moe.attention_shared_expert,
+        )
     return out
 
 
-def hf_config(config: ModelConfig, dtype: torch.dtype, special_tokens: dict[str, Any] | None = None,
-              architecture: str | None = None) -> dict[str, Any]:
+def hf_config(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    special_tokens: dict[str, Any] | None = None,
+    architecture: str | None = None,
+) -> dict[str, Any]:
     """The transformers `config.json` for `config` (Llama / Qwen2 / Qwen2-MoE ones readable by
     transformers 4.x and 5.x)."""
     arch = architecture or export_architecture(config)
     dtype_name = str(dtype).removeprefix("torch.")
     out: dict[str, Any] = {hf: getattr(config, ours) for ours, hf in CONFIG_KEYS.items()}
     out.update(
-        architectures=[arch], num_key_value_heads=config.kv_heads, hidden_act="silu", use_cache=True,
-        rope_theta=config.rope_theta, dtype=dtype_name, torch_dtype=dtype_name,
+        architectures=[arch],
+        num_key_value_heads=config.kv_heads,
+        hidden_act="silu",
+        use_cache=True,
+        rope_theta=config.rope_theta,
+        dtype=dtype_name,
+        torch_dtype=dtype_name,
         **{k: v for k, v in (special_tokens or {}).items() if k in SPECIAL_TOKENS},
     )
     if arch == NEXUS:
         return {**out, **_remote_config(config)}
     out["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}  # 4.x: rope_theta
     if arch == LLAMA:
-        return {**out, "model_type": "llama", "head_dim": config.head_dim, "attention_bias": False,
-                "mlp_bias": False, "pretraining_tp": 1}
+        return {
+            **out,
+            "model_type": "llama",
+            "head_dim": config.head_dim,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "pretraining_tp": 1,
+        }
     out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
     if arch == QWEN2:
         return {**out, "model_type": "qwen2"}
     moe = config.moe
     out.update(
-        model_type="qwen2_moe", num_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
-        norm_topk_prob=moe.normalize_gates, moe_intermediate_size=config.ffn_hidden,
+        model_type="qwen2_moe",
+        num_experts=moe.n_experts,
+        num_experts_per_tok=moe.top_k,
+        norm_topk_prob=moe.normalize_gates,
+        moe_intermediate_size=config.ffn_hidden,
         shared_expert_intermediate_size=config.ffn_hidden if moe.shared_expert else 1,
-        decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, router_aux_loss_coef=moe.load_balance_coef,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        qkv_bias=True,
+        router_aux_loss_coef=moe.load_balance_coef,
         output_router_logits=False,
     )
     return out
@@ -137,8 +178,10 @@ def _moe_ffn_to_hf(model: Transformer, i: int, ffn: MoELayer) -> dict[str, torch
     cfg, p = model.config, block_prefix(i)
     w = ffn.experts.w_in
     zeros = w.new_zeros
-    out = {f"{p}mlp.gate.weight": ffn.router(model.domain_embeddings).to(w.dtype),  # E: (n, d_model)
-           f"{p}mlp.shared_expert_gate.weight": zeros(1, cfg.d_model)}  # sigmoid(0) = 0.5 exactly
+    out = {
+        f"{p}mlp.gate.weight": ffn.router(model.domain_embeddings).to(w.dtype),  # E: (n, d_model)
+        f"{p}mlp.shared_expert_gate.weight": zeros(1, cfg.d_model),
+    }  # sigmoid(0) = 0.5 exactly
     if ffn.shared is not None:
         out.update(ffn_to_hf(ffn.shared.w_in.weight, 2 * ffn.shared.w_out.weight, f"{p}mlp.shared_expert."))
     else:
@@ -180,8 +223,11 @@ def router_sidecar(model: Transformer, architecture: str) -> dict[str, torch.Ten
     moe = model.config.moe
     if architecture != QWEN2_MOE or moe is None or moe.router != "nexus":
         return {}
-    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
-            if k == "domain_embeddings" or ".ffn.router.proj." in k}
+    return {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in model.state_dict().items()
+        if k == "domain_embeddings" or ".ffn.router.proj." in k
+    }
 
 
 def tokenizer_config(tokenizer_json: Path, max_len: int) -> dict[str, Any] | None:
@@ -193,15 +239,26 @@ def tokenizer_config(tokenizer_json: Path, max_len: int) -> dict[str, Any] | Non
     added = {t.get("content") for t in read_json(tokenizer_json).get("added_tokens", [])}
     if EOS_TOKEN not in added:
         return None
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
-            **({"pad_token": PAD_TOKEN} if PAD_TOKEN in added else {}), "clean_up_tokenization_spaces": False,
-            "split_special_tokens": True, "model_max_length": max_len}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        **({"pad_token": PAD_TOKEN} if PAD_TOKEN in added else {}),
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        "model_max_length": max_len,
+    }
 
 
-def export_hf(model: Transformer, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-              special_tokens: dict[str, Any] | None = None, remote_code: bool = False,
-              metadata: Mapping[str, Any] | None = None, results: Sequence[Mapping[str, Any]] = (),
-              source: Mapping[str, Any] | None = None) -> Path:
+def export_hf(
+    model: Transformer,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    special_tokens: dict[str, Any] | None = None,
+    remote_code: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    results: Sequence[Mapping[str, Any]] = (),
+    source: Mapping[str, Any] | None = None,
+) -> Path:
     """Write `model` as a transformers directory (atomically): config.json, model.safetensors, the
     remote code if needed, the tokenizer files found in `tokenizer_dir`, generation_config.json and
     README.md. `special_tokens`: bos/eos/pad token ids (default: from the tokenizer files);
@@ -224,29 +281,57 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, tokenizer_dir: str
                 (tmp / TOKENIZER_CONFIG).write_text(json.dumps(generated, indent=2))
         special = special_tokens or special_token_ids(tmp)
         config = hf_config(model.config, model.tok_emb.weight.dtype, special, arch)
-        config[NEXUS_KEY] = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": model.config.to_dict(),
-                             "metadata": dict(metadata or {}), "files": sorted(files)}
+        config[NEXUS_KEY] = {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "model": model.config.to_dict(),
+            "metadata": dict(metadata or {}),
+            "files": sorted(files),
+        }
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        (tmp / GENERATION_CONFIG).write_text(json.dumps({k: v for k, v in special.items() if k in SPECIAL_TOKENS},
-                                                        indent=2, sort_keys=True))
-        (tmp / MODEL_CARD).write_text(model_card(model.config, arch, metadata or {}, parameter_counts(model),
-                                                 results, source))
+        (tmp / GENERATION_CONFIG).write_text(
+            json.dumps({k: v for k, v in special.items() if k in SPECIAL_TOKENS}, indent=2, sort_keys=True)
+        )
+        (tmp / MODEL_CARD).write_text(
+            model_card(model.config, arch, metadata or {}, parameter_counts(model), results, source)
+        )
     return Path(out_dir)
 
 
-def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, remote_code: bool = False,
-                      results: Sequence[Mapping[str, Any]] = ()) -> Path:
+def export_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    remote_code: bool = False,
+    results: Sequence[Mapping[str, Any]] = (),
+) -> Path:
     """Export a Nexus checkpoint directory with its tokenizer files and metadata. Special token ids
     come from the metadata of an imported checkpoint, else from the tokenizer files."""
     info = read_checkpoint_config(checkpoint_dir)
     meta = info.get("metadata", {})
     special = {k: v for k, v in meta.get("hf", {}).items() if k in SPECIAL_TOKENS}
     model = load_checkpoint(checkpoint_dir)
-    source = {"checkpoint": str(Path(checkpoint_dir).resolve()),
-              "weights SHA-256": info.get("sha256", {}).get(WEIGHTS) or sha256_file(Path(checkpoint_dir) / WEIGHTS)}
-    return export_hf(model, out_dir, tokenizer_dir=checkpoint_dir, special_tokens=special or None,
-                     remote_code=remote_code, metadata=meta, results=results, source=source)
+    source = {
+        "checkpoint": str(Path(checkpoint_dir).resolve()),
+        "weights SHA-256": info.get("sha256", {}).get(WEIGHTS) or sha256_file(Path(checkpoint_dir) / WEIGHTS),
+    }
+    return export_hf(
+        model,
+        out_dir,
+        tokenizer_dir=checkpoint_dir,
+        special_tokens=special or None,
+        remote_code=remote_code,
+        metadata=meta,
+        results=results,
+        source=source,
+    )
 
 
-__all__ = ["export_architecture", "export_checkpoint", "export_hf", "hf_config", "hf_state_dict",
-           "router_sidecar", "tokenizer_config"]
+__all__ = [
+    "export_architecture",
+    "export_checkpoint",
+    "export_hf",
+    "hf_config",
+    "hf_state_dict",
+    "router_sidecar",
+    "tokenizer_config",
+]

@@ -11,6 +11,7 @@
 - Safetensors-only weight reading (single file or sharded index; never a pickle), tokenizer files,
   and `atomic_directory` for all-or-nothing writes.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,14 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
 )
 """Files that define a tokenizer in a transformers directory; copied on import and export."""
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -138,8 +145,11 @@ def remote_name(name: str) -> str:
 def ffn_to_hf(w_in: torch.Tensor, w_out: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     """`FFN(x) = W_out · SwiGLU(W_in · x)`, `W_in = [gate; up]` -> HF `{prefix}{gate,up,down}_proj.weight`."""
     gate, up = w_in.chunk(2, dim=0)
-    return {f"{prefix}gate_proj.weight": gate, f"{prefix}up_proj.weight": up,
-            f"{prefix}down_proj.weight": w_out}
+    return {
+        f"{prefix}gate_proj.weight": gate,
+        f"{prefix}up_proj.weight": up,
+        f"{prefix}down_proj.weight": w_out,
+    }
 
 
 def ffn_from_hf(state: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,8 +167,9 @@ def dense_to_hf(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torc
     return out
 
 
-def hf_to_dense(hf_state: dict[str, torch.Tensor], names: list[str],
-                n_layers: int) -> dict[str, torch.Tensor]:
+def hf_to_dense(
+    hf_state: dict[str, torch.Tensor], names: list[str], n_layers: int
+) -> dict[str, torch.Tensor]:
     """Inverse of `dense_to_hf` for the Nexus tensor `names` (non-persistent buffers excluded)."""
     out = {name: hf_state[hf] for name in names if (hf := non_ffn_to_hf(name)) is not None}
     for i in range(n_layers):
@@ -184,7 +195,8 @@ def weight_files(hf_dir: Path) -> list[Path]:
     if pickles:
         raise CheckpointError(
             f"{hf_dir}: only {pickles[0]} (pickle) weights found; Nexus never unpickles. Convert them "
-            f"to safetensors first (e.g. `model.save_pretrained(dir, safe_serialization=True)`).")
+            f"to safetensors first (e.g. `model.save_pretrained(dir, safe_serialization=True)`)."
+        )
     raise CheckpointError(f"{hf_dir}: no {SAFETENSORS} or {SAFETENSORS_INDEX} found")
 
 

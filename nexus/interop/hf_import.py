@@ -10,6 +10,7 @@
 - Any `nexus export` (config.json has a `nexus` entry), whatever its architecture: the checkpoint
   comes back bit for bit (tensors, config, metadata, tokenizer files).
 """
+
 from __future__ import annotations
 
 import os
@@ -63,7 +64,8 @@ def _rope(cfg: dict[str, Any], source: Path) -> float:
             kind = params.get("rope_type", params.get("type", "default"))
             if kind != "default":
                 raise UnsupportedModelError(
-                    f"{source}: {key}.rope_type={kind!r} is not supported (only plain RoPE, 'default')")
+                    f"{source}: {key}.rope_type={kind!r} is not supported (only plain RoPE, 'default')"
+                )
     params = cfg.get("rope_parameters") or {}
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
@@ -83,8 +85,10 @@ def _exported(cfg: dict[str, Any], source: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT or "model" not in record:
         raise CheckpointError(f"{source}: '{NEXUS_KEY}' is not a {EXPORT_FORMAT} record")
     if record.get("version", 0) > EXPORT_VERSION:
-        raise CheckpointError(f"{source}: {EXPORT_FORMAT} version {record['version']} is newer than "
-                              f"supported ({EXPORT_VERSION})")
+        raise CheckpointError(
+            f"{source}: {EXPORT_FORMAT} version {record['version']} is newer than "
+            f"supported ({EXPORT_VERSION})"
+        )
     return record
 
 
@@ -104,7 +108,8 @@ def hf_model_config(hf_dir: str | os.PathLike) -> ModelConfig:
     if model_type not in DENSE_FAMILIES or (archs and DENSE_FAMILIES[model_type] not in archs):
         raise UnsupportedModelError(
             f"{source}: architectures={archs} (model_type={model_type!r}) is not supported; the dense "
-            f"families {sorted(DENSE_FAMILIES.values())} and `nexus export` directories can be imported")
+            f"families {sorted(DENSE_FAMILIES.values())} and `nexus export` directories can be imported"
+        )
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             raise UnsupportedModelError(f"{source}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
@@ -116,15 +121,21 @@ def hf_model_config(hf_dir: str | os.PathLike) -> ModelConfig:
     if cfg.get("head_dim") not in (None, d_model // n_heads):
         raise UnsupportedModelError(
             f"{source}: head_dim={cfg['head_dim']} differs from "
-            f"hidden_size/num_attention_heads={d_model // n_heads}")
+            f"hidden_size/num_attention_heads={d_model // n_heads}"
+        )
     kv = cfg.get("num_key_value_heads") or n_heads
     fields = {ours: cfg[hf] for ours, hf in CONFIG_KEYS.items() if hf in cfg}
     window = _sliding_window(cfg)
     if window is not None:
         fields["max_seq_len"] = min(fields["max_seq_len"], window)
     try:
-        return ModelConfig(**fields, n_kv_heads=None if kv == n_heads else kv, rope_theta=_rope(cfg, source),
-                           parallel_blocks=False, qkv_bias=model_type == "qwen2")
+        return ModelConfig(
+            **fields,
+            n_kv_heads=None if kv == n_heads else kv,
+            rope_theta=_rope(cfg, source),
+            parallel_blocks=False,
+            qkv_bias=model_type == "qwen2",
+        )
     except (ConfigError, TypeError) as err:
         raise UnsupportedModelError(f"{source}: {err}") from err
 
@@ -135,7 +146,9 @@ def _expected(config: ModelConfig, architecture: str) -> tuple[Transformer, dict
     return model, {**hf_state_dict(model, architecture), **router_sidecar(model, architecture)}
 
 
-def _from_qwen2_moe(hf_state: dict[str, torch.Tensor], model: Transformer, where: Path) -> dict[str, torch.Tensor]:
+def _from_qwen2_moe(
+    hf_state: dict[str, torch.Tensor], model: Transformer, where: Path
+) -> dict[str, torch.Tensor]:
     """Inverse of the Qwen2-MoE export (`hf_export._moe_ffn_to_hf`), sidecar tensors included."""
     cfg = model.config
     state = {name: hf_state[hf] for name in model.state_dict() if (hf := non_ffn_to_hf(name)) in hf_state}
@@ -170,7 +183,8 @@ def _check_router_matrix(model: Transformer, hf_state: dict[str, torch.Tensor], 
             if not torch.allclose(stored, computed, rtol=1e-4, atol=1e-6):
                 raise CheckpointError(
                     f"{where}: {block_prefix(i)}mlp.gate.weight differs from the router that {ROUTER_SIDECAR} "
-                    "describes (E = P_r(D)); the export was changed after `nexus export`")
+                    "describes (E = P_r(D)); the export was changed after `nexus export`"
+                )
 
 
 @torch.no_grad()
@@ -205,8 +219,12 @@ def load_hf_model(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None) -
     return model.eval()
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-              like: str | os.PathLike | None = None) -> Path:
+def import_hf(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    like: str | os.PathLike | None = None,
+) -> Path:
     """Import a transformers directory as a Nexus checkpoint (atomic), tokenizer files included.
 
     A `nexus export` comes back as the checkpoint it was exported from: its metadata and the files it
@@ -223,8 +241,13 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torc
         meta = record.get("metadata", {})
         files = {name: path for name, path in files.items() if name in record.get("files", [])}
     else:
-        meta = {"hf": {"source": str(hf_dir.resolve()), "architecture": DENSE_FAMILIES[cfg["model_type"]],
-                       **{k: cfg[k] for k in SPECIAL_TOKENS if cfg.get(k) is not None}}}
+        meta = {
+            "hf": {
+                "source": str(hf_dir.resolve()),
+                "architecture": DENSE_FAMILIES[cfg["model_type"]],
+                **{k: cfg[k] for k in SPECIAL_TOKENS if cfg.get(k) is not None},
+            }
+        }
     return save_checkpoint(model, out_dir, metadata=meta, extra_files=files)
 
 
@@ -251,7 +274,8 @@ def check_same_family(reference: str | os.PathLike, other: str | os.PathLike) ->
             problems.append(f"{name} differs")
     if problems:
         raise IncompatibleModelsError(
-            f"{other} does not share the tokenizer of {reference}: " + ", ".join(problems))
+            f"{other} does not share the tokenizer of {reference}: " + ", ".join(problems)
+        )
 
 
 __all__ = ["check_same_family", "hf_model_config", "import_hf", "load_hf_model", "model_config_of"]

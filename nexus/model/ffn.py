@@ -1,4 +1,5 @@
 """The SwiGLU feed-forward network: dense FFN, shared expert and Nexus router projection."""
+
 from __future__ import annotations
 
 import torch

@@ -25,6 +25,7 @@ routed experts are two grouped GEMMs in the autocast dtype (bf16 under bf16-mixe
 is not covered by autocast, and on CUDA it needs bf16), and the shared expert is one GEMM per
 projection. No op depends on the token count, so no host sync and the same ops for any batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,11 +59,14 @@ def expert_counts(expert_index: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Assignments per expert, (n,) int64, computed on the device (`bincount` would sync with the host
     on CUDA to size its output)."""
     flat = expert_index.flatten()
-    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
 
 
-def load_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor,
-                      counts: torch.Tensor | None = None) -> torch.Tensor:
+def load_balance_loss(
+    probs: torch.Tensor, expert_index: torch.Tensor, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer auxiliary loss `n · Σ_i f_i · P_i` (Fedus et al., 2022), where `f_i` is the
     share of routing assignments sent to expert i and `P_i` its mean router probability; 1.0 when
     perfectly balanced. probs: (tokens, n), expert_index: (tokens, k).
@@ -142,7 +146,7 @@ class ExpertsFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_w_in = _zeros_where_empty(w_in, ctx.counts) if need_w_in else None
         grad_w_out = _zeros_where_empty(w_out, ctx.counts) if need_w_out else None
-        first = {e: True for e in range(len(ctx.counts))}  # the first block writes dW[e], later add
+        first = dict.fromkeys(range(len(ctx.counts)), True)  # the first block writes dW[e], later add
         rows = x.shape[0]
         grad_act_buf = x.new_empty(min(BLOCK_ROWS, rows), f)
         # [d gate | d up] in one buffer: no chunk/cat; one block, or every row when dW is one GEMM
@@ -164,9 +168,9 @@ class ExpertsFunction(torch.autograd.Function):
             start = 0
             for e, c in enumerate(ctx.counts):
                 if c and need_w_out:
-                    torch.mm(grad_y[start:start + c].t(), act[start:start + c], out=grad_w_out[e])
+                    torch.mm(grad_y[start : start + c].t(), act[start : start + c], out=grad_w_out[e])
                 if c and need_w_in:
-                    torch.mm(grad_h_buf[start:start + c].t(), x[start:start + c], out=grad_w_in[e])
+                    torch.mm(grad_h_buf[start : start + c].t(), x[start : start + c], out=grad_w_in[e])
                 start += c
         return grad_x, grad_w_in, grad_w_out, None
 
@@ -200,7 +204,9 @@ def grouped_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if x.is_cuda and x.dtype == torch.float32 else x.dtype
 
 
-def padded_layout(sorted_expert: torch.Tensor, counts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_layout(
+    sorted_expert: torch.Tensor, counts: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each expert-sorted row goes in a buffer of static `size` rows in which expert e's group
     starts at a multiple of `GROUP_ALIGN`, and the groups' end offsets (int32) for `_grouped_mm`.
 
@@ -215,8 +221,13 @@ def padded_layout(sorted_expert: torch.Tensor, counts: torch.Tensor, size: int) 
     return pos, ends.to(torch.int32)
 
 
-def grouped_experts_ffn(x_sorted: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts: torch.Tensor,
-                        sorted_expert: torch.Tensor) -> torch.Tensor:
+def grouped_experts_ffn(
+    x_sorted: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    counts: torch.Tensor,
+    sorted_expert: torch.Tensor,
+) -> torch.Tensor:
     """`y[rows_e] = W_out,e · SwiGLU(W_in,e · x[rows_e])` for expert-sorted rows, as two grouped GEMMs
     over a padded buffer (`padded_layout`), in `grouped_dtype`. Autograd differentiates it; each
     expert's weight gradient is one GEMM over its rows (fp32 accumulation inside the GEMM)."""
@@ -224,7 +235,9 @@ def grouped_experts_ffn(x_sorted: torch.Tensor, w_in: torch.Tensor, w_out: torch
     size = x_sorted.shape[0] + counts.shape[0] * GROUP_ALIGN
     pos, offs = padded_layout(sorted_expert, counts, size)
     with torch.autocast(x_sorted.device.type, enabled=False):
-        x_pad = x_sorted.new_zeros(size, x_sorted.shape[1], dtype=dtype).index_copy(0, pos, x_sorted.to(dtype))
+        x_pad = x_sorted.new_zeros(size, x_sorted.shape[1], dtype=dtype).index_copy(
+            0, pos, x_sorted.to(dtype)
+        )
         h = torch._grouped_mm(x_pad, w_in.to(dtype).transpose(-2, -1), offs=offs)
         y_pad = torch._grouped_mm(swiglu(h), w_out.to(dtype).transpose(-2, -1), offs=offs)
     return y_pad.index_select(0, pos)
@@ -241,14 +254,16 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
 
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor,
-                sorted_expert: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_sorted: torch.Tensor, counts: torch.Tensor, sorted_expert: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x_sorted: (assignments, d_model) grouped by expert; counts: (n,) rows per expert;
         sorted_expert: (assignments,) the expert of each row (derived from `counts` when not given)."""
         if self.dispatch == "grouped_mm":
             if sorted_expert is None:  # `output_size` keeps it on the device: no sync
-                sorted_expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
-                                                        output_size=x_sorted.shape[0])
+                sorted_expert = torch.repeat_interleave(
+                    torch.arange(len(counts), device=counts.device), counts, output_size=x_sorted.shape[0]
+                )
             return grouped_experts_ffn(x_sorted, self.w_in, self.w_out, counts, sorted_expert)
         return experts_ffn(x_sorted, self.w_in, self.w_out, counts.tolist())  # the CPU path; syncs on CUDA
 

@@ -1,4 +1,5 @@
 """Parameter accounting in the form of the paper's Table 3 (total / active in training / inference)."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -6,6 +6,7 @@ MoE layer routes with `softmax(x · Eᵀ)` in one matmul (`routing_probs`).
   `e_i = W2 · SwiGLU(W1 · d_i)`. No parameter depends on the number of experts, so an expert
   can be appended (or removed) by appending (or removing) its `d_i`.
 """
+
 from __future__ import annotations
 
 import torch

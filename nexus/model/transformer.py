@@ -10,6 +10,7 @@ With `config.moe.attention_experts` (BAM), the attention is a mixture of attenti
 attends over everything cached: the prefill (empty cache) computes exactly what the uncached
 forward computes, later calls feed only the new tokens (`nexus.evaluation.generation`).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """x: (B, heads, T, head_dim) at positions start … start + T - 1."""
         T = x.shape[-2]
-        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -76,8 +77,8 @@ class LayerCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v: (B, kv_heads, T, head_dim) after the cached tokens; return all keys and values."""
         end = self.start + k.shape[2]
-        self.keys[:, :, self.start:end] = k
-        self.values[:, :, self.start:end] = v
+        self.keys[:, :, self.start : end] = k
+        self.values[:, :, self.start : end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
@@ -85,8 +86,13 @@ class KVCache:
     """Keys and values of every layer for the first `length` tokens, preallocated to `max_seq_len`
     (with attention experts of their own keys and values, every expert's: `kv_cache_heads`)."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         shape = (batch_size, kv_cache_heads(config), config.max_seq_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -112,7 +118,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.d_model, self.kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         start = cache.start if cache is not None else 0
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -132,8 +140,9 @@ class Block(nn.Module):
         super().__init__()
         self.parallel = config.parallel_blocks
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn: Attention | AttentionExperts = AttentionExperts(config) if has_attention_experts(config) \
-            else Attention(config)
+        self.attn: Attention | AttentionExperts = (
+            AttentionExperts(config) if has_attention_experts(config) else Attention(config)
+        )
         self.ffn_norm = None if self.parallel else RMSNorm(config.d_model, config.norm_eps)
         self.ffn: FeedForward | MoELayer
         if config.moe is None:
@@ -152,8 +161,9 @@ class Block(nn.Module):
             return self.attn(h, rope, domain_embeddings, cache)
         return self.attn(h, rope, cache), None
 
-    def forward(self, x, rope, domain_embeddings=None, cache: LayerCache | None = None
-                ) -> tuple[torch.Tensor, RoutingInfo | None, RoutingInfo | None]:
+    def forward(
+        self, x, rope, domain_embeddings=None, cache: LayerCache | None = None
+    ) -> tuple[torch.Tensor, RoutingInfo | None, RoutingInfo | None]:
         """-> (output, FFN routing, attention-expert routing); the routings are None where not routed."""
         h = self.attn_norm(x)
         a, attn_info = self._attn(h, rope, domain_embeddings, cache)
@@ -179,8 +189,14 @@ class ModelOutput:
     """Per layer with attention experts: the attention router's probabilities and choices."""
 
 
-RESIDUAL_PROJECTIONS = ("attn.wo.weight", "ffn.w_out.weight", "shared.w_out.weight", "experts.w_out",
-                        "attn.experts.wo", "attn.shared.wo.weight")
+RESIDUAL_PROJECTIONS = (
+    "attn.wo.weight",
+    "ffn.w_out.weight",
+    "shared.w_out.weight",
+    "experts.w_out",
+    "attn.experts.wo",
+    "attn.shared.wo.weight",
+)
 """Parameters initialised with std `init_std / sqrt(2 · n_layers)` (GPT-2)."""
 
 
@@ -197,7 +213,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         if config.moe is not None and config.moe.router == "nexus":
             # d_i of each routed expert, shared by every block's router: (n_experts, m).
-            self.register_buffer("domain_embeddings", torch.zeros(config.moe.n_experts, config.moe.domain_embed_dim))
+            self.register_buffer(
+                "domain_embeddings", torch.zeros(config.moe.n_experts, config.moe.domain_embed_dim)
+            )
         else:
             self.domain_embeddings = None
         self.apply(self._init_weights)
@@ -230,7 +248,9 @@ class Transformer(nn.Module):
         loss from `hidden` in chunks, never holding (B, T, vocab) logits)."""
         start = cache.length if cache is not None else 0
         if start + idx.shape[-1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {start + idx.shape[-1]} exceeds max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"sequence length {start + idx.shape[-1]} exceeds max_seq_len={self.config.max_seq_len}"
+            )
         x = self.tok_emb(idx)
         routing: list[RoutingInfo] = []
         attention_routing: list[RoutingInfo] = []

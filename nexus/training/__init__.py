@@ -3,17 +3,21 @@
 Names are imported on first use, so reading a `TrainConfig` (e.g. composing a config in the CLI)
 does not import Lightning.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
 _EXPORTS = {
-    "TrainConfig": "nexus.training.config", "MixtureDataModule": "nexus.training.datamodule",
-    "CausalLMModule": "nexus.training.module", "StageResult": "nexus.training.stages",
-    "train_dense": "nexus.training.stages", "train_moe": "nexus.training.stages",
+    "TrainConfig": "nexus.training.config",
+    "MixtureDataModule": "nexus.training.datamodule",
+    "CausalLMModule": "nexus.training.module",
+    "StageResult": "nexus.training.stages",
+    "train_dense": "nexus.training.stages",
+    "train_moe": "nexus.training.stages",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
 """Typed training configuration shared by every stage (seed, experts, MoE, extension finetune)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,14 @@ from typing import Any
 
 from nexus.errors import ConfigError
 
-RUNTIME_ONLY = ("progress_bar", "num_workers", "log_every_n_steps", "checkpoint_every_n_steps",
-                "loss_chunk_tokens", "activation_checkpointing")
+RUNTIME_ONLY = (
+    "progress_bar",
+    "num_workers",
+    "log_every_n_steps",
+    "checkpoint_every_n_steps",
+    "loss_chunk_tokens",
+    "activation_checkpointing",
+)
 IDENTITY_IF_SET = {"grad_accum_steps": 1, "save_dtype": "float32"}
 """Fields added later: part of a stage's identity only when not at their default, so the stages
 trained before they existed keep their fingerprints."""
@@ -73,8 +80,15 @@ class TrainConfig:
         from nexus.training.freeze import check_trainable
 
         check_trainable(self.trainable)
-        for key in ("max_steps", "batch_size", "grad_accum_steps", "val_every_n_steps", "limit_val_batches",
-                    "log_every_n_steps", "checkpoint_every_n_steps"):
+        for key in (
+            "max_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "val_every_n_steps",
+            "limit_val_batches",
+            "log_every_n_steps",
+            "checkpoint_every_n_steps",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -88,8 +102,10 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision {self.precision!r} is not one of {PRECISIONS}")
         if self.batch_size % self.grad_accum_steps:
-            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
-                              f"train.grad_accum_steps={self.grad_accum_steps}")
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.grad_accum_steps={self.grad_accum_steps}"
+            )
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"train.strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.devices != "auto" and (not isinstance(self.devices, int) or self.devices < 1):
@@ -125,5 +141,8 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields that change the trained model (a resumed run may change the others)."""
-        return {k: v for k, v in self.to_dict().items()
-                if k not in RUNTIME_ONLY and not (k in IDENTITY_IF_SET and v == IDENTITY_IF_SET[k])}
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in RUNTIME_ONLY and not (k in IDENTITY_IF_SET and v == IDENTITY_IF_SET[k])
+        }

@@ -10,6 +10,7 @@ dict holds the step and the sampler state at that step, so resuming replays exac
 uninterrupted run would have seen, however many batches the DataLoader had prefetched. Validation
 has one sequential loader per domain.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -52,9 +53,19 @@ class MixtureBatchSampler(Sampler[list[int]]):
     a step's rows are yielded as `micro_batches` consecutive micro-batches (steps stay the unit of
     the state), so the rows of a step do not depend on the number of micro-batches."""
 
-    def __init__(self, sizes: Mapping[str, int], weights: Mapping[str, float], batch_size: int, total_steps: int,
-                 seed: int = 0, start_step: int = 0, state: Mapping[str, Any] | None = None,
-                 rank: int = 0, world_size: int = 1, micro_batches: int = 1) -> None:
+    def __init__(
+        self,
+        sizes: Mapping[str, int],
+        weights: Mapping[str, float],
+        batch_size: int,
+        total_steps: int,
+        seed: int = 0,
+        start_step: int = 0,
+        state: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        micro_batches: int = 1,
+    ) -> None:
         self.mixture = MixtureSampler(sizes, weights, seed)
         if state is not None:
             self.mixture.load_state_dict(state)
@@ -68,11 +79,11 @@ class MixtureBatchSampler(Sampler[list[int]]):
         while self._next_step < self.total_steps:
             self._states[self._next_step] = self.mixture.state_dict()
             self._next_step += 1
-            draws = self.mixture.take(self.batch_size * self.world_size)[self.rank::self.world_size]
+            draws = self.mixture.take(self.batch_size * self.world_size)[self.rank :: self.world_size]
             rows = [self.offsets[d] + i for d, i in draws]
             micro = self.batch_size // self.micro_batches
             for m in range(self.micro_batches):
-                yield rows[m * micro:(m + 1) * micro]
+                yield rows[m * micro : (m + 1) * micro]
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step) * self.micro_batches
@@ -97,13 +108,23 @@ class MixtureDataModule(L.LightningDataModule):
     `fingerprint` attributes); it becomes the MLflow dataset digest.
     """
 
-    def __init__(self, train: Mapping[str, Dataset], val: Mapping[str, Dataset], weights: Mapping[str, float],
-                 batch_size: int, max_steps: int, seed: int = 0, num_workers: int = 0,
-                 fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        train: Mapping[str, Dataset],
+        val: Mapping[str, Dataset],
+        weights: Mapping[str, float],
+        batch_size: int,
+        max_steps: int,
+        seed: int = 0,
+        num_workers: int = 0,
+        fingerprint: str | None = None,
+    ) -> None:
         super().__init__()
         unknown = sorted(set(weights) - set(train))
         if unknown:
-            raise DataError(f"mixture weights name domains without training data: {unknown}; have {sorted(train)}")
+            raise DataError(
+                f"mixture weights name domains without training data: {unknown}; have {sorted(train)}"
+            )
         self.weights = {d: float(w) for d, w in weights.items() if w > 0}
         if not self.weights:
             raise DataError(f"mixture weights {dict(weights)} select no domain (all zero)")
@@ -116,10 +137,21 @@ class MixtureDataModule(L.LightningDataModule):
         self.weights = {d: w / total for d, w in self.weights.items()}
         self.train_sets = {d: _Labelled(train[d], ids[d]) for d in self.weights}
         self.val_sets = {d: _Labelled(ds, ids[d]) for d, ds in val.items() if len(ds) > 0}  # type: ignore[arg-type]
-        self.batch_size, self.max_steps, self.seed, self.num_workers = batch_size, max_steps, seed, num_workers
+        self.batch_size, self.max_steps, self.seed, self.num_workers = (
+            batch_size,
+            max_steps,
+            seed,
+            num_workers,
+        )
         self.fingerprint = fingerprint or hash_json(
-            {split: getattr(ds, "fingerprint", None) for split, ds in
-             [*((f"train/{d}", train[d]) for d in train), *((f"val/{d}", val[d]) for d in val)]})
+            {
+                split: getattr(ds, "fingerprint", None)
+                for split, ds in [
+                    *((f"train/{d}", train[d]) for d in train),
+                    *((f"val/{d}", val[d]) for d in val),
+                ]
+            }
+        )
         self.start_step, self.start_state = 0, None
         self.micro_batches = 1
         """Micro-batches per step (gradient accumulation); the stage sets it from its TrainConfig."""
@@ -127,23 +159,45 @@ class MixtureDataModule(L.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """What identifies this stage's data: part of the stage fingerprint and of the MLflow params."""
-        return {"fingerprint": self.fingerprint, "weights": self.weights, "val_domains": sorted(self.val_sets),
-                "batch_size": self.batch_size, "seed": self.seed}
+        return {
+            "fingerprint": self.fingerprint,
+            "weights": self.weights,
+            "val_domains": sorted(self.val_sets),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        )
         self.train_sampler = MixtureBatchSampler(
-            {d: len(ds) for d, ds in self.train_sets.items()}, self.weights, self.batch_size, self.max_steps,
-            self.seed, self.start_step, self.start_state, rank, world, self.micro_batches)
-        return DataLoader(ConcatDataset(list(self.train_sets.values())), batch_sampler=self.train_sampler,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+            {d: len(ds) for d, ds in self.train_sets.items()},
+            self.weights,
+            self.batch_size,
+            self.max_steps,
+            self.seed,
+            self.start_step,
+            self.start_state,
+            rank,
+            world,
+            self.micro_batches,
+        )
+        return DataLoader(
+            ConcatDataset(list(self.train_sets.values())),
+            batch_sampler=self.train_sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         # batch_size, not the micro-batch: `limit_val_batches` then covers the same sequences (no
         # activations are kept for a backward, so a validation batch needs far less memory)
-        return [DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-                for ds in self.val_sets.values()]
+        return [
+            DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+            for ds in self.val_sets.values()
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         step = self.trainer.global_step if self.trainer is not None else self.start_step
@@ -152,14 +206,23 @@ class MixtureDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self.fingerprint:
-            raise DataError("the Lightning checkpoint was written for other data "
-                            f"({state.get('fingerprint')} != {self.fingerprint}); use a new output directory")
+            raise DataError(
+                "the Lightning checkpoint was written for other data "
+                f"({state.get('fingerprint')} != {self.fingerprint}); use a new output directory"
+            )
         self.start_step, self.start_state = int(state["step"]), state["sampler"]
 
 
-def packed_data_module(data_dir: str, weights: Mapping[str, float], batch_size: int, max_steps: int, seed: int = 0,
-                       val_domains: list[str] | None = None, extra_dirs: Mapping[str, str] | None = None,
-                       num_workers: int = 0) -> MixtureDataModule:
+def packed_data_module(
+    data_dir: str,
+    weights: Mapping[str, float],
+    batch_size: int,
+    max_steps: int,
+    seed: int = 0,
+    val_domains: list[str] | None = None,
+    extra_dirs: Mapping[str, str] | None = None,
+    num_workers: int = 0,
+) -> MixtureDataModule:
     """A MixtureDataModule over the packed splits of prepared data (`nexus.data.open_prepared`):
     train on `weights`' domains, validate on `val_domains` (default: the same); `extra_dirs` maps
     domains prepared in another directory (an extension's new domain)."""
@@ -167,6 +230,12 @@ def packed_data_module(data_dir: str, weights: Mapping[str, float], batch_size: 
 
     dirs = {d: (extra_dirs or {}).get(d, data_dir) for d in {*weights, *(val_domains or weights)}}
     opened = {p: open_prepared(p) for p in set(dirs.values())}
-    return MixtureDataModule({d: opened[dirs[d]].packed(d, "train") for d in weights},
-                             {d: opened[dirs[d]].packed(d, "validation") for d in (val_domains or weights)},
-                             weights, batch_size, max_steps, seed=seed, num_workers=num_workers)
+    return MixtureDataModule(
+        {d: opened[dirs[d]].packed(d, "train") for d in weights},
+        {d: opened[dirs[d]].packed(d, "validation") for d in (val_domains or weights)},
+        weights,
+        batch_size,
+        max_steps,
+        seed=seed,
+        num_workers=num_workers,
+    )

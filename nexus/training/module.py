@@ -14,6 +14,7 @@ reduced over ranks once per validation epoch.
 `configure_model` applies, in this order, activation checkpointing (per block), FSDP2 sharding
 (per block, then the root; under `strategy: fsdp`) and `torch.compile`.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,9 @@ class CausalLMModule(L.LightningModule):
 
     def lm_loss(self, out: ModelOutput, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy from the final hidden states, `loss_chunk_tokens` at a time."""
-        return chunked_cross_entropy(out.hidden, self.model.lm_head.weight, targets, self.config.loss_chunk_tokens,
-                                     reduction)
+        return chunked_cross_entropy(
+            out.hidden, self.model.lm_head.weight, targets, self.config.loss_chunk_tokens, reduction
+        )
 
     def aux_loss(self, out: ModelOutput) -> torch.Tensor:
         """The MoE auxiliary loss; with several ranks, load balancing over the global batch's counts."""
@@ -83,8 +85,10 @@ class CausalLMModule(L.LightningModule):
             return out.aux_loss
         moe = self.model.config.moe
         counts = self.trainer.strategy.reduce(torch.stack([r.counts for r in out.routing]), reduce_op="sum")
-        return sum(moe.load_balance_coef * load_balance_loss(r.probs, r.expert_index, c) + moe.z_loss_coef * r.z_loss
-                   for r, c in zip(out.routing, counts))
+        return sum(
+            moe.load_balance_coef * load_balance_loss(r.probs, r.expert_index, c) + moe.z_loss_coef * r.z_loss
+            for r, c in zip(out.routing, counts)
+        )
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -99,9 +103,13 @@ class CausalLMModule(L.LightningModule):
             metrics = {"train/lr": self.lr_schedulers().get_last_lr()[0]}
             if out.routing:
                 n = len(out.routing)
-                metrics.update({"train/aux_loss": aux_loss,
-                                "train/load_balance_loss": sum(r.load_balance_loss for r in out.routing) / n,
-                                "train/z_loss": sum(r.z_loss for r in out.routing) / n})
+                metrics.update(
+                    {
+                        "train/aux_loss": aux_loss,
+                        "train/load_balance_loss": sum(r.load_balance_loss for r in out.routing) / n,
+                        "train/z_loss": sum(r.z_loss for r in out.routing) / n,
+                    }
+                )
             self.log_dict(metrics)
         return lm_loss + aux_loss
 
@@ -117,11 +125,14 @@ class CausalLMModule(L.LightningModule):
         do not."""
         self.frozen_rows = apply_trainable(self.model, self.config.trainable)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.config.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.config.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
         optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
-        scheduler = warmup_cosine_scheduler(optimizer, self.config.max_steps, self.config.warmup_steps,
-                                            self.config.min_lr_ratio)
+        scheduler = warmup_cosine_scheduler(
+            optimizer, self.config.max_steps, self.config.warmup_steps, self.config.min_lr_ratio
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------- validation
@@ -131,8 +142,9 @@ class CausalLMModule(L.LightningModule):
         self._val_tokens = torch.zeros(n, dtype=torch.float64, device=self.device)
         self._val_routing: torch.Tensor | None = None
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
-                        dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         tokens, domains = batch
         x, y = tokens[:, :-1], tokens[:, 1:]
         out = self.model(x, logits=False)
@@ -159,7 +171,9 @@ class CausalLMModule(L.LightningModule):
             counts = reduce(self._val_routing, reduce_op="sum")
             metrics.update(share_metrics(counts, self.domain_names, self.expert_names))
         if metrics and not self.trainer.sanity_checking:
-            with warnings.catch_warnings():  # reduced over ranks above: Lightning's sync_dist hint does not apply
+            with (
+                warnings.catch_warnings()
+            ):  # reduced over ranks above: Lightning's sync_dist hint does not apply
                 warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
                 self.log_dict(metrics)
                 self.log("val_loss", metrics.get("val/loss", float("nan")), prog_bar=True, logger=False)
@@ -173,11 +187,14 @@ class TokenThroughput(L.Callback):
     def __init__(self) -> None:
         self._tokens, self._seconds, self._t0 = 0, 0.0, 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._seconds += time.perf_counter() - self._t0
         self._tokens += batch[0][:, 1:].numel()
         if trainer.global_step % trainer.log_every_n_steps == 0 and self._seconds > 0:

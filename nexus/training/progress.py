@@ -6,6 +6,7 @@ Prefect worker's or the UI's flow-run log alike (the flows add `nexus` to Prefec
 Lightning's own banner lines (accelerator availability, the `max_steps` reached note), which every
 stage would repeat, are kept below WARNING (`quiet_lightning`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,11 @@ from typing import Any
 import lightning as L
 
 log = logging.getLogger("nexus.training")
-LIGHTNING_CHATTER = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                     "lightning.pytorch.accelerators.cuda")
+LIGHTNING_CHATTER = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+)
 
 
 def _clock(seconds: float) -> str:
@@ -37,8 +41,9 @@ class ProgressLog(L.Callback):
         self._start, self._tokens, self._first_step = time.perf_counter(), 0, trainer.global_step
         self.every = self.every or max(1, trainer.max_steps // 20)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._tokens += batch[0][:, 1:].numel() * trainer.world_size
         step = trainer.global_step
         if trainer.is_global_zero and (step % self.every == 0 or step == trainer.max_steps):
@@ -49,8 +54,10 @@ class ProgressLog(L.Callback):
         done = max(step - self._first_step, 1)
         eta = elapsed / done * max(max_steps - step, 0)
         loss_text = f"loss {loss:.3f}  " if loss is not None else ""
-        return (f"{self.name}: step {step}/{max_steps} ({step / max_steps:.0%})  {loss_text}"
-                f"{self._tokens / max(elapsed, 1e-9):,.0f} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
+        return (
+            f"{self.name}: step {step}/{max_steps} ({step / max_steps:.0%})  {loss_text}"
+            f"{self._tokens / max(elapsed, 1e-9):,.0f} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
+        )
 
 
 def _loss(outputs: Any) -> float | None:

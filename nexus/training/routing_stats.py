@@ -1,5 +1,6 @@
 """Routing statistics: which share of each domain's tokens each MoE layer sends to each expert
 (the paper's Figures 4 and 5)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,7 +10,9 @@ import torch
 from nexus.model.moe import RoutingInfo
 
 
-def routing_counts(routing: Sequence[RoutingInfo], token_domains: torch.Tensor, n_domains: int) -> torch.Tensor:
+def routing_counts(
+    routing: Sequence[RoutingInfo], token_domains: torch.Tensor, n_domains: int
+) -> torch.Tensor:
     """Top-k assignments per (layer, domain, expert): (layers, n_domains, n_experts), int64.
 
     token_domains: (tokens,) domain id of every routed token, in the order the layers saw them."""
@@ -24,8 +27,12 @@ def routing_counts(routing: Sequence[RoutingInfo], token_domains: torch.Tensor, 
     return torch.stack(counts)
 
 
-def share_metrics(counts: torch.Tensor, domain_names: Sequence[str], expert_names: Sequence[str],
-                  prefix: str = "val/routing") -> dict[str, float]:
+def share_metrics(
+    counts: torch.Tensor,
+    domain_names: Sequence[str],
+    expert_names: Sequence[str],
+    prefix: str = "val/routing",
+) -> dict[str, float]:
     """`{prefix}/layer{l}/{domain}/{expert}` = share of the domain's assignments in layer l, plus
     `{prefix}/mean/{domain}/{expert}` averaged over layers; domains without tokens are skipped."""
     if counts.numel() == 0:

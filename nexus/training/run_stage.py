@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         payload, code = result_dict(run_spec(spec)), 0
     except errors.NexusError as err:
         payload, code = {"error": {"type": type(err).__name__, "message": str(err)}}, 2
-    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it with the log tail
+    except Exception as err:
         traceback.print_exc()
         payload, code = {"error": {"type": type(err).__name__, "message": str(err)[:2000]}}, 1
     if rank == 0:

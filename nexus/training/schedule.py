@@ -1,4 +1,5 @@
 """The paper's learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,8 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                            min_ratio: float = 0.0) -> LambdaLR:
+def warmup_cosine_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0
+) -> LambdaLR:
     """A per-step `LambdaLR` over `warmup_cosine` (its state dict holds only numbers)."""
     return LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, min_ratio))

@@ -17,6 +17,7 @@ Several devices (`devices > 1`) need one process per device: run the stage throu
 checkpoint is the full model gathered to rank 0; `lightning/` (the resume checkpoint) is deleted
 only after the final checkpoint has been written and loads back.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,34 +65,62 @@ def _readable_resume_checkpoint(ckpt: Path) -> bool:
     try:
         torch.load(ckpt, map_location="cpu", weights_only=True)
         return True
-    except Exception as err:  # noqa: BLE001 - torch/zip/pickle raise many types for a damaged file
-        warnings.warn(f"{ckpt}: unreadable resume checkpoint ({type(err).__name__}: {err}); moved to "
-                      f"{ckpt.name}.corrupt, the stage restarts from step 0", stacklevel=2)
+    except Exception as err:
+        warnings.warn(
+            f"{ckpt}: unreadable resume checkpoint ({type(err).__name__}: {err}); moved to "
+            f"{ckpt.name}.corrupt, the stage restarts from step 0",
+            stacklevel=2,
+        )
         os.replace(ckpt, ckpt.with_name(ckpt.name + ".corrupt"))
         return False
 
 
-def train_dense(config: TrainConfig, data: MixtureDataModule, out_dir: str | os.PathLike, *,
-                init_checkpoint: str | os.PathLike | None = None, model_config: ModelConfig | None = None,
-                loggers: Sequence[Logger] = (), callbacks: Sequence[Callback] = (),
-                metadata: dict[str, Any] | None = None,
-                extra_files: dict[str, str | os.PathLike] | None = None) -> StageResult:
+def train_dense(
+    config: TrainConfig,
+    data: MixtureDataModule,
+    out_dir: str | os.PathLike,
+    *,
+    init_checkpoint: str | os.PathLike | None = None,
+    model_config: ModelConfig | None = None,
+    loggers: Sequence[Logger] = (),
+    callbacks: Sequence[Callback] = (),
+    metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+) -> StageResult:
     """Train a dense model: from scratch (`model_config`, the seed) or from `init_checkpoint` (an expert)."""
     if (init_checkpoint is None) == (model_config is None):
         raise ConfigError("train_dense needs exactly one of init_checkpoint (expert) or model_config (seed)")
     if model_config is not None and model_config.is_moe:
         raise ConfigError("train_dense got an MoE model_config; use train_moe")
-    return _run_stage("dense", config, data, Path(out_dir), init_checkpoint, model_config,
-                      loggers, callbacks, metadata, extra_files)
+    return _run_stage(
+        "dense",
+        config,
+        data,
+        Path(out_dir),
+        init_checkpoint,
+        model_config,
+        loggers,
+        callbacks,
+        metadata,
+        extra_files,
+    )
 
 
-def train_moe(config: TrainConfig, data: MixtureDataModule, out_dir: str | os.PathLike, *,
-              init_checkpoint: str | os.PathLike, loggers: Sequence[Logger] = (),
-              callbacks: Sequence[Callback] = (), metadata: dict[str, Any] | None = None,
-              extra_files: dict[str, str | os.PathLike] | None = None) -> StageResult:
+def train_moe(
+    config: TrainConfig,
+    data: MixtureDataModule,
+    out_dir: str | os.PathLike,
+    *,
+    init_checkpoint: str | os.PathLike,
+    loggers: Sequence[Logger] = (),
+    callbacks: Sequence[Callback] = (),
+    metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+) -> StageResult:
     """Train an MoE checkpoint (upcycled or extended); the auxiliary losses join the LM loss."""
-    return _run_stage("moe", config, data, Path(out_dir), init_checkpoint, None,
-                      loggers, callbacks, metadata, extra_files)
+    return _run_stage(
+        "moe", config, data, Path(out_dir), init_checkpoint, None, loggers, callbacks, metadata, extra_files
+    )
 
 
 def _init_identity(init_checkpoint: str | os.PathLike | None, model_config: ModelConfig | None) -> dict:
@@ -104,8 +133,10 @@ def _init_identity(init_checkpoint: str | os.PathLike | None, model_config: Mode
 def _build_model(kind: str, init_checkpoint, model_config: ModelConfig | None) -> Transformer:
     model = load_checkpoint(init_checkpoint) if init_checkpoint is not None else Transformer(model_config)
     if model.config.is_moe != (kind == "moe"):
-        raise CheckpointError(f"{init_checkpoint}: a {'MoE' if model.config.is_moe else 'dense'} model "
-                              f"cannot be trained by train_{kind}")
+        raise CheckpointError(
+            f"{init_checkpoint}: a {'MoE' if model.config.is_moe else 'dense'} model "
+            f"cannot be trained by train_{kind}"
+        )
     return model
 
 
@@ -115,8 +146,10 @@ def _check_stage_dir(out_dir: Path, fp: str) -> None:
     if stage_file.is_file():
         previous = json.loads(stage_file.read_text()).get("fingerprint")
         if previous != fp and (out_dir / LIGHTNING_DIR).exists():
-            raise ConfigError(f"{out_dir} holds a stage run with other settings (fingerprint {previous[:12]}, "
-                              f"now {fp[:12]}); use a new output directory or delete {out_dir / LIGHTNING_DIR}")
+            raise ConfigError(
+                f"{out_dir} holds a stage run with other settings (fingerprint {previous[:12]}, "
+                f"now {fp[:12]}); use a new output directory or delete {out_dir / LIGHTNING_DIR}"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_file.write_text(json.dumps({"fingerprint": fp}))
 
@@ -141,39 +174,74 @@ def _strategy(config: TrainConfig) -> Any:
     if config.strategy == "fsdp":  # FSDP2 (`fully_shard`, applied in CausalLMModule.configure_model); CPU too
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size=config.num_devices, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=False)
+        return ModelParallelStrategy(
+            data_parallel_size=config.num_devices, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     return "ddp"
 
 
-def build_trainer(config: TrainConfig, out_dir: Path, loggers: Sequence[Logger] = (),
-                  callbacks: Sequence[Callback] = ()) -> L.Trainer:
+def build_trainer(
+    config: TrainConfig, out_dir: Path, loggers: Sequence[Logger] = (), callbacks: Sequence[Callback] = ()
+) -> L.Trainer:
     """The Trainer every stage uses: resume checkpoints in `out_dir/lightning`, step-based validation,
     `grad_accum_steps` micro-batches per optimizer step."""
-    ckpt = ModelCheckpoint(dirpath=out_dir / LIGHTNING_DIR, every_n_train_steps=config.checkpoint_every_n_steps,
-                           save_top_k=0, save_last=True, save_on_train_epoch_end=False)
+    ckpt = ModelCheckpoint(
+        dirpath=out_dir / LIGHTNING_DIR,
+        every_n_train_steps=config.checkpoint_every_n_steps,
+        save_top_k=0,
+        save_last=True,
+        save_on_train_epoch_end=False,
+    )
     accumulate = config.grad_accum_steps
     quiet_lightning()
     progress = ProgressLog(f"{out_dir.parent.name}/{out_dir.name}")
     return L.Trainer(
-        max_steps=config.max_steps, accelerator=config.accelerator, devices=config.num_devices,
-        strategy=_strategy(config), precision=config.resolved_precision(),  # type: ignore[arg-type]
-        accumulate_grad_batches=accumulate, gradient_clip_val=config.grad_clip or None,
+        max_steps=config.max_steps,
+        accelerator=config.accelerator,
+        devices=config.num_devices,
+        strategy=_strategy(config),
+        precision=config.resolved_precision(),  # type: ignore[arg-type]
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=config.grad_clip or None,
         val_check_interval=config.val_every_n_steps * accumulate,  # counted in micro-batches
-        check_val_every_n_epoch=None, limit_val_batches=config.limit_val_batches, num_sanity_val_steps=0,
-        log_every_n_steps=config.log_every_n_steps, callbacks=[TokenThroughput(), progress, *callbacks, ckpt], logger=list(loggers) or False,
-        default_root_dir=out_dir, enable_progress_bar=config.progress_bar, enable_model_summary=False,
-        use_distributed_sampler=False)
+        check_val_every_n_epoch=None,
+        limit_val_batches=config.limit_val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=config.log_every_n_steps,
+        callbacks=[TokenThroughput(), progress, *callbacks, ckpt],
+        logger=list(loggers) or False,
+        default_root_dir=out_dir,
+        enable_progress_bar=config.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
 
 
-def _run_stage(kind: str, config: TrainConfig, data: MixtureDataModule, out_dir: Path, init_checkpoint,
-               model_config: ModelConfig | None, loggers: Sequence[Logger], callbacks: Sequence[Callback],
-               metadata: dict[str, Any] | None, extra_files: dict[str, str | os.PathLike] | None) -> StageResult:
+def _run_stage(
+    kind: str,
+    config: TrainConfig,
+    data: MixtureDataModule,
+    out_dir: Path,
+    init_checkpoint,
+    model_config: ModelConfig | None,
+    loggers: Sequence[Logger],
+    callbacks: Sequence[Callback],
+    metadata: dict[str, Any] | None,
+    extra_files: dict[str, str | os.PathLike] | None,
+) -> StageResult:
     if data.max_steps != config.max_steps or data.batch_size != config.batch_size:
-        raise ConfigError(f"data module (max_steps={data.max_steps}, batch_size={data.batch_size}) disagrees "
-                          f"with the train config ({config.max_steps}, {config.batch_size})")
-    fp = hash_json({"kind": kind, "train": config.identity(), "data": data.describe(),
-                    "init": _init_identity(init_checkpoint, model_config)})
+        raise ConfigError(
+            f"data module (max_steps={data.max_steps}, batch_size={data.batch_size}) disagrees "
+            f"with the train config ({config.max_steps}, {config.batch_size})"
+        )
+    fp = hash_json(
+        {
+            "kind": kind,
+            "train": config.identity(),
+            "data": data.describe(),
+            "init": _init_identity(init_checkpoint, model_config),
+        }
+    )
     done = _finished(out_dir, fp)
     if done is not None:
         return done
@@ -195,18 +263,32 @@ def _run_stage(kind: str, config: TrainConfig, data: MixtureDataModule, out_dir:
         trainer.validate(module, datamodule=data, verbose=False)
         metrics.update(_scalars(trainer.callback_metrics))
 
-    parallel = {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
-                "sharded": is_sharded(module.model)}
+    parallel = {
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+        "sharded": is_sharded(module.model),
+    }
     state = full_state_dict(module.model)  # a collective under FSDP: every rank takes part
     if trainer.is_global_zero:
         with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
             final = Transformer(module.model.config)
         final.load_state_dict(state, strict=not final.config.tie_embeddings, assign=True)
-        save_checkpoint(final.to(getattr(torch, config.save_dtype)), out_dir / MODEL_DIR, extra_files=extra_files,
-                        metadata={
-            **(metadata or {}), "stage": kind, "stage_fingerprint": fp, "global_step": trainer.global_step,
-            "metrics": metrics, "train_config": config.to_dict(), "data": data.describe(), "parallel": parallel,
-            "init_checkpoint": str(init_checkpoint) if init_checkpoint is not None else None})
+        save_checkpoint(
+            final.to(getattr(torch, config.save_dtype)),
+            out_dir / MODEL_DIR,
+            extra_files=extra_files,
+            metadata={
+                **(metadata or {}),
+                "stage": kind,
+                "stage_fingerprint": fp,
+                "global_step": trainer.global_step,
+                "metrics": metrics,
+                "train_config": config.to_dict(),
+                "data": data.describe(),
+                "parallel": parallel,
+                "init_checkpoint": str(init_checkpoint) if init_checkpoint is not None else None,
+            },
+        )
         load_checkpoint(out_dir / MODEL_DIR)  # checksum and every tensor: only then drop the resume state
         shutil.rmtree(out_dir / LIGHTNING_DIR, ignore_errors=True)
     trainer.strategy.barrier()

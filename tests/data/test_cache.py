@@ -1,4 +1,5 @@
 """Fingerprints and atomic cache entries."""
+
 import pytest
 
 from nexus.data.cache import cached_dir, fingerprint, read_fingerprint

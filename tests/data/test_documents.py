@@ -1,4 +1,5 @@
 """Normalisation, dedup, hash splits (disjoint, stable when documents are added), fingerprints."""
+
 import pytest
 
 from nexus.data.config import SplitConfig

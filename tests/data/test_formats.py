@@ -1,4 +1,5 @@
 """File formats on the fixture corpora (cut from the real Debian packages) and on bad input."""
+
 import gzip
 from pathlib import Path
 
@@ -50,10 +51,13 @@ def test_python_reader_honours_the_coding_cookie(tmp_path):
     assert "café" in docs(tmp_path, "python")[0][0]
 
 
-@pytest.mark.parametrize("setup, match", [
-    (lambda p: p / "missing", "does not exist"),
-    (lambda p: p, "no auto files"),
-])
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: p, "no auto files"),
+    ],
+)
 def test_missing_or_empty_folder_names_domain_and_path(tmp_path, setup, match):
     root = setup(tmp_path)
     with pytest.raises(DataError, match=match) as err:
@@ -76,9 +80,14 @@ def test_non_utf8_inside_gzip_is_caught(tmp_path):
         docs(tmp_path, "jargon")
 
 
-@pytest.mark.parametrize("line, match", [('{"other": "x"}', "no string field 'text'"),
-                                         ('{"text": 3}', "no string field 'text'"),
-                                         ("{not json", "not valid JSON")])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"other": "x"}', "no string field 'text'"),
+        ('{"text": 3}', "no string field 'text'"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_bad_jsonl_line_names_file_line_and_key(tmp_path, line, match):
     f = tmp_path / "data.jsonl"
     f.write_text('{"text": "ok"}\n' + line + "\n")
@@ -94,5 +103,8 @@ def test_fortunes_in_a_language_subfolder_are_read_and_their_indexes_skipped(tmp
     (lang / "zitate").write_text("Erster Spruch.\n%\nZweiter Spruch.\n")
     (lang / "zitate.dat").write_bytes(b"\x00\x02binary index")
     (tmp_path / "usr" / "share" / "games" / "fortunes" / "top").write_text("Top level.\n")
-    assert sorted(t.strip() for t, _ in docs(tmp_path, "fortunes")) == ["Erster Spruch.", "Top level.",
-                                                                        "Zweiter Spruch."]
+    assert sorted(t.strip() for t, _ in docs(tmp_path, "fortunes")) == [
+        "Erster Spruch.",
+        "Top level.",
+        "Zweiter Spruch.",
+    ]

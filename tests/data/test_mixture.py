@@ -1,4 +1,5 @@
 """Mixture weights and the deterministic, resumable sampler."""
+
 import collections
 
 import pytest

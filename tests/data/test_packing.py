@@ -1,4 +1,5 @@
 """Packing loses no token; PackedSplit serves fixed-length causal-LM sequences."""
+
 import pickle
 from pathlib import Path
 
@@ -22,9 +23,18 @@ def packed(tmp_path_factory):
     texts = [t for t, _ in parse_files(list_files(src.path, "python", "code"), "python", "code", src)]
     texts.append("a document quoting <|endoftext|> literally")
     tok_file = train_tokenizer(texts, 400, root / "tokenizer.json")
-    counts = pack_documents(Dataset.from_dict({"text": texts}), tok_file, root / "split", domain="code",
-                            split="train", fingerprint="f" * 64, eos_id=0, vocab_size=400, num_proc=2,
-                            batch_size=4)
+    counts = pack_documents(
+        Dataset.from_dict({"text": texts}),
+        tok_file,
+        root / "split",
+        domain="code",
+        split="train",
+        fingerprint="f" * 64,
+        eos_id=0,
+        vocab_size=400,
+        num_proc=2,
+        batch_size=4,
+    )
     return texts, load_tokenizer(tok_file), root / "split", counts
 
 
@@ -35,7 +45,7 @@ def test_decoded_stream_equals_eos_joined_documents(packed):
     assert tok.decode(np.asarray(split.tokens).tolist()) == "".join(t + "<|endoftext|>" for t in texts)
     assert int((np.asarray(split.tokens) == 0).sum()) == len(texts) == split.num_documents
     offsets = split.doc_offsets
-    assert tok.decode(split.tokens[offsets[1]:offsets[2] - 1].tolist()) == texts[1]
+    assert tok.decode(split.tokens[offsets[1] : offsets[2] - 1].tolist()) == texts[1]
     assert not list(path.glob("*.arrow"))  # the tokenization cache was cleaned up
 
 
@@ -46,7 +56,7 @@ def test_items_are_overlapping_windows_covering_every_target(packed):
     first, second = split[0], split[1]
     assert first.shape == (65,) and first.dtype == np.int64 and first[-1] == second[0]
     targets = np.concatenate([split[i][1:] for i in range(len(split))])
-    assert np.array_equal(targets, np.asarray(split.tokens[1:len(split) * 64 + 1], dtype=np.int64))
+    assert np.array_equal(targets, np.asarray(split.tokens[1 : len(split) * 64 + 1], dtype=np.int64))
     assert np.array_equal(split[-1], split[len(split) - 1])
     with pytest.raises(IndexError):
         split[len(split)]

@@ -1,4 +1,5 @@
 """prepare_experiment end to end on the fixture corpora: products, cache reuse, bad input."""
+
 import json
 import time
 from dataclasses import replace
@@ -72,11 +73,17 @@ def test_a_changed_domain_rebuilds_only_that_domain(prepared, tmp_path):
     (tmp_path / "extra.txt").write_text("def added():\n    return 'one more document'\n")
     code = next(d for d in cfg.domains if d.name == "code")
     grown = replace(code, sources=code.sources + (SourceConfig("folder", path=str(tmp_path)),))
-    cfg2 = replace(cfg, domains=tuple(grown if d.name == "code" else d for d in cfg.domains),
-                   embedding=replace(cfg.embedding, enabled=False))
+    cfg2 = replace(
+        cfg,
+        domains=tuple(grown if d.name == "code" else d for d in cfg.domains),
+        embedding=replace(cfg.embedding, enabled=False),
+    )
     data = prepare_experiment(cfg2, progress=False)
     assert data.domains["code"].fingerprint != first.domains["code"].fingerprint
-    counts = lambda d: sum(s.documents for s in d.domains["code"].splits.values())
+
+    def counts(d):
+        return sum(s.documents for s in d.domains["code"].splits.values())
+
     assert counts(data) == counts(first) + 1
     assert data.domains["lore"] == first.domains["lore"]
     assert data.reused["read"] is False and data.reused["packing"] is False
@@ -123,8 +130,9 @@ def test_manifest_is_plain_json(prepared):
 
 
 def test_missing_existing_tokenizer_fails_before_anything_is_written(tmp_path):
-    cfg = tiny_config(CORPORA, out_dir=str(tmp_path / "out"),
-                      tokenizer=TokenizerConfig(path=str(tmp_path / "tok.json")))
+    cfg = tiny_config(
+        CORPORA, out_dir=str(tmp_path / "out"), tokenizer=TokenizerConfig(path=str(tmp_path / "tok.json"))
+    )
     with pytest.raises(DataError, match="tok.json does not exist"):
         prepare_experiment(cfg, progress=False)
     assert not (tmp_path / "out").exists()
@@ -132,8 +140,12 @@ def test_missing_existing_tokenizer_fails_before_anything_is_written(tmp_path):
 
 def test_an_existing_tokenizer_is_used_as_is(prepared, tmp_path):
     _, first, *_ = prepared
-    cfg = tiny_config(CORPORA, out_dir=str(tmp_path / "out"), tokenizer=TokenizerConfig(path=str(first.tokenizer_path)),
-                      embedding=EmbeddingConfig(enabled=False))
+    cfg = tiny_config(
+        CORPORA,
+        out_dir=str(tmp_path / "out"),
+        tokenizer=TokenizerConfig(path=str(first.tokenizer_path)),
+        embedding=EmbeddingConfig(enabled=False),
+    )
     cfg = replace(cfg, domains=tuple(d for d in cfg.domains if d.name in ("lore", "code")))
     data = prepare_experiment(cfg, progress=False)
     assert data.tokenizer_path.read_text() == first.tokenizer_path.read_text()

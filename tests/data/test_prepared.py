@@ -1,4 +1,5 @@
 """PreparedData / open_prepared on a missing experiment and the report format."""
+
 import pytest
 
 from nexus.data.prepared import DomainData, PreparedData, SplitStats, format_report, open_prepared
@@ -19,8 +20,11 @@ def test_unknown_domain_or_split(tmp_path):
 
 
 def test_report_lists_every_split():
-    splits = {"train": SplitStats(10, 400, 1000), "validation": SplitStats(1, 40, 100),
-              "test": SplitStats(1, 50, 120)}
+    splits = {
+        "train": SplitStats(10, 400, 1000),
+        "validation": SplitStats(1, 40, 100),
+        "test": SplitStats(1, 50, 120),
+    }
     data = PreparedData(None, "exp", 8, "fp", {"a": DomainData("a", True, "f", splits)})
     lines = format_report(data).splitlines()
     assert lines[1].split() == ["a", "train", "10", "400", "1,000", "2.50", "(held", "out)"]

@@ -1,4 +1,5 @@
 """Sources: local folders, Hugging Face datasets from local directories/files, the stdlib."""
+
 import json
 from pathlib import Path
 
@@ -34,17 +35,25 @@ def test_max_documents_caps_a_source(tmp_path):
 def slimpajama_like(tmp_path):
     from datasets import Dataset
 
-    rows = {"text": ["an arxiv paper", "a github file", "another paper"],
-            "meta": [{"redpajama_set_name": s} for s in ("RedPajamaArXiv", "RedPajamaGithub", "RedPajamaArXiv")]}
+    rows = {
+        "text": ["an arxiv paper", "a github file", "another paper"],
+        "meta": [{"redpajama_set_name": s} for s in ("RedPajamaArXiv", "RedPajamaGithub", "RedPajamaArXiv")],
+    }
     Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
     with open(tmp_path / "rows.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": text, "meta": meta}) + "\n" for text, meta in zip(rows["text"], rows["meta"]))
+        f.writelines(
+            json.dumps({"text": text, "meta": meta}) + "\n" for text, meta in zip(rows["text"], rows["meta"])
+        )
     return tmp_path
 
 
 def test_hf_saved_dataset_with_dotted_filter(slimpajama_like, tmp_path):
-    src = SourceConfig("hf", path=str(slimpajama_like / "saved"), filter_field="meta.redpajama_set_name",
-                       filter_value="RedPajamaArXiv")
+    src = SourceConfig(
+        "hf",
+        path=str(slimpajama_like / "saved"),
+        filter_field="meta.redpajama_set_name",
+        filter_value="RedPajamaArXiv",
+    )
     assert [t for t, _ in read(src, tmp_path)] == ["an arxiv paper", "another paper"]
 
 
@@ -53,10 +62,13 @@ def test_hf_json_builder_on_local_files(slimpajama_like, tmp_path):
     assert len(read(src, tmp_path)) == 3
 
 
-@pytest.mark.parametrize("src, match", [
-    (SourceConfig("hf", path="no-such-org/no-such-dataset-xyz"), "cannot load dataset no-such-org"),
-    (SourceConfig("hf", path="json", data_files="/nonexistent/*.jsonl"), "cannot load dataset json"),
-])
+@pytest.mark.parametrize(
+    "src, match",
+    [
+        (SourceConfig("hf", path="no-such-org/no-such-dataset-xyz"), "cannot load dataset no-such-org"),
+        (SourceConfig("hf", path="json", data_files="/nonexistent/*.jsonl"), "cannot load dataset json"),
+    ],
+)
 def test_unknown_dataset_names_domain_and_dataset(src, match):
     with pytest.raises(DataError, match=match) as err:
         source_identity(src, "dom")

@@ -1,4 +1,5 @@
 """Byte-level BPE: trained on the initial domains, lossless on every domain (code included)."""
+
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,10 @@ def test_existing_local_tokenizer_directory(tok_path, tmp_path):
     saved = tmp_path / "hf-tok"
     load_tokenizer(tok_path).save_pretrained(str(saved))
     tok = load_tokenizer(saved)
-    assert tok.eos_token_id == 0 and tok.decode(tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
+    assert (
+        tok.eos_token_id == 0
+        and tok.decode(tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
+    )
 
 
 def test_missing_tokenizer_path(tmp_path):

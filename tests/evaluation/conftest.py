@@ -1,5 +1,6 @@
 """Fixtures for the evaluation tests: a tiny byte-level BPE, two synthetic domains, and a tiny
 dense model trained for a few steps on them (saved as a checkpoint with its tokenizer)."""
+
 from __future__ import annotations
 
 import random
@@ -13,9 +14,28 @@ from nexus.config import tiny
 from nexus.data.tokenizer import load_tokenizer, train_tokenizer
 from nexus.model.transformer import Transformer, causal_lm_loss
 
-WORDS = ["the", "a", "model", "expert", "routes", "tokens", "to", "its", "domain", "while", "shared", "layers", "keep", "general", "knowledge"]
-CODE = ["def {0}(x):\n    return x + {1}\n", "for {0} in range({1}):\n    print({0})\n",
-        "class {0}:\n    value = {1}\n"]
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "expert",
+    "routes",
+    "tokens",
+    "to",
+    "its",
+    "domain",
+    "while",
+    "shared",
+    "layers",
+    "keep",
+    "general",
+    "knowledge",
+]
+CODE = [
+    "def {0}(x):\n    return x + {1}\n",
+    "for {0} in range({1}):\n    print({0})\n",
+    "class {0}:\n    value = {1}\n",
+]
 
 
 def _prose(rng: random.Random, n_words: int) -> str:
@@ -23,8 +43,10 @@ def _prose(rng: random.Random, n_words: int) -> str:
 
 
 def _code(rng: random.Random, n_lines: int) -> str:
-    return "".join(rng.choice(CODE).format(rng.choice(["f", "g", "item", "node"]), rng.randint(0, 99))
-                   for _ in range(n_lines))
+    return "".join(
+        rng.choice(CODE).format(rng.choice(["f", "g", "item", "node"]), rng.randint(0, 99))
+        for _ in range(n_lines)
+    )
 
 
 def fit_model(model: Transformer, sample: Callable[[], torch.Tensor], steps: int, lr: float) -> Transformer:
@@ -81,7 +103,7 @@ def trained_checkpoint(tmp_path_factory, tokenizer, tokenizer_file):
 
     def sample() -> torch.Tensor:
         starts = torch.randint(0, len(stream) - T - 1, (8,))
-        return torch.stack([stream[s:s + T + 1] for s in starts])
+        return torch.stack([stream[s : s + T + 1] for s in starts])
 
     torch.manual_seed(0)
     model = fit_model(Transformer(tiny(vocab_size=len(tokenizer))), sample, steps=40, lr=3e-3)

@@ -1,4 +1,5 @@
 """The promotion gate: the new domain must improve, every earlier domain stay within tolerance."""
+
 from __future__ import annotations
 
 import math
@@ -20,12 +21,15 @@ def test_passes_when_new_improves_and_earlier_within_tolerance():
     assert checks["b"].change == pytest.approx(-0.02)
 
 
-@pytest.mark.parametrize("after, failed", [
-    ({"a": 105.1, "b": 50.0, "new": 200.0}, ["a"]),           # an earlier domain beyond 5 %
-    ({"a": 100.0, "b": 50.0, "new": 300.0}, ["new"]),         # the new domain did not improve
-    ({"a": math.nan, "b": 50.0, "new": 200.0}, ["a"]),        # a diverged model never passes
-    ({"a": 100.0, "b": 50.0, "new": math.inf}, ["new"]),
-])
+@pytest.mark.parametrize(
+    "after, failed",
+    [
+        ({"a": 105.1, "b": 50.0, "new": 200.0}, ["a"]),  # an earlier domain beyond 5 %
+        ({"a": 100.0, "b": 50.0, "new": 300.0}, ["new"]),  # the new domain did not improve
+        ({"a": math.nan, "b": 50.0, "new": 200.0}, ["a"]),  # a diverged model never passes
+        ({"a": 100.0, "b": 50.0, "new": math.inf}, ["new"]),
+    ],
+)
 def test_fails_naming_the_domains(after, failed):
     verdict = promotion_gate(BEFORE, after, "new", 0.05)
     assert not verdict.passed and verdict.failed_domains == failed

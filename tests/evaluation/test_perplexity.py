@@ -1,5 +1,6 @@
 """Perplexity: windowing matches lm-eval's reference, batching/padding changes nothing, and the
 results equal a naive one-forward-per-sequence computation."""
+
 import math
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_split_perplexity_equals_naive_and_counts_bytes(trained_model, tokenizer
     for text in domain_texts["code"]:
         ids += tokenizer.encode(text) + [tokenizer.eos_token_id]
     result = split_perplexity(trained_model, np.array(ids), tokenizer, seq_len=32, batch_size=3)
-    naive = sum(_naive_nll(trained_model, ids[s:s + 33]) for s in range(0, len(ids) - 1, 32))
+    naive = sum(_naive_nll(trained_model, ids[s : s + 33]) for s in range(0, len(ids) - 1, 32))
     assert result.tokens == len(ids) - 1
     assert result.nll == pytest.approx(naive, rel=1e-5)
     # the predicted tokens (all but the first) decode to the documents minus their first byte
@@ -91,5 +92,6 @@ def test_perplexity_properties_and_checkpoint_evaluation(trained_checkpoint, tok
     splits = {"d": np.array(tokenizer.encode("def f(x):\n    return x + 1\n") + [tokenizer.eos_token_id])}
     results = evaluate_checkpoints({"dense": trained_checkpoint}, splits)  # tokenizer from the checkpoint
     from nexus.checkpoint import load_checkpoint
+
     direct = domain_perplexities(load_checkpoint(trained_checkpoint), splits, tokenizer)
     assert results["dense"]["d"] == direct["d"] and results["dense"]["d"].bytes > 0

@@ -1,4 +1,5 @@
 """Every plot writes a non-trivial PNG of the expected size."""
+
 import numpy as np
 from matplotlib import image
 
@@ -14,24 +15,44 @@ from nexus.evaluation.routing import RoutingAnalysis
 
 
 def sample_routing() -> RoutingAnalysis:
-    share = np.array([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]],
-                      [[0.6, 0.3, 0.1], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7]]])
-    return RoutingAnalysis(["code", "prose", "dictionary"], ["code", "prose", "dictionary"], share * 0.9 + 0.1 / 3,
-                           share, {"code": 100, "prose": 100, "dictionary": 100})
+    share = np.array(
+        [
+            [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]],
+            [[0.6, 0.3, 0.1], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7]],
+        ]
+    )
+    return RoutingAnalysis(
+        ["code", "prose", "dictionary"],
+        ["code", "prose", "dictionary"],
+        share * 0.9 + 0.1 / 3,
+        share,
+        {"code": 100, "prose": 100, "dictionary": 100},
+    )
 
 
 def test_plots_write_pngs(tmp_path):
-    geometry = EmbeddingGeometry(["code", "prose"], np.array([[1, 0.4], [0.4, 1]]), np.array([[1, -0.2], [-0.2, 1]]), 1)
+    geometry = EmbeddingGeometry(
+        ["code", "prose"], np.array([[1, 0.4], [0.4, 1]]), np.array([[1, -0.2], [-0.2, 1]]), 1
+    )
     paths = [
         plot_routing(sample_routing(), tmp_path / "routing.png"),
         plot_routing(sample_routing(), tmp_path / "routing_prob.png", metric="mean_prob"),
         plot_routing_layers(sample_routing(), tmp_path / "layers.png"),
         plot_embedding_similarity(geometry, tmp_path / "sub" / "embeddings.png"),
-        plot_perplexity({"seed": {"code": 9.0, "prose": 12.0}, "nexus": {"code": 7.5, "prose": 11.0}},
-                        tmp_path / "ppl.png"),
-        plot_curves({"new": {"nexus": ([0, 1, 2], [9.0, 7.0, 6.5], [0.2, 0.1, 0.1])},
-                     "old": {"nexus": ([0, 1, 2], [5.0, 5.5, 5.2], [0.1, 0.1, 0.1])}},
-                    tmp_path / "curves.png", "steps", {"new": "ppl", "old": "ppl"}, references={"old": {"nexus": 4.8}}),
+        plot_perplexity(
+            {"seed": {"code": 9.0, "prose": 12.0}, "nexus": {"code": 7.5, "prose": 11.0}},
+            tmp_path / "ppl.png",
+        ),
+        plot_curves(
+            {
+                "new": {"nexus": ([0, 1, 2], [9.0, 7.0, 6.5], [0.2, 0.1, 0.1])},
+                "old": {"nexus": ([0, 1, 2], [5.0, 5.5, 5.2], [0.1, 0.1, 0.1])},
+            },
+            tmp_path / "curves.png",
+            "steps",
+            {"new": "ppl", "old": "ppl"},
+            references={"old": {"nexus": 4.8}},
+        ),
     ]
     for path in paths:
         pixels = image.imread(path)

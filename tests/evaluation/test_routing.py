@@ -1,4 +1,5 @@
 """Routing analysis on a hand-built MoE whose Nexus router is forced: the expected shares are exact."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,9 @@ def forced_moe() -> Transformer:
     """Residual stream = token embedding (attention and every FFN output zeroed); token t points
     along axis t % 3; block l's router maps expert i to axis (i + l) % 3 with a huge norm, so a
     token of group g goes to expert (g - l) % 3 with probability exactly 1 (in float32)."""
-    model = Transformer(tiny(moe={"expert_names": EXPERTS, "router": "nexus", "domain_embed_dim": 3, "router_hidden": 3}))
+    model = Transformer(
+        tiny(moe={"expert_names": EXPERTS, "router": "nexus", "domain_embed_dim": 3, "router_hidden": 3})
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -32,7 +35,10 @@ def forced_moe() -> Transformer:
 
 def test_forced_router_shares_are_exact():
     rng = np.random.default_rng(0)
-    group = lambda g, n: 3 * rng.integers(0, 32, n) + g
+
+    def group(g, n):
+        return 3 * rng.integers(0, 32, n) + g
+
     mixed = np.empty(101, dtype=np.int64)
     mixed[0::2], mixed[1::2] = group(2, 51), group(0, 50)  # inputs (all but the last): 50 of each
     splits = {"a": group(0, 101), "b": torch.tensor(group(1, 101)), "mixed": mixed}
@@ -45,7 +51,13 @@ def test_forced_router_shares_are_exact():
     np.testing.assert_array_equal(result.mean_prob, result.top1_share)  # one-hot probabilities
     np.testing.assert_array_equal(result.layer_mean(), [[0.5, 0, 0.5], [0.5, 0.5, 0], [0.25, 0.25, 0.5]])
     assert result.own_expert_share() == {"a": 0.5, "b": 0.5}
-    assert result.table()[0] == ["domain", *EXPERTS, "tokens"] and result.table()[3] == ["mixed", 0.25, 0.25, 0.5, 100]
+    assert result.table()[0] == ["domain", *EXPERTS, "tokens"] and result.table()[3] == [
+        "mixed",
+        0.25,
+        0.25,
+        0.5,
+        100,
+    ]
     again = RoutingAnalysis.from_dict(result.to_dict())
     np.testing.assert_array_equal(again.top1_share, result.top1_share)
 

@@ -1,4 +1,5 @@
 """The offline task suite: files, configs, lm-eval's TaskManager sees the tasks and the group."""
+
 import json
 
 import numpy as np
@@ -13,7 +14,9 @@ def test_suite_files_and_task_manager(tmp_path):
     assert [json.loads(line)["text"] for line in lines] == ["x = 1", "y = 2"]  # empty documents dropped
     config = suite.configs["nexus_heldout_code"]
     assert config["output_type"] == "loglikelihood_rolling"
-    assert config["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "nexus_heldout_code.jsonl").resolve())
+    assert config["dataset_kwargs"]["data_files"]["test"] == str(
+        (tmp_path / "nexus_heldout_code.jsonl").resolve()
+    )
     manager = suite.task_manager()
     assert {"nexus_heldout", *suite.names} <= set(manager.all_tasks)
 

@@ -2,6 +2,7 @@
 domain at fault before the first training step, and leaves no stage directory, checkpoint or
 summary behind. Inputs the pipeline does not yet catch up front are strict xfails (the fix is in
 docs/reliability.md)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,8 +23,15 @@ def _folder(tmp: Path, name: str, files: dict[str, bytes]) -> Path:
     return folder
 
 
-def _checkpoint(tmp: Path, name: str, *, vocab_size: int = 300, moe: bool = False, corrupt: bool = False,
-                d_model: int | None = None) -> Path:
+def _checkpoint(
+    tmp: Path,
+    name: str,
+    *,
+    vocab_size: int = 300,
+    moe: bool = False,
+    corrupt: bool = False,
+    d_model: int | None = None,
+) -> Path:
     """A small nexus checkpoint (random weights) to pass as `seed_checkpoint`."""
     import dataclasses
 
@@ -32,8 +40,9 @@ def _checkpoint(tmp: Path, name: str, *, vocab_size: int = 300, moe: bool = Fals
     from nexus.config import ModelConfig
     from nexus.model.transformer import Transformer
 
-    model_cfg = dataclasses.replace(compose("micro", [f"data.corpora_dir={CORPORA}"], check=False).model,
-                                    vocab_size=vocab_size, moe=None)
+    model_cfg = dataclasses.replace(
+        compose("micro", [f"data.corpora_dir={CORPORA}"], check=False).model, vocab_size=vocab_size, moe=None
+    )
     if d_model:
         model_cfg = dataclasses.replace(model_cfg, d_model=d_model)
     if moe:
@@ -64,39 +73,79 @@ CASES: list[Case] = [
     ("seq-len-too-long", lambda t: ["data.seq_len=100000"], ("data.seq_len",)),
     ("unknown-domain", lambda t: ["data.domains=[dictionary,atlantis]"], ("atlantis",)),
     ("missing-folder", lambda t: [f"+data.folders.extra={t}/missing"], ("data.folders.extra", "missing")),
-    ("empty-folder", lambda t: [f"+data.folders.extra={_folder(t, 'empty', {})}"], ("data.folders.extra", "empty")),
-    ("empty-files-only", lambda t: [f"+data.folders.extra={_folder(t, 'zero', {'a.txt': b''})}"],
-     ("data.folders.extra", "empty")),
-    ("duplicate-domain", lambda t: [f"+data.folders.lore={_folder(t, 'lore2', {'a.txt': b'more lore'})}"],
-     ("lore", "twice")),
-    ("bad-domain-name", lambda t: [f"+data.folders._x={_folder(t, 'x', {'a.txt': b'text'})}"], ("'_x'", "domain name")),
+    (
+        "empty-folder",
+        lambda t: [f"+data.folders.extra={_folder(t, 'empty', {})}"],
+        ("data.folders.extra", "empty"),
+    ),
+    (
+        "empty-files-only",
+        lambda t: [f"+data.folders.extra={_folder(t, 'zero', {'a.txt': b''})}"],
+        ("data.folders.extra", "empty"),
+    ),
+    (
+        "duplicate-domain",
+        lambda t: [f"+data.folders.lore={_folder(t, 'lore2', {'a.txt': b'more lore'})}"],
+        ("lore", "twice"),
+    ),
+    (
+        "bad-domain-name",
+        lambda t: [f"+data.folders._x={_folder(t, 'x', {'a.txt': b'text'})}"],
+        ("'_x'", "domain name"),
+    ),
     ("vocab-too-small", lambda t: ["data.vocab_size=100"], ("vocab_size",)),
-    ("splits-over-one", lambda t: ["data.split_validation=0.7", "data.split_test=0.5"], ("validation", "test")),
+    (
+        "splits-over-one",
+        lambda t: ["data.split_validation=0.7", "data.split_test=0.5"],
+        ("validation", "test"),
+    ),
     ("bad-weighting", lambda t: ["data.weighting=loudest"], ("weighting", "loudest")),
-    ("undecodable-text", lambda t: [f"+data.folders.extra={_folder(t, 'latin1', {'a.txt': LATIN1})}"],
-     ("extra", "a.txt", "UTF-8")),
-    ("malformed-jsonl", lambda t: [f"+data.folders.extra={_folder(t, 'jsonl', {'d.jsonl': BAD_JSONL})}"],
-     ("extra", "d.jsonl:2", "JSON")),
+    (
+        "undecodable-text",
+        lambda t: [f"+data.folders.extra={_folder(t, 'latin1', {'a.txt': LATIN1})}"],
+        ("extra", "a.txt", "UTF-8"),
+    ),
+    (
+        "malformed-jsonl",
+        lambda t: [f"+data.folders.extra={_folder(t, 'jsonl', {'d.jsonl': BAD_JSONL})}"],
+        ("extra", "d.jsonl:2", "JSON"),
+    ),
     ("missing-corpora", lambda t: [f"data.corpora_dir={t}/no-corpora"], ("no-corpora",)),
 ]
 
 # Inputs checked against the file system, the prepared data or the embedder (still before training).
 LATE: list[Case] = [
     ("appended-unknown-key", lambda t: ["+model.n_wings=2"], ("n_wings",)),
-    ("corrupt-seed-checkpoint", lambda t: [f"seed_checkpoint={_checkpoint(t, 'flipped', corrupt=True)}"],
-     ("flipped", "corrupt")),
+    (
+        "corrupt-seed-checkpoint",
+        lambda t: [f"seed_checkpoint={_checkpoint(t, 'flipped', corrupt=True)}"],
+        ("flipped", "corrupt"),
+    ),
     ("moe-as-seed", lambda t: [f"seed_checkpoint={_checkpoint(t, 'moe', moe=True)}"], ("moe", "MoE")),
-    ("seed-vocab-mismatch", lambda t: [f"seed_checkpoint={_checkpoint(t, 'vocab512', vocab_size=512)}"],
-     ("vocab512", "vocab")),
-    ("seed-without-tokenizer", lambda t: [f"seed_checkpoint={_checkpoint(t, 'notok')}"], ("notok", "tokenizer")),
-    ("unknown-embedding-model", lambda t: [f"data.embedding_model={t}/no-such-embedder"], ("no-such-embedder",)),
+    (
+        "seed-vocab-mismatch",
+        lambda t: [f"seed_checkpoint={_checkpoint(t, 'vocab512', vocab_size=512)}"],
+        ("vocab512", "vocab"),
+    ),
+    (
+        "seed-without-tokenizer",
+        lambda t: [f"seed_checkpoint={_checkpoint(t, 'notok')}"],
+        ("notok", "tokenizer"),
+    ),
+    (
+        "unknown-embedding-model",
+        lambda t: [f"data.embedding_model={t}/no-such-embedder"],
+        ("no-such-embedder",),
+    ),
     ("unknown-eval-split", lambda t: ["eval.split=holdout"], ("eval.split", "holdout")),
     ("out-dir-is-a-file", lambda t: [], ("out_dir",)),
 ]
 LATE_REASONS: dict[str, str] = {}  # inputs still caught late (strict xfails): none left
 
 
-def _check(tmp_path: Path, make: Callable[[Path], list[str]], words: tuple[str, ...], out_as_file: bool = False):
+def _check(
+    tmp_path: Path, make: Callable[[Path], list[str]], words: tuple[str, ...], out_as_file: bool = False
+):
     from flows.pipeline import upcycle_pipeline
 
     out = tmp_path / "out"
@@ -104,8 +153,16 @@ def _check(tmp_path: Path, make: Callable[[Path], list[str]], words: tuple[str, 
     if out_as_file:
         out.write_text("not a directory")
     with pytest.raises(NexusError) as err:
-        upcycle_pipeline("micro", overrides(out, "router.routers=[nexus]", "router.dense_merge=false", *extra,
-                                            cache_dir=tmp_path / "cache"))
+        upcycle_pipeline(
+            "micro",
+            overrides(
+                out,
+                "router.routers=[nexus]",
+                "router.dense_merge=false",
+                *extra,
+                cache_dir=tmp_path / "cache",
+            ),
+        )
     message = str(err.value)
     assert all(w.lower() in message.lower() for w in words), message
     if out.is_dir():
@@ -119,9 +176,17 @@ def test_bad_input_fails_fast(prefect_harness, tmp_path, case):
     _check(tmp_path, make, words)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason=LATE_REASONS[c[0]])]
-                                               if c[0] in LATE_REASONS else []) for c in LATE],
-                         ids=[c[0] for c in LATE])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            c,
+            marks=[pytest.mark.xfail(strict=True, reason=LATE_REASONS[c[0]])] if c[0] in LATE_REASONS else [],
+        )
+        for c in LATE
+    ],
+    ids=[c[0] for c in LATE],
+)
 def test_bad_input_checked_before_training(prefect_harness, tmp_path, case):
     name, make, words = case
     _check(tmp_path, make, words, out_as_file=name == "out-dir-is-a-file")
@@ -133,9 +198,24 @@ def test_errors_reach_the_cli_as_one_line(tmp_path):
 
     from .conftest import PYTHON, ROOT, env_for
 
-    proc = subprocess.run([PYTHON, "-m", "nexus.cli", "run", "--experiment", "micro", "pipeline",
-                           *overrides(tmp_path / "out", "runner.kind=mpi")], cwd=ROOT, capture_output=True,
-                          text=True, env=env_for(tmp_path / "prefect"), timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "nexus.cli",
+            "run",
+            "--experiment",
+            "micro",
+            "pipeline",
+            *overrides(tmp_path / "out", "runner.kind=mpi"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env_for(tmp_path / "prefect"),
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "nexus run: error:" in proc.stderr and "runner.kind" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -160,20 +240,37 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("args, words", [
-    (["run", "pipeline", "--experiment", "no-such-experiment"], ("no-such-experiment",)),
-    (["run", "pipeline", "--experiment", "micro", "train.moe.max_stepz=3"], ("max_stepz",)),
-    (["run", "pipeline", "--experiment", "micro", "+data.folders.extra=no/such/folder"], ("no/such/folder",)),
-    (["run", "extend", "--experiment", "micro", "--domain", "new", "--folder", "no/such/folder"], ("no/such/folder",)),
-], ids=["unknown-experiment", "bad-override", "missing-pipeline-folder", "missing-extension-folder"])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["run", "pipeline", "--experiment", "no-such-experiment"], ("no-such-experiment",)),
+        (["run", "pipeline", "--experiment", "micro", "train.moe.max_stepz=3"], ("max_stepz",)),
+        (
+            ["run", "pipeline", "--experiment", "micro", "+data.folders.extra=no/such/folder"],
+            ("no/such/folder",),
+        ),
+        (
+            ["run", "extend", "--experiment", "micro", "--domain", "new", "--folder", "no/such/folder"],
+            ("no/such/folder",),
+        ),
+    ],
+    ids=["unknown-experiment", "bad-override", "missing-pipeline-folder", "missing-extension-folder"],
+)
 def test_cli_fails_fast_before_prefect(tmp_path, args, words):
     """A typo is one line and exit status 2, before Prefect is even imported (so no server starts)."""
     import subprocess
 
     from .conftest import PYTHON, env_for
 
-    proc = subprocess.run([PYTHON, "-c", FAIL_FAST, *args], cwd=tmp_path, capture_output=True, text=True,
-                          env=env_for(tmp_path / "prefect"), timeout=120, check=False)
+    proc = subprocess.run(
+        [PYTHON, "-c", FAIL_FAST, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env_for(tmp_path / "prefect"),
+        timeout=120,
+        check=False,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("nexus run: error:"), proc.stderr
     assert all(w in lines[0] for w in words), lines[0]

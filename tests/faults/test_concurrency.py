@@ -1,7 +1,9 @@
 """Two micro pipelines at once against one SQLite MLflow store, one output root (distinct run
 directories, one shared data cache) and one Prefect server: both complete, and each run's MLflow
 records and artifacts are intact and its own (the store exists beforehand: creating a fresh SQLite store
-from two processes at once races on MLflow's schema migration, see docs/reliability.md). Plus: a stage that crashes ends its MLflow runs FAILED."""
+from two processes at once races on MLflow's schema migration, see docs/reliability.md).
+Plus: a stage that crashes ends its MLflow runs FAILED."""
+
 from __future__ import annotations
 
 import json
@@ -32,10 +34,22 @@ def test_two_pipelines_share_store_and_root(tmp_path, api_url):
     # The store and the experiment are created once up front: two processes migrating a *fresh* SQLite
     # store race (`duplicate column name: step`), and two creating the experiment race in
     # get_or_create_experiment (test_experiment_creation_race below); see docs/reliability.md.
-    MlflowClient(uri).create_experiment("nexus-micro", artifact_location=(root / "mlartifacts" / "nexus_micro").as_uri())
-    procs = {name: start(root / name, *EXTRA, *seed, prefect_home=tmp_path / f"prefect-{name}", uri=uri,
-                         cache_dir=root / "cache", api_url=api_url, log=tmp_path / f"{name}.log")
-             for name, seed in {"a": (), "b": ("train.expert.seed=1",)}.items()}
+    MlflowClient(uri).create_experiment(
+        "nexus-micro", artifact_location=(root / "mlartifacts" / "nexus_micro").as_uri()
+    )
+    procs = {
+        name: start(
+            root / name,
+            *EXTRA,
+            *seed,
+            prefect_home=tmp_path / f"prefect-{name}",
+            uri=uri,
+            cache_dir=root / "cache",
+            api_url=api_url,
+            log=tmp_path / f"{name}.log",
+        )
+        for name, seed in {"a": (), "b": ("train.expert.seed=1",)}.items()
+    }
     logs = {name: finish(p, timeout=400) for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, logs[name][-3000:]
@@ -57,14 +71,19 @@ def test_two_pipelines_share_store_and_root(tmp_path, api_url):
         moe = next(r for r in stages if r.data.tags.get("nexus.stage") == "moe")
         (output,) = moe.outputs.model_outputs  # the run's MLflow model holds the checkpoint
         location = client.get_logged_model(output.model_id).artifact_location
-        local = Path(mlflow.artifacts.download_artifacts(f"{location}/artifacts/checkpoint/model.safetensors",
-                                                         dst_path=str(tmp_path / f"dl-{name}")))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                f"{location}/artifacts/checkpoint/model.safetensors", dst_path=str(tmp_path / f"dl-{name}")
+            )
+        )
         assert sha256_file(local) == moe.data.tags["nexus.checkpoint_sha256"] == digests[name]
     assert len(artifact_uris) == sum(1 + len(_runs_of(client, p)) for p in parents.values())
     versions = client.search_model_versions("name = 'nexus-micro-moe'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
-    assert {v.run_id for v in versions} == {next(r.info.run_id for r in _runs_of(client, p)
-                                                 if r.data.tags.get("nexus.stage") == "moe") for p in parents.values()}
+    assert {v.run_id for v in versions} == {
+        next(r.info.run_id for r in _runs_of(client, p) if r.data.tags.get("nexus.stage") == "moe")
+        for p in parents.values()
+    }
     assert temp_leftovers(root) == []
 
 
@@ -88,10 +107,25 @@ def test_two_extensions_of_one_model_line_at_once(tmp_path, api_url):
         upcycle_pipeline("micro", args)
     finally:
         configure_tracking(previous)
-    procs = {d: start_cli(["run", "extend", "--experiment", "micro", "--domain", d, "--folder",
-                           str(domain_folder(tmp_path / "inputs" / d, corpus)), *args],
-                          prefect_home=tmp_path / f"prefect-{d}", log=tmp_path / f"{d}.log", api_url=api_url)
-             for d, corpus in {"kernel": "kernel-docs", "pydocs": "python-docs"}.items()}
+    procs = {
+        d: start_cli(
+            [
+                "run",
+                "extend",
+                "--experiment",
+                "micro",
+                "--domain",
+                d,
+                "--folder",
+                str(domain_folder(tmp_path / "inputs" / d, corpus)),
+                *args,
+            ],
+            prefect_home=tmp_path / f"prefect-{d}",
+            log=tmp_path / f"{d}.log",
+            api_url=api_url,
+        )
+        for d, corpus in {"kernel": "kernel-docs", "pydocs": "python-docs"}.items()
+    }
     logs = {d: finish(p, timeout=400) for d, p in procs.items()}
     assert all(p.returncode == 0 for p in procs.values()), {d: log[-3000:] for d, log in logs.items()}
 
@@ -107,8 +141,15 @@ def test_two_extensions_of_one_model_line_at_once(tmp_path, api_url):
     assert second["base"]["version"] == (first["registered_version"] if first["line"]["promoted"] else "1")
     for s in summaries.values():  # truthful: the named base has exactly the weights the run started from
         named = resolve_model(f"models:/nexus-micro-moe/{s['base']['version']}", "nexus-micro-moe", uri)
-        assert named.sha256 == s["base"]["sha256"] == read_checkpoint_config(s["moe"])["sha256"]["model.safetensors"]
-        assert versions[s["registered_version"]].tags[TAG_BASE] == f"models:/nexus-micro-moe/{s['base']['version']}"
+        assert (
+            named.sha256
+            == s["base"]["sha256"]
+            == read_checkpoint_config(s["moe"])["sha256"]["model.safetensors"]
+        )
+        assert (
+            versions[s["registered_version"]].tags[TAG_BASE]
+            == f"models:/nexus-micro-moe/{s['base']['version']}"
+        )
         assert s["line"]["siblings"] == []  # no other version was built on the same base
     aliases = line_aliases("nexus-micro-moe", client)
     assert aliases["candidate"] == "3"
@@ -191,12 +232,26 @@ def test_sigkilled_stage_runs_do_not_stay_running(tmp_path, api_url):
 
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).search_experiments()
-    proc = start(out, *EXTRA, "train.expert.max_steps=24", "train.expert.checkpoint_every_n_steps=4",
-                 prefect_home=tmp_path / "prefect", uri=uri, api_url=api_url)
+    proc = start(
+        out,
+        *EXTRA,
+        "train.expert.max_steps=24",
+        "train.expert.checkpoint_every_n_steps=4",
+        prefect_home=tmp_path / "prefect",
+        uri=uri,
+        api_url=api_url,
+    )
     assert kill_when(proc, lambda: any((out / "experts").glob("*/lightning/last.ckpt")))
     finish(proc)
-    code, log = run(out, *EXTRA, "train.expert.max_steps=24", "train.expert.checkpoint_every_n_steps=4",
-                    prefect_home=tmp_path / "prefect", uri=uri, api_url=api_url)
+    code, log = run(
+        out,
+        *EXTRA,
+        "train.expert.max_steps=24",
+        "train.expert.checkpoint_every_n_steps=4",
+        prefect_home=tmp_path / "prefect",
+        uri=uri,
+        api_url=api_url,
+    )
     assert code == 0, log[-2000:]
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

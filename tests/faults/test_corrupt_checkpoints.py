@@ -2,6 +2,7 @@
 file) or rebuild the checkpoint, never silently use it. Runs in-process on the Prefect prefect_harness; each
 test works on a copy of one finished micro run (a new out_dir, so Prefect's cache is cold unless the
 test says otherwise)."""
+
 from __future__ import annotations
 
 import json
@@ -113,7 +114,8 @@ def test_corrupt_resume_checkpoint(finished, tmp_path):
     else:
         assert stage_digests(out)["experts/lore/model"] == finished[1]["experts/lore/model"]
         assert (out / "experts" / "lore" / "lightning" / "last.ckpt.corrupt").exists() or not (
-            out / "experts" / "lore" / "lightning").exists()
+            out / "experts" / "lore" / "lightning"
+        ).exists()
 
 
 def test_upcycle_router_init_is_seeded(finished, tmp_path):
@@ -129,7 +131,13 @@ def test_upcycle_router_init_is_seeded(finished, tmp_path):
     digests = []
     for i, rng in enumerate((1, 2)):
         torch.manual_seed(rng)
-        path = build_model.fn("nexus", str(tmp_path / f"b{i}"), str(out / "seed" / "model"), experts, embeddings,
-                              {"top_k": 1, "shared_expert": True, "load_balance_coef": 0.05})
+        path = build_model.fn(
+            "nexus",
+            str(tmp_path / f"b{i}"),
+            str(out / "seed" / "model"),
+            experts,
+            embeddings,
+            {"top_k": 1, "shared_expert": True, "load_balance_coef": 0.05},
+        )
         digests.append(json.loads((Path(path) / "config.json").read_text())["sha256"]["model.safetensors"])
     assert digests[0] == digests[1]

@@ -6,6 +6,7 @@ Kill points: during expert training (a Lightning `last.ckpt` exists), between st
 final `model/` exists, before the experts finish), during a checkpoint write (the fault hook kills
 after an expert's temporary checkpoint directory is filled, before its rename), during MoE training.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,13 @@ def killed_in_write(tmp_path_factory, reference, api_url):
     """The process group dies with `experts/lore/.model.tmp-*` complete but not yet renamed; then rerun."""
     base = tmp_path_factory.mktemp("kill-write")
     out = base / "out"
-    proc = start(out, *KILL_OVERRIDES, prefect_home=base / "prefect", api_url=api_url,
-                 NEXUS_FAULT_KILL_WRITE=str(out / "experts" / "lore" / ".model.tmp-"))
+    proc = start(
+        out,
+        *KILL_OVERRIDES,
+        prefect_home=base / "prefect",
+        api_url=api_url,
+        NEXUS_FAULT_KILL_WRITE=str(out / "experts" / "lore" / ".model.tmp-"),
+    )
     log = finish(proc)
     assert proc.returncode == -9, log[-2000:]
     assert "FAULT: SIGKILL during checkpoint write" in log

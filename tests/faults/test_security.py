@@ -1,5 +1,6 @@
 """Security: no pickle on any load path, servers bind to 127.0.0.1 by default, no credential in MLflow
 params."""
+
 from __future__ import annotations
 
 import re
@@ -25,7 +26,7 @@ def _calls(pattern: str) -> list[tuple[Path, int, str]]:
     for path in _sources():
         text = path.read_text()
         for m in re.finditer(pattern, text):
-            line = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+            line = text[text.rfind("\n", 0, m.start()) + 1 : m.start()]
             if "#" in line or line.strip().startswith(('"', "`")):
                 continue
             depth, end = 0, m.end()
@@ -33,19 +34,30 @@ def _calls(pattern: str) -> list[tuple[Path, int, str]]:
                 depth += {"(": 1, ")": -1}.get(text[end], 0)
                 if depth == 0:
                     break
-            found.append((path, text.count("\n", 0, m.start()) + 1, text[m.start():end + 1]))
+            found.append((path, text.count("\n", 0, m.start()) + 1, text[m.start() : end + 1]))
     return found
 
 
 def test_torch_load_only_with_weights_only():
-    unsafe = [f"{p.relative_to(ROOT)}:{n}" for p, n, call in _calls(r"\btorch\.load\(") if "weights_only=True" not in call]
+    unsafe = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p, n, call in _calls(r"\btorch\.load\(")
+        if "weights_only=True" not in call
+    ]
     assert unsafe == []
 
 
 def test_no_pickle_loading():
-    hits = [f"{p.relative_to(ROOT)}:{n}" for pat in (r"\bpickle\.loads?\(", r"\bdill\.loads?\(",
-                                                     r"\bjoblib\.load\(", r"\bcloudpickle\.loads?\(")
-            for p, n, _ in _calls(pat)]
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for pat in (
+            r"\bpickle\.loads?\(",
+            r"\bdill\.loads?\(",
+            r"\bjoblib\.load\(",
+            r"\bcloudpickle\.loads?\(",
+        )
+        for p, n, _ in _calls(pat)
+    ]
     assert hits == []
 
 
@@ -78,19 +90,35 @@ def test_ui_binds_to_localhost(monkeypatch):
 
 def test_compose_ports_bind_to_localhost():
     compose = (ROOT / "docker" / "docker-compose.yml").read_text()
-    ports = re.findall(r"ports:\s*\[([^\]]*)\]", compose) + re.findall(r"^\s*-\s*\"?([\w${}:.\-]+:\d+:\d+)", compose, re.MULTILINE)
+    ports = re.findall(r"ports:\s*\[([^\]]*)\]", compose) + re.findall(
+        r"^\s*-\s*\"?([\w${}:.\-]+:\d+:\d+)", compose, re.MULTILINE
+    )
     assert ports
     for spec in ports:
         assert spec.strip(" \"'").startswith(("127.0.0.1:", "${NEXUS_BIND:-127.0.0.1}:")), spec
 
 
-@pytest.mark.parametrize("key", ["password", "db_password", "api_key", "apiKey", "aws_secret_access_key",
-                                 "access_key_id", "private_key", "hf_token", "auth", "credentials"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "password",
+        "db_password",
+        "api_key",
+        "apiKey",
+        "aws_secret_access_key",
+        "access_key_id",
+        "private_key",
+        "hf_token",
+        "auth",
+        "credentials",
+    ],
+)
 def test_credential_like_keys_are_redacted(key):
     from flows.tracking import flatten, resolved
 
-    flat = flatten(resolved({"tracking": {key: "hunter2"}, "tokenizer_path": "/tok", "author": "me",
-                             "max_tokens": 5}))
+    flat = flatten(
+        resolved({"tracking": {key: "hunter2"}, "tokenizer_path": "/tok", "author": "me", "max_tokens": 5})
+    )
     assert flat[f"tracking.{key}"] == "***"
     assert flat["tokenizer_path"] == "/tok" and flat["author"] == "me" and flat["max_tokens"] == 5
 
@@ -104,7 +132,9 @@ def test_secret_never_reaches_mlflow_params(tmp_path):
     previous = mlflow.get_tracking_uri()
     try:
         configure(f"sqlite:///{tmp_path}/mlflow.db")
-        with pipeline_run("sec", config={"tracking": {"api_key": "hunter2", "password": "hunter2"}, "lr": 1}) as rid:
+        with pipeline_run(
+            "sec", config={"tracking": {"api_key": "hunter2", "password": "hunter2"}, "lr": 1}
+        ) as rid:
             pass
         params = MlflowClient().get_run(rid).data.params
     finally:

@@ -1,6 +1,7 @@
 """Fixtures for the flow tests: a session-wide Prefect test harness (real Prefect API on a temporary
 SQLite database), a temporary SQLite MLflow store, and the micro experiment's overrides.
 Fixtures only: nothing here is autouse, so plain MLflow tests (test_tracking.py) are unaffected."""
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,13 @@ def domain_folder(dest: Path, corpus: str) -> Path:
     import json
 
     dest.mkdir(parents=True)
-    docs = [block.strip() for path in sorted((CORPORA / corpus).rglob("*")) if path.is_file()
-            for block in path.read_text().split("\n\n") if len(block.strip()) > 40]
+    docs = [
+        block.strip()
+        for path in sorted((CORPORA / corpus).rglob("*"))
+        if path.is_file()
+        for block in path.read_text().split("\n\n")
+        if len(block.strip()) > 40
+    ]
     (dest / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return dest
 

@@ -1,5 +1,6 @@
 """Rerunning the pipeline skips finished stages (Prefect `Cached` states); adding one domain reruns
 only that domain's expert/embedding and what depends on them (upcycling, MoE training, evaluation)."""
+
 from __future__ import annotations
 
 import pytest
@@ -52,8 +53,10 @@ def test_cache_keys_are_the_same_inside_a_dask_worker():
 
     from flows.tasks import build_model, code_version, train_stage
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         for task in (train_stage, build_model):
             version, source = client.submit(_in_worker, task, pure=False).result()
             assert source == "unreadable" and version == code_version(task.fn)

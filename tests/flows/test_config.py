@@ -1,4 +1,5 @@
 """Every conf/ file composes; invalid overrides fail at compose time naming the key or path."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,18 +35,21 @@ def test_overrides_apply(tmp_path):
     assert cfg.data.to_data_config("x", str(tmp_path)).initial_domains == ["dictionary", "lore"]
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.expert.max_stepz=3", "max_stepz"),
-    ("train.expert.max_steps=many", "train.expert.max_steps"),
-    ("model.d_model=33", "d_model"),
-    ("router.routers=[nexus,magic]", "magic"),
-    ("data.domains=[nope]", "nope"),
-    ("+data.folders.new=/does/not/exist", "/does/not/exist"),
-    ("+data.hf.news={pth:/data/news}", "data.hf.news"),
-    ("train.moe.strategy=deepspeed", "train.strategy 'deepspeed'"),
-    ("train.moe.grad_accum_steps=3", "grad_accum_steps=3"),
-    ("runner.stages_per_gpu=0", "runner.stages_per_gpu"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.expert.max_stepz=3", "max_stepz"),
+        ("train.expert.max_steps=many", "train.expert.max_steps"),
+        ("model.d_model=33", "d_model"),
+        ("router.routers=[nexus,magic]", "magic"),
+        ("data.domains=[nope]", "nope"),
+        ("+data.folders.new=/does/not/exist", "/does/not/exist"),
+        ("+data.hf.news={pth:/data/news}", "data.hf.news"),
+        ("train.moe.strategy=deepspeed", "train.strategy 'deepspeed'"),
+        ("train.moe.grad_accum_steps=3", "grad_accum_steps=3"),
+        ("runner.stages_per_gpu=0", "runner.stages_per_gpu"),
+    ],
+)
 def test_invalid_override_names_the_key(tmp_path, override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
         compose("micro", micro_overrides(tmp_path, override))
@@ -63,8 +67,9 @@ def test_flows_fail_before_training(prefect_harness, tmp_path):
     with pytest.raises(ConfigError, match="max_stepz"):
         upcycle_pipeline("micro", micro_overrides(tmp_path, "train.seed.max_stepz=1"))
     with pytest.raises(NexusError, match="missing-folder"):
-        extend_with_expert("micro", micro_overrides(tmp_path), domain="x",
-                           domain_folder=str(tmp_path / "missing-folder"))
+        extend_with_expert(
+            "micro", micro_overrides(tmp_path), domain="x", domain_folder=str(tmp_path / "missing-folder")
+        )
     with pytest.raises(ConfigError, match="train.extension.max_steps"):
         extend_with_expert("micro", micro_overrides(tmp_path, "train.extension.max_steps=many"), domain="x")
     with pytest.raises(ConfigError, match="cronn"):
@@ -84,10 +89,13 @@ def test_inbox_with_an_empty_domain_folder_fails_before_training(micro_moe, tmp_
     assert not (out / "extensions" / "aaa-valid").exists()
 
 
-@pytest.mark.parametrize("override, match", [
-    ("router.dispatch=masks", "'sorted' or 'grouped_mm'"),
-    ("router.top_k=3", r"top_k=3 exceeds the number of experts \(2\)"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("router.dispatch=masks", "'sorted' or 'grouped_mm'"),
+        ("router.top_k=3", r"top_k=3 exceeds the number of experts \(2\)"),
+    ],
+)
 def test_moe_options_are_checked_at_compose_time(override, match):
     with pytest.raises(ConfigError, match=match):
         compose("micro", [override])
@@ -101,7 +109,9 @@ def test_extension_refuses_an_embedder_of_another_dimension_before_training():
     cfg = compose("micro", [])
     check_embedder(cfg, {"router": "nexus", "domain_embed_dim": 384}, "code")  # matches: no error
     check_embedder(cfg, {"router": "linear", "domain_embed_dim": 16}, "code")  # no embeddings used
-    with pytest.raises(DataError, match=r"domain 'code': embedding embedder .* has dimension 384, but the router expects 16"):
+    with pytest.raises(
+        DataError, match=r"domain 'code': embedding embedder .* has dimension 384, but the router expects 16"
+    ):
         check_embedder(cfg, {"router": "nexus", "domain_embed_dim": 16}, "code")
 
 
@@ -117,8 +127,12 @@ def test_every_default_path_resolves_against_the_project_home(tmp_path, monkeypa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose("micro", ["out_dir=runs/a", "+data.folders.extra=docs"])
     assert cfg.home == str(home)
-    assert cfg.out_dir == str(home / "runs" / "a") and cfg.extension.inbox == str(home / "runs" / "a" / "inbox")
-    assert cfg.data.cache_dir == str(home / ".cache" / "nexus") and cfg.data.folders == {"extra": str(home / "docs")}
+    assert cfg.out_dir == str(home / "runs" / "a") and cfg.extension.inbox == str(
+        home / "runs" / "a" / "inbox"
+    )
+    assert cfg.data.cache_dir == str(home / ".cache" / "nexus") and cfg.data.folders == {
+        "extra": str(home / "docs")
+    }
     assert cfg.tracking.uri == f"sqlite:///{home}/outputs/mlflow.db"
     assert Path(cfg.data.corpora_dir).is_dir()  # the tiny preset's corpora come with the repository
     assert not any(elsewhere.iterdir())
@@ -132,11 +146,16 @@ def test_every_default_path_resolves_against_the_project_home(tmp_path, monkeypa
     assert compose("micro", []).out_dir == str(elsewhere / "outputs" / "micro")  # no home given: the cwd
 
 
-@pytest.mark.parametrize(("experiment", "named", "seed", "linear", "nexus"), [
-    ("470m", 470e6, 467_682_304, 1_298_252_800, 1_312_834_560),
-    ("2p8b", 2.8e9, 2_752_565_760, 9_044_226_560, 9_129_218_560)])
-def test_paper_experiments_compose_and_have_the_parameter_counts_of_their_names(experiment, named, seed, linear,
-                                                                               nexus):
+@pytest.mark.parametrize(
+    ("experiment", "named", "seed", "linear", "nexus"),
+    [
+        ("470m", 470e6, 467_682_304, 1_298_252_800, 1_312_834_560),
+        ("2p8b", 2.8e9, 2_752_565_760, 9_044_226_560, 9_129_218_560),
+    ],
+)
+def test_paper_experiments_compose_and_have_the_parameter_counts_of_their_names(
+    experiment, named, seed, linear, nexus
+):
     """The paper's Table 3, to the parameter: seed, MoE with a linear router, Nexus MoE (built on the
     meta device: no memory)."""
     import dataclasses
@@ -173,17 +192,24 @@ def test_hf_domain_declared_in_the_config_is_streamed_prepared_and_reused(tmp_pa
     from .conftest import CORPORA
 
     texts = [p.read_text() for p in sorted((CORPORA / "python-docs").rglob("*.txt"))]
-    rows = [{"text": t, "meta": {"redpajama_set_name": "RedPajamaArXiv" if i % 3 else "RedPajamaC4"}}
-            for i, t in enumerate(t for doc in texts for t in doc.split("\n\n") if len(t) > 40)]
+    rows = [
+        {"text": t, "meta": {"redpajama_set_name": "RedPajamaArXiv" if i % 3 else "RedPajamaC4"}}
+        for i, t in enumerate(t for doc in texts for t in doc.split("\n\n") if len(t) > 40)
+    ]
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "slimpajama"))
-    source = (f"+data.hf.papers={{path:{tmp_path / 'slimpajama'},filter_field:meta.redpajama_set_name,"
-              f"filter_value:RedPajamaArXiv}}")
-    cfg = compose("micro", micro_overrides(tmp_path, source, "data.domains=[dictionary,lore,papers]",
-                                           "data.num_proc=2"))
+    source = (
+        f"+data.hf.papers={{path:{tmp_path / 'slimpajama'},filter_field:meta.redpajama_set_name,"
+        f"filter_value:RedPajamaArXiv}}"
+    )
+    cfg = compose(
+        "micro", micro_overrides(tmp_path, source, "data.domains=[dictionary,lore,papers]", "data.num_proc=2")
+    )
     assert cfg.data.hf_section("papers").streaming and cfg.data.num_proc == 2
     first = prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data"))
     data = open_prepared(first["dir"])
     kept = sum(s.documents for s in data.domains["papers"].splits.values())
-    assert kept == len({r["text"].strip() for r in rows if r["meta"]["redpajama_set_name"] == "RedPajamaArXiv"})
+    assert kept == len(
+        {r["text"].strip() for r in rows if r["meta"]["redpajama_set_name"] == "RedPajamaArXiv"}
+    )
     assert first["token_counts"]["papers"] > 0 and first["config"]["packing"]["num_proc"] == 2
     assert prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data")) == first

@@ -5,6 +5,7 @@ Robust under CPU contention: no speed ratio is asserted. Each expert task record
 interval of its own body (`started` before its heavy imports, `finished` after its checkpoint is
 saved) and its process id; run one after the other (a serial runner, or both on one single-thread
 worker) the intervals could not intersect, whatever the load."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,11 +24,22 @@ def test_experts_overlap_on_dask(prefect_harness, tmp_path):
     data = prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data"))
     weights = _weights("seed", data)
     model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"]))
-    seed = train_stage.fn("seed", "seed", as_dict(cfg.train.seed), data["dir"], weights, str(tmp_path / "seed"),
-                          _fp(data, weights), model=model, torch_threads=1)["checkpoint"]
+    seed = train_stage.fn(
+        "seed",
+        "seed",
+        as_dict(cfg.train.seed),
+        data["dir"],
+        weights,
+        str(tmp_path / "seed"),
+        _fp(data, weights),
+        model=model,
+        torch_threads=1,
+    )["checkpoint"]
 
     runner = make_runner("dask", workers=2, threads_per_worker=1)
-    result = expert_phase.with_options(task_runner=runner)(data, seed, as_dict(cfg.train.expert), str(tmp_path), 1)
+    result = expert_phase.with_options(task_runner=runner)(
+        data, seed, as_dict(cfg.train.expert), str(tmp_path), 1
+    )
     experts = result["experts"]
     assert set(experts) == {"dictionary", "lore"}
     assert all(r["global_step"] == 40 for r in experts.values())

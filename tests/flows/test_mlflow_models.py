@@ -1,6 +1,7 @@
 """MLflow-native models of the micro pipeline (real SQLite store): registered versions are pyfunc models
 loadable by alias in a fresh process, every stage's model is a LoggedModel with params and metrics,
 and the runs table lines up held-out perplexity per domain."""
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,18 @@ print(out.to_json(orient="records", double_precision=15))
 """
 
 
-def test_a_registered_version_loads_by_alias_in_a_fresh_process_and_predicts_like_our_model(micro_moe, tmp_path):
+def test_a_registered_version_loads_by_alias_in_a_fresh_process_and_predicts_like_our_model(
+    micro_moe, tmp_path
+):
     _, uri, _, _ = micro_moe
-    proc = subprocess.run([sys.executable, "-c", PREDICT, uri, json.dumps(TEXTS)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", PREDICT, uri, json.dumps(TEXTS)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     champion = resolve_model("models:/nexus-micro-moe@champion", "nexus-micro-moe", uri)
@@ -45,7 +54,7 @@ def test_a_registered_version_loads_by_alias_in_a_fresh_process_and_predicts_lik
         assert row["bits_per_byte"] == pytest.approx(ours.bits_per_byte, rel=1e-12)
         ids = tokenizer.encode(text, add_special_tokens=False)
         with torch.no_grad():
-            continuation = generate(model, torch.tensor([ids]), 8)[0, len(ids):].tolist()
+            continuation = generate(model, torch.tensor([ids]), 8)[0, len(ids) :].tolist()
         assert row["continuation"] == tokenizer.decode(continuation) and row["tokens"] == ours.tokens
     assert not list(tmp_path.iterdir())  # loading wrote nothing where it ran
 
@@ -60,10 +69,15 @@ def test_every_stage_model_is_a_logged_model_with_params_and_metrics(micro_moe):
     for m in models:
         by_stage.setdefault(m.tags.get("nexus.stage"), []).append(m)
     assert {"seed", "expert", "upcycle", "moe"} <= set(by_stage)
-    assert all(m.params.get("d_model") and m.model_type == "nexus" for m in models)  # the architecture as params
+    assert all(
+        m.params.get("d_model") and m.model_type == "nexus" for m in models
+    )  # the architecture as params
     for m in by_stage["seed"] + by_stage["expert"] + by_stage["moe"]:  # trained, then evaluated
         keys = {metric.key for metric in m.metrics}
-        assert "val/loss" in keys and {"ppl/dictionary", "ppl/lore", "bpb/lore", "ppl/mean"} <= keys, (m.name, keys)
+        assert "val/loss" in keys and {"ppl/dictionary", "ppl/lore", "bpb/lore", "ppl/mean"} <= keys, (
+            m.name,
+            keys,
+        )
     moe = next(m for m in by_stage["moe"] if m.params.get("moe.router") == "nexus")
     version = client.get_model_version("nexus-micro-moe", "1")
     assert version.source == f"models:/{moe.model_id}"  # (the SQLite registry keeps the link in `source`)
@@ -73,20 +87,27 @@ def test_every_stage_model_is_a_logged_model_with_params_and_metrics(micro_moe):
 def test_runs_table_lines_up_perplexity_per_domain(micro_moe):
     _, uri, _, summary = micro_moe
     configure_tracking(uri)
-    runs = mlflow.search_runs(experiment_names=["nexus-micro"], filter_string=f"tags.`mlflow.parentRunId` = "
-                                                                              f"'{summary['mlflow']['parent_run_id']}'")
+    runs = mlflow.search_runs(
+        experiment_names=["nexus-micro"],
+        filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow']['parent_run_id']}'",
+    )
     stages = runs.set_index("tags.mlflow.runName")
     for name in ("seed", "dictionary", "lore", "nexus", "linear"):  # the stage runs (experts by domain)
-        assert {"metrics.ppl/dictionary", "metrics.ppl/lore"} <= {c for c in stages.columns
-                                                                  if stages.loc[name, c] == stages.loc[name, c]}, name
+        assert {"metrics.ppl/dictionary", "metrics.ppl/lore"} <= {
+            c for c in stages.columns if stages.loc[name, c] == stages.loc[name, c]
+        }, name
     assert stages.loc["nexus", "tags.mlflow.source.type"] == "JOB"
-    assert stages.loc["nexus", "tags.prefect.flow_run_id"] and "system/cpu_utilization_percentage" in {
-        k for k in MlflowClient(uri).get_run(stages.loc["nexus", "run_id"]).data.metrics}
+    assert stages.loc["nexus", "tags.prefect.flow_run_id"] and "system/cpu_utilization_percentage" in set(
+        MlflowClient(uri).get_run(stages.loc["nexus", "run_id"]).data.metrics
+    )
     parent = MlflowClient(uri).get_run(summary["mlflow"]["parent_run_id"])
     for label in ("seed", "moe-nexus", "moe-linear", "dense-merge"):
-        assert parent.data.metrics[f"ppl/{label}/lore"] == summary["perplexity"][label.replace("-", ":", 1)
-                                                                                  if label.startswith("moe") else
-                                                                                  label.replace("-", " ")]["lore"]
+        assert (
+            parent.data.metrics[f"ppl/{label}/lore"]
+            == summary["perplexity"][
+                label.replace("-", ":", 1) if label.startswith("moe") else label.replace("-", " ")
+            ]["lore"]
+        )
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "routing")}
     assert "routing/moe-nexus.json" in artifacts
     assert MlflowClient(uri).list_artifacts(parent.info.run_id, "figures")

@@ -10,6 +10,7 @@ against the real Prefect test harness, a real SQLite MLflow store and real micro
 4. `nexus run remove` of the second round's domain.
 The scenario runs once (module fixture); the tests only read what it produced.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,13 +42,28 @@ def cli(*args: str) -> int:
 def scenario(prefect_harness, tmp_path_factory):
     import mlflow
 
-    out, uri, overrides, pipeline = build_line(tmp_path_factory, "line", "router.routers=[nexus]",
-                                               "router.dense_merge=false")
+    out, uri, overrides, pipeline = build_line(
+        tmp_path_factory, "line", "router.routers=[nexus]", "router.dense_merge=false"
+    )
     previous = mlflow.get_tracking_uri()
     try:
         harmful = domain_folder(tmp_path_factory.mktemp("inputs") / HARMFUL, "python-docs")
-        assert cli("run", "extend", "--experiment", "micro", "--domain", HARMFUL, "--folder", str(harmful),
-                   *overrides, "recipe=paper", "train.extension.lr=3.0") == 0
+        assert (
+            cli(
+                "run",
+                "extend",
+                "--experiment",
+                "micro",
+                "--domain",
+                HARMFUL,
+                "--folder",
+                str(harmful),
+                *overrides,
+                "recipe=paper",
+                "train.extension.lr=3.0",
+            )
+            == 0
+        )
         inbox = out / "inbox"  # the micro experiment's extension.inbox: ${out_dir}/inbox
         for name, corpus in INBOX.items():
             domain_folder(inbox / name, corpus)
@@ -65,11 +81,17 @@ def scenario(prefect_harness, tmp_path_factory):
         return json.loads((out.joinpath(*parts) / "summary.json").read_text())
 
     client = MlflowClient(uri)
-    return {"out": out, "uri": uri, "client": client, "pipeline": pipeline,
-            "harmful": summary("extensions", HARMFUL), "rounds": [summary("extensions", d) for d in INBOX],
-            "removal": next(json.loads(p.read_text()) for p in (out / "removals").rglob("summary.json")),
-            "versions": {int(v.version): v for v in client.search_model_versions(f"name = '{LINE}'")},
-            "aliases": line_aliases(LINE, client)}
+    return {
+        "out": out,
+        "uri": uri,
+        "client": client,
+        "pipeline": pipeline,
+        "harmful": summary("extensions", HARMFUL),
+        "rounds": [summary("extensions", d) for d in INBOX],
+        "removal": next(json.loads(p.read_text()) for p in (out / "removals").rglob("summary.json")),
+        "versions": {int(v.version): v for v in client.search_model_versions(f"name = '{LINE}'")},
+        "aliases": line_aliases(LINE, client),
+    }
 
 
 def test_harmful_extension_stays_a_candidate(scenario):
@@ -109,14 +131,23 @@ def test_every_round_mixes_and_evaluates_every_earlier_domain(scenario):
         base_experts = read_checkpoint_config(r["moe"])["model"]["moe"]["expert_names"]
         served = [*base_experts, domain]
         assert r["domains"] == served
-        assert set(r["finetune_weights"]) == set(served) and all(w > 0 for w in r["finetune_weights"].values())
+        assert set(r["finetune_weights"]) == set(served) and all(
+            w > 0 for w in r["finetune_weights"].values()
+        )
         assert all(set(row) == set(served) for row in r["perplexity"].values())
         extended = read_checkpoint_config(r["extended"])
         assert extended["model"]["moe"]["expert_names"] == served
         assert list(extended["metadata"]["domain_data"]) == sorted(served)  # every domain's data is recorded
-        assert extended["metadata"]["base"]["sha256"] == read_checkpoint_config(r["moe"])["sha256"]["model.safetensors"]
+        assert (
+            extended["metadata"]["base"]["sha256"]
+            == read_checkpoint_config(r["moe"])["sha256"]["model.safetensors"]
+        )
     final = read_checkpoint_config(rounds[-1]["extended"])["model"]["moe"]["expert_names"]
-    assert final[:2] == ["dictionary", "lore"] and final[-1] == "snippets" and set(final) >= {"dictionary", "lore"}
+    assert (
+        final[:2] == ["dictionary", "lore"]
+        and final[-1] == "snippets"
+        and set(final) >= {"dictionary", "lore"}
+    )
 
 
 def test_second_inbox_run_was_a_noop(scenario):

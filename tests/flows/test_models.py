@@ -1,4 +1,5 @@
 """Model references, domain records and the model-line lock (flows/models.py)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,17 +13,22 @@ from nexus.checkpoint import read_checkpoint_config
 from nexus.errors import ConfigError
 
 
-@pytest.mark.parametrize("ref, parsed", [
-    ("models:/line/3", ("line", "3", None)),
-    ("models:/line@candidate", ("line", None, "candidate")),
-    ("line@champion", ("line", None, "champion")),
-    ("line", ("line", None, "champion")),
-])
+@pytest.mark.parametrize(
+    "ref, parsed",
+    [
+        ("models:/line/3", ("line", "3", None)),
+        ("models:/line@candidate", ("line", None, "candidate")),
+        ("line@champion", ("line", None, "champion")),
+        ("line", ("line", None, "champion")),
+    ],
+)
 def test_registry_references(ref, parsed):
     assert parse_registry_ref(ref) == parsed
 
 
-@pytest.mark.parametrize("ref", ["models:/", "models:/line/", "models:/line/x", "models:/line@", "models:/l/1@a"])
+@pytest.mark.parametrize(
+    "ref", ["models:/", "models:/line/", "models:/line/x", "models:/line@", "models:/l/1@a"]
+)
 def test_malformed_references_are_named(ref):
     with pytest.raises(ConfigError, match="model reference"):
         parse_registry_ref(ref)
@@ -71,14 +77,19 @@ with model_line_lock(folder, "line") as waited:
 
 def test_the_lock_serialises_processes(tmp_path):
     """Two processes take one model line's lock: the second waits until the first lets go."""
+
     def wait_for(path):
         deadline = time.time() + 120
         while not path.exists():
             assert time.time() < deadline, path
             time.sleep(0.02)
 
-    procs = {me: subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), me], stdout=subprocess.PIPE, text=True)
-             for me in ("a", "b")}
+    procs = {
+        me: subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(tmp_path), me], stdout=subprocess.PIPE, text=True
+        )
+        for me in ("a", "b")
+    }
     for me in procs:
         wait_for(tmp_path / f"{me}.ready")
     (tmp_path / "a.go").touch()

@@ -1,5 +1,6 @@
 """`upcycle_pipeline` then `extend_with_expert` on the micro experiment through real Prefect (test
 harness), real Lightning and a real SQLite MLflow store."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,18 @@ def runs(micro_moe):
 
 def test_pipeline_states_and_checkpoints(runs):
     out, _, summary, _, _ = runs
-    assert set(summary["states"]) >= {"seed", "expert-dictionary", "expert-lore", "embed-lore", "build-nexus",
-                                      "build-linear", "build-merge", "moe-nexus", "moe-linear", "evaluate"}
+    assert set(summary["states"]) >= {
+        "seed",
+        "expert-dictionary",
+        "expert-lore",
+        "embed-lore",
+        "build-nexus",
+        "build-linear",
+        "build-merge",
+        "moe-nexus",
+        "moe-linear",
+        "evaluate",
+    }
     assert all(s == "Completed" for s in summary["states"].values()), summary["states"]
     for name, path in summary["checkpoints"].items():
         assert (Path(path) / "model.safetensors").is_file(), name
@@ -48,8 +59,16 @@ def test_extension_and_mlflow_records(runs):
     _, uri, summary, extended, before = runs
     client = MlflowClient(uri)
     assert read_checkpoint_config(extended["extended"])["model"]["moe"]["expert_names"] == [
-        "dictionary", "lore", "code"]
-    assert set(extended["perplexity"]) == {"before", "expert:code", "appended", "after"}  # appended: no finetune
+        "dictionary",
+        "lore",
+        "code",
+    ]
+    assert set(extended["perplexity"]) == {
+        "before",
+        "expert:code",
+        "appended",
+        "after",
+    }  # appended: no finetune
     assert "code" in extended["perplexity"]["after"]
     assert extended["routing"]["appended"]["experts"] == ["dictionary", "lore", "code"]
     versions = client.search_model_versions("name = 'nexus-micro-moe'")
@@ -74,7 +93,11 @@ def test_report_has_tables_and_figures_and_is_logged(runs):
     assert "moe:nexus" in markdown and "moe:linear" in markdown and "dictionary" in markdown
     assert "Extension" in markdown and "expert:code" in markdown
     figures = sorted(p.name for p in (out / "report" / "figures").glob("*.png"))
-    assert "routing_moe-nexus_top1_share.png" in figures and "routing_moe-nexus-code_top1_share.png" in figures and "embeddings_moe-nexus.png" in figures
+    assert (
+        "routing_moe-nexus_top1_share.png" in figures
+        and "routing_moe-nexus-code_top1_share.png" in figures
+        and "embeddings_moe-nexus.png" in figures
+    )
     assert all((out / "report" / "figures" / f).stat().st_size > 10_000 for f in figures)
     logged = [a.path for a in MlflowClient(uri).list_artifacts(summary["mlflow"]["parent_run_id"], "report")]
     assert "report/report.md" in logged or any(p.endswith(".md") for p in logged), logged
@@ -83,8 +106,15 @@ def test_report_has_tables_and_figures_and_is_logged(runs):
 def test_every_final_model_is_registered(runs):
     _, uri, _, _, _ = runs
     names = {m.name for m in MlflowClient(uri).search_registered_models()}
-    assert {"nexus-micro-moe", "nexus-micro-moe-linear", "nexus-micro-seed", "nexus-micro-merged",
-            "nexus-micro-expert-dictionary", "nexus-micro-expert-lore", "nexus-micro-expert-code"} <= names, names
+    assert {
+        "nexus-micro-moe",
+        "nexus-micro-moe-linear",
+        "nexus-micro-seed",
+        "nexus-micro-merged",
+        "nexus-micro-expert-dictionary",
+        "nexus-micro-expert-lore",
+        "nexus-micro-expert-code",
+    } <= names, names
 
 
 def test_native_lineage_leads_from_the_extended_moe_to_the_seed(runs):
@@ -92,7 +122,9 @@ def test_native_lineage_leads_from_the_extended_moe_to_the_seed(runs):
     -> ...): the extended MoE goes back through the MoE, the upcycling and the experts to the seed."""
     _, uri, _, extended, _ = runs
     client = MlflowClient(uri)
-    start = client.get_model_version("nexus-micro-moe", extended["registered_version"]).source.removeprefix("models:/")
+    start = client.get_model_version("nexus-micro-moe", extended["registered_version"]).source.removeprefix(
+        "models:/"
+    )
     stages, names, frontier, seen = [], set(), [start], set()
     while frontier:
         model = client.get_logged_model(frontier.pop())

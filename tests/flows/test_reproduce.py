@@ -1,6 +1,7 @@
 """`reproduce_paper` end to end on the micro experiment (two seeds, two budgets, two router variants, a
 recipe ablation), with a real Prefect flow run and a SQLite MLflow store; and the arithmetic of the
 results tables."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,17 @@ def test_gain_gap_and_spread():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))  # sample standard deviation
     assert mean_std([5.0]) == (5.0, 0.0)
     assert fmt([0.1, 0.3], 1, percent=True) == "20.0 ± 14.1 %"
-    ext = {"domain": "new", "perplexity": {"before": {"a": 10.0, "b": 20.0, "new": 100.0},
-                                           "expert:new": {"new": 50.0}, "after": {"a": 10.5, "b": 20.0, "new": 60.0}}}
-    assert gap_closed(ext, "after") == pytest.approx(0.8)  # 40 of the 50 points between the MoE and the expert
+    ext = {
+        "domain": "new",
+        "perplexity": {
+            "before": {"a": 10.0, "b": 20.0, "new": 100.0},
+            "expert:new": {"new": 50.0},
+            "after": {"a": 10.5, "b": 20.0, "new": 60.0},
+        },
+    }
+    assert gap_closed(ext, "after") == pytest.approx(
+        0.8
+    )  # 40 of the 50 points between the MoE and the expert
     assert initial_change(ext, "after", ["a", "b"]) == (pytest.approx(0.025), pytest.approx(0.05))
 
 
@@ -30,9 +39,17 @@ def reproduction(prefect_harness, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("reproduce")
     overrides = micro_overrides(home, "router.continued_seed=true", tracking=True)
-    results = reproduce_paper("micro", overrides, seeds=[0, 1], budgets=[2, 3], ablation_seeds=[1], domains=["code"],
-                              recipes=["protect"], routers=["nexus", "linear-reset"],
-                              ablations={"λ = 0": ["extension.lam=0.0"]})
+    results = reproduce_paper(
+        "micro",
+        overrides,
+        seeds=[0, 1],
+        budgets=[2, 3],
+        ablation_seeds=[1],
+        domains=["code"],
+        recipes=["protect"],
+        routers=["nexus", "linear-reset"],
+        ablations={"λ = 0": ["extension.lam=0.0"]},
+    )
     return home, micro_out(home), results
 
 
@@ -45,7 +62,10 @@ def test_replicates_share_the_cached_seed_model_and_differ_after_it(reproduction
     runs = [results["replicates"][s]["pipeline"]["checkpoints"] for s in ("0", "1")]
     assert runs[0]["seed"] == runs[1]["seed"] == results["seed_model"]
     assert results["seed_model"].startswith(str(out / "seed-"))
-    assert seed_model("micro", micro_overrides(home, "router.continued_seed=true", tracking=True)) == runs[0]["seed"]
+    assert (
+        seed_model("micro", micro_overrides(home, "router.continued_seed=true", tracking=True))
+        == runs[0]["seed"]
+    )
     digests = [read_checkpoint_config(r["expert:lore"])["sha256"] for r in runs]
     assert digests[0] != digests[1]  # experts, data order and routers follow the replicate seed
     assert set(runs[0]) >= {"seed continued", "dense merge", "moe:nexus", "moe:linear"}
@@ -84,10 +104,19 @@ def test_recipe_ablation_changes_only_its_factor(reproduction):
 def test_results_document_reports_the_runs(reproduction):
     _, out, results = reproduction
     text = (out / "results" / "results.md").read_text()
-    nexus = [sum(r["pipeline"]["perplexity"]["moe:nexus"].values()) / 2 for r in results["replicates"].values()]
+    nexus = [
+        sum(r["pipeline"]["perplexity"]["moe:nexus"].values()) / 2 for r in results["replicates"].values()
+    ]
     assert "| `moe:nexus` | " in text and fmt(nexus) in text
-    for section in ("Relative gain", "Extension with `code`", "Targets (recipe `protect`)", "Recipe ablations",
-                    "Precomputed vs live Nexus router", "MiniLM cosine", "Nexus vs the linear router"):
+    for section in (
+        "Relative gain",
+        "Extension with `code`",
+        "Targets (recipe `protect`)",
+        "Recipe ablations",
+        "Precomputed vs live Nexus router",
+        "MiniLM cosine",
+        "Nexus vs the linear router",
+    ):
         assert section in text, section
     assert "0 prompts diverged" not in text or "Precomputed" in text
     figures = sorted(p.name for p in (out / "results" / "figures").glob("*.png"))

@@ -1,6 +1,7 @@
 """`nexus serve`'s deployments against a real Prefect API (test harness): they are registered with the
 configured schedule, and a run of the scheduled inbox deployment can be triggered with parameter
 overrides, then executed (an empty inbox: a quick no-op)."""
+
 from __future__ import annotations
 
 from prefect import get_client
@@ -23,8 +24,10 @@ def test_deployments_have_the_configured_schedule(tmp_path):
     assert inbox.schedules and inbox.schedules[0].schedule.cron == "*/5 * * * *"
     assert deployments["micro-pipeline"].parameters == {"experiment": "micro", "overrides": overrides}
     assert not deployments["micro-pipeline"].schedules
-    hourly = {d.name: d for d in build_deployments("micro", micro_overrides(
-        tmp_path, "extension.interval_seconds=3600"))}["micro-inbox"]
+    hourly = {
+        d.name: d
+        for d in build_deployments("micro", micro_overrides(tmp_path, "extension.interval_seconds=3600"))
+    }["micro-inbox"]
     assert hourly.schedules[0].schedule.interval.total_seconds() == 3600
 
 
@@ -47,8 +50,11 @@ def test_served_deployments_exist_and_run_with_overrides(prefect_harness, tmp_pa
         empty = tmp_path / "empty-inbox"
         empty.mkdir()
         new_overrides = [*overrides, "train.extension.max_steps=2"]
-        run = run_deployment("extend_from_inbox/micro-inbox", timeout=0,
-                             parameters={"overrides": new_overrides, "inbox": str(empty)})
+        run = run_deployment(
+            "extend_from_inbox/micro-inbox",
+            timeout=0,
+            parameters={"overrides": new_overrides, "inbox": str(empty)},
+        )
         created = client.read_flow_run(run.id)
         assert created.deployment_id == ids["micro-inbox"]
         assert created.parameters == {"experiment": "micro", "overrides": new_overrides, "inbox": str(empty)}
@@ -84,17 +90,26 @@ def test_deployments_record_the_project_home_for_workers(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NEXUS_HOME", raising=False)
-    for key in ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH",
-                "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK", "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK"):
+    for key in (
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
+        "PREFECT_LOCAL_STORAGE_PATH",
+        "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
+        "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
+    ):
         monkeypatch.delenv(key, raising=False)
     overrides, home = recorded_overrides("micro", ["train.moe.max_steps=2"])
     assert home == str(tmp_path) and overrides == ["train.moe.max_steps=2", f"home={tmp_path}"]
     deployments = {d.name: d for d in build_deployments("micro", overrides)}
     assert all(d.parameters["overrides"] == overrides for d in deployments.values())
     assert {n for n, d in deployments.items() if d.concurrency_limit == 1} == {
-        "micro-extend", "micro-inbox", "micro-remove"}
+        "micro-extend",
+        "micro-inbox",
+        "micro-remove",
+    }
     env = worker_env(home)
-    assert env["NEXUS_HOME"] == home and env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == f"{home}/.prefect/results"
+    assert (
+        env["NEXUS_HOME"] == home and env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == f"{home}/.prefect/results"
+    )
     shared = worker_env(home, "remote-file-system/nexus-results")
     assert shared["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "remote-file-system/nexus-results"
     assert "PREFECT_RESULTS_LOCAL_STORAGE_PATH" not in shared

@@ -1,5 +1,6 @@
 """MLflow tracking end to end: a tiny seed -> experts -> upcycle -> MoE pipeline through the real
 Lightning Trainer into a real SQLite store, then runs, metrics, artifacts, registry and lineage."""
+
 from __future__ import annotations
 
 import shutil
@@ -29,8 +30,15 @@ from nexus.training.synthetic import synthetic_splits
 from nexus.upcycling import upcycle
 
 DOMAINS = ["a", "b"]
-CFG = TrainConfig(max_steps=4, batch_size=4, val_every_n_steps=2, limit_val_batches=1, log_every_n_steps=1,
-                  checkpoint_every_n_steps=2, progress_bar=False)
+CFG = TrainConfig(
+    max_steps=4,
+    batch_size=4,
+    val_every_n_steps=2,
+    limit_val_batches=1,
+    log_every_n_steps=1,
+    checkpoint_every_n_steps=2,
+    progress_bar=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,37 +56,67 @@ def pipeline(tmp_path_factory):
     runs, results, fingerprints = {}, {}, {}
     try:
         with pipeline_run(f"nexus-test-{uuid.uuid4().hex[:8]}", config={"experiment": "tiny"}) as pid:
+
             def stage(name, stage_kind, weights, register_as, train_fn, inputs=None, **kwargs):
                 config = {"train": CFG, "data": {"weights": weights}, "api_key": "hunter2"}
-                with stage_run(stage_kind, config, parent_run_id=pid, input_checkpoints=inputs,
-                               run_name=name) as run:
+                with stage_run(
+                    stage_kind, config, parent_run_id=pid, input_checkpoints=inputs, run_name=name
+                ) as run:
                     dm = data(weights)
                     run.log_data_module(dm, source=str(data_dir))
                     result = train_fn(CFG, dm, out / name, loggers=[run.logger()], **kwargs)
                     run.log_result(result, register_as=register_as)
                 runs[name], results[name], fingerprints[name] = run.run_id, result, dm.fingerprint
 
-            stage("seed", "seed", {"a": 1, "b": 1}, "nexus-seed", train_dense, model_config=tiny(max_seq_len=16))
+            stage(
+                "seed", "seed", {"a": 1, "b": 1}, "nexus-seed", train_dense, model_config=tiny(max_seq_len=16)
+            )
             for d in DOMAINS:
-                stage(f"expert-{d}", "expert", {d: 1.0}, f"nexus-expert-{d}", train_dense,
-                      inputs={"seed": results["seed"].checkpoint}, init_checkpoint=results["seed"].checkpoint)
+                stage(
+                    f"expert-{d}",
+                    "expert",
+                    {d: 1.0},
+                    f"nexus-expert-{d}",
+                    train_dense,
+                    inputs={"seed": results["seed"].checkpoint},
+                    init_checkpoint=results["seed"].checkpoint,
+                )
 
-            ckpts = {"seed": results["seed"].checkpoint, **{f"expert:{d}": results[f"expert-{d}"].checkpoint
-                                                            for d in DOMAINS}}
+            ckpts = {
+                "seed": results["seed"].checkpoint,
+                **{f"expert:{d}": results[f"expert-{d}"].checkpoint for d in DOMAINS},
+            }
             with stage_run("upcycle", {"router": "nexus"}, parent_run_id=pid, input_checkpoints=ckpts) as run:
                 emb = torch.randn(len(DOMAINS), 384)
                 save_file({"domain_embeddings": emb}, str(root / "domain_embeddings.safetensors"))
-                moe = upcycle(load_checkpoint(ckpts["seed"]),
-                              [load_checkpoint(results[f"expert-{d}"].checkpoint) for d in DOMAINS],
-                              emb, "nexus", DOMAINS)
+                moe = upcycle(
+                    load_checkpoint(ckpts["seed"]),
+                    [load_checkpoint(results[f"expert-{d}"].checkpoint) for d in DOMAINS],
+                    emb,
+                    "nexus",
+                    DOMAINS,
+                )
                 save_checkpoint(moe, out / "upcycled")
                 run.log_checkpoint(out / "upcycled")
                 run.log_artifacts(root / "domain_embeddings.safetensors", "domain_embeddings")
             runs["upcycle"] = run.run_id
-            stage("moe", "moe", {"a": 1, "b": 1}, "nexus-moe", train_moe, inputs={"init": out / "upcycled"},
-                  init_checkpoint=out / "upcycled")
-        yield {"root": root, "out": out, "parent": pid, "runs": runs, "results": results,
-               "data_fingerprints": fingerprints}
+            stage(
+                "moe",
+                "moe",
+                {"a": 1, "b": 1},
+                "nexus-moe",
+                train_moe,
+                inputs={"init": out / "upcycled"},
+                init_checkpoint=out / "upcycled",
+            )
+        yield {
+            "root": root,
+            "out": out,
+            "parent": pid,
+            "runs": runs,
+            "results": results,
+            "data_fingerprints": fingerprints,
+        }
     finally:
         configure_tracking(previous)
 
@@ -96,9 +134,20 @@ def test_runs_params_and_metrics(pipeline):
     assert seed.params["api_key"] == "***"
     for key in ("train/loss", "train/tokens_per_s", "val/loss", "val/a/loss", "val/b/loss", "val/a/ppl"):
         assert key in seed.metrics, key
-    assert [m.step for m in MlflowClient().get_metric_history(runs["seed"].info.run_id, "train/loss")] == [0, 1, 2, 3, 4]
+    assert [m.step for m in MlflowClient().get_metric_history(runs["seed"].info.run_id, "train/loss")] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     moe = runs["moe"].data.metrics
-    for key in ("train/aux_loss", "train/load_balance_loss", "val/routing/layer0/a/a", "val/routing/mean/b/b"):
+    for key in (
+        "train/aux_loss",
+        "train/load_balance_loss",
+        "val/routing/layer0/a/a",
+        "val/routing/mean/b/b",
+    ):
         assert key in moe, key
     for layer in range(2):
         for d in DOMAINS:
@@ -116,9 +165,13 @@ def test_artifacts_registry_and_checkpoint_reload(pipeline, tmp_path):
     assert {"artifacts/checkpoint/config.json", "artifacts/checkpoint/model.safetensors"} <= names
     assert "config.json" in {f.path for f in client.list_artifacts(moe_run)}
     assert client.list_artifacts(pipeline["runs"]["upcycle"], "domain_embeddings")
-    downloaded = mlflow.artifacts.download_artifacts(f"{model.artifact_location}/artifacts/checkpoint",
-                                                     dst_path=str(tmp_path))
-    got, want = load_checkpoint(downloaded).state_dict(), load_checkpoint(pipeline["results"]["moe"].checkpoint).state_dict()
+    downloaded = mlflow.artifacts.download_artifacts(
+        f"{model.artifact_location}/artifacts/checkpoint", dst_path=str(tmp_path)
+    )
+    got, want = (
+        load_checkpoint(downloaded).state_dict(),
+        load_checkpoint(pipeline["results"]["moe"].checkpoint).state_dict(),
+    )
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
     for name in ("nexus-seed", "nexus-expert-a", "nexus-expert-b", "nexus-moe"):
@@ -174,18 +227,27 @@ def test_intermediate_checkpoints_at_paper_size_are_logged_models_without_files(
     assert model.tags["nexus.checkpoint_path"] == str(Path(expert.checkpoint).resolve())
     assert client.list_logged_model_artifacts(model.model_id) == []
     assert not client.search_registered_models("name = 'nexus-never-registered'")
-    with stage_run("upcycle", {"x": 1}, parent_run_id=pipeline["parent"],
-                   input_checkpoints={"expert:a": expert.checkpoint}) as reader:
+    with stage_run(
+        "upcycle",
+        {"x": 1},
+        parent_run_id=pipeline["parent"],
+        input_checkpoints={"expert:a": expert.checkpoint},
+    ) as reader:
         version = record_checkpoint(reader, pipeline["out"] / "upcycled", True, final_mode, "nexus-final-one")
-    assert [p.run_id for p in walk_lineage(reader.run_id).parents] == [run.run_id]  # lineage without the files
+    assert [p.run_id for p in walk_lineage(reader.run_id).parents] == [
+        run.run_id
+    ]  # lineage without the files
     assert version is not None and client.list_logged_model_artifacts(reader.model_id)
     with pytest.raises(ValueError, match="carries its checkpoint"):
         run.log_checkpoint(expert.checkpoint, register_as="nexus-never-registered", upload=False)
 
 
 def test_failed_stage_run_is_marked_failed(pipeline):
-    with pytest.raises(RuntimeError, match="boom"), pipeline_run(f"failing-{uuid.uuid4().hex[:8]}") as pid, \
-            stage_run("seed", {"x": 1}, parent_run_id=pid) as run:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        pipeline_run(f"failing-{uuid.uuid4().hex[:8]}") as pid,
+        stage_run("seed", {"x": 1}, parent_run_id=pid) as run,
+    ):
         raise RuntimeError("boom")
     client = MlflowClient()
     assert client.get_run(run.run_id).info.status == "FAILED"
@@ -193,7 +255,18 @@ def test_failed_stage_run_is_marked_failed(pipeline):
 
 
 def test_resolved_config_redacts_credentials_and_flattens():
-    config = {"db": {"password": "x", "host": "h"}, "hf_token": "t", "author": "me",
-              "tokenizer": {"vocab_size": 8}, "p": Path("/a")}
-    assert flatten(resolved(config)) == {"db.password": "***", "db.host": "h", "hf_token": "***", "author": "me",
-                                         "tokenizer.vocab_size": 8, "p": "/a"}
+    config = {
+        "db": {"password": "x", "host": "h"},
+        "hf_token": "t",
+        "author": "me",
+        "tokenizer": {"vocab_size": 8},
+        "p": Path("/a"),
+    }
+    assert flatten(resolved(config)) == {
+        "db.password": "***",
+        "db.host": "h",
+        "hf_token": "***",
+        "author": "me",
+        "tokenizer.vocab_size": 8,
+        "p": "/a",
+    }

@@ -1,4 +1,5 @@
 """Shared builders for the interop tests: tiny real transformers models saved locally (no hub)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +10,19 @@ from nexus.interop.hf_format import LLAMA, NEXUS, QWEN2, QWEN2_MOE
 
 VOCAB = 96
 # A 2-layer Llama with GQA and a non-default RoPE base, so a mis-mapped head or theta shows up.
-LLAMA_KWARGS = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-                    "rope_theta": 1000.0, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}
+LLAMA_KWARGS = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rope_theta": 1000.0,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 def save_tokenizer(directory: Path) -> None:
@@ -61,8 +72,10 @@ def make_family(directory: Path, family: str, seed: int = 0, **overrides):
     """Save a random tiny Llama-architecture sibling (`mistral`, `qwen2`) with the Llama test sizes."""
     import transformers
 
-    config_cls, model_cls = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    config_cls, model_cls = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
     model = randomize(model_cls(config_cls(**{**LLAMA_KWARGS, **overrides})), seed=seed).eval()
     model.save_pretrained(directory)
     save_tokenizer(directory)
@@ -83,14 +96,20 @@ def nexus_model(parallel: bool = True, moe: dict | None = None, seed: int = 0, *
     from nexus.model.transformer import Transformer
     from nexus.upcycling import upcycle
 
-    dense = randomize(Transformer(tiny(parallel_blocks=parallel, n_kv_heads=2, rope_theta=1000.0, **config)), seed=seed)
+    dense = randomize(
+        Transformer(tiny(parallel_blocks=parallel, n_kv_heads=2, rope_theta=1000.0, **config)), seed=seed
+    )
     if moe is None:
         return dense.eval()
     router = moe.get("router", "nexus")
     gen = torch.Generator().manual_seed(seed)
     domains = torch.randn(N_EXPERTS, 16, generator=gen) if router == "nexus" else None
-    model = upcycle(dense, [perturbed(dense, seed=seed + i + 1) for i in range(N_EXPERTS)],
-                    domain_embeddings=domains, **moe)
+    model = upcycle(
+        dense,
+        [perturbed(dense, seed=seed + i + 1) for i in range(N_EXPERTS)],
+        domain_embeddings=domains,
+        **moe,
+    )
     for name, p in model.named_parameters():
         if ".router." in name:
             p.copy_(torch.randn(p.shape, generator=gen) * ROUTER_STD[router])
@@ -99,32 +118,66 @@ def nexus_model(parallel: bool = True, moe: dict | None = None, seed: int = 0, *
 
 NEXUS_TOP1 = {"router": "nexus", "top_k": 1}
 LINEAR_TOP2 = {"router": "linear", "top_k": 2}
-BAM_SHARED_KV_TOP2 = {"attention_experts": "shared_kv", "attention_routing": "top_k", "attention_top_k": 2,
-                      "attention_shared_expert": True}
+BAM_SHARED_KV_TOP2 = {
+    "attention_experts": "shared_kv",
+    "attention_routing": "top_k",
+    "attention_top_k": 2,
+    "attention_shared_expert": True,
+}
 """Attention experts (BAM) with every option off its default: the remote code must follow each."""
 # name: (parallel blocks, MoE options or None for dense, other config fields, remote_code, architecture)
 VARIANTS = {
     "parallel-dense": (True, None, {}, False, NEXUS),
     "parallel-dense-tied-qkv-bias": (True, None, {"tie_embeddings": True, "qkv_bias": True}, False, NEXUS),
     "parallel-nexus-top1": (True, NEXUS_TOP1, {}, False, NEXUS),
-    "parallel-nexus-top2-normalized": (True, {"router": "nexus", "top_k": 2, "normalize_gates": True}, {}, False,
-                                       NEXUS),
+    "parallel-nexus-top2-normalized": (
+        True,
+        {"router": "nexus", "top_k": 2, "normalize_gates": True},
+        {},
+        False,
+        NEXUS,
+    ),
     "parallel-nexus-top1-no-shared": (True, {**NEXUS_TOP1, "shared_expert": False}, {}, False, NEXUS),
     "parallel-linear-top2": (True, LINEAR_TOP2, {}, False, NEXUS),
-    "parallel-linear-top1-no-shared-tied": (True, {"router": "linear", "top_k": 1, "shared_expert": False},
-                                            {"tie_embeddings": True}, False, NEXUS),
+    "parallel-linear-top1-no-shared-tied": (
+        True,
+        {"router": "linear", "top_k": 1, "shared_expert": False},
+        {"tie_embeddings": True},
+        False,
+        NEXUS,
+    ),
     "sequential-dense": (False, None, {}, False, LLAMA),
     "sequential-dense-qkv-bias": (False, None, {"qkv_bias": True}, False, QWEN2),
     "sequential-nexus-top1": (False, NEXUS_TOP1, {}, False, QWEN2_MOE),
-    "sequential-nexus-top2-normalized-qkv-bias": (False, {"router": "nexus", "top_k": 2, "normalize_gates": True},
-                                                  {"qkv_bias": True}, False, QWEN2_MOE),
-    "sequential-linear-top2-no-shared-tied": (False, {**LINEAR_TOP2, "shared_expert": False},
-                                              {"tie_embeddings": True}, False, QWEN2_MOE),
+    "sequential-nexus-top2-normalized-qkv-bias": (
+        False,
+        {"router": "nexus", "top_k": 2, "normalize_gates": True},
+        {"qkv_bias": True},
+        False,
+        QWEN2_MOE,
+    ),
+    "sequential-linear-top2-no-shared-tied": (
+        False,
+        {**LINEAR_TOP2, "shared_expert": False},
+        {"tie_embeddings": True},
+        False,
+        QWEN2_MOE,
+    ),
     "parallel-nexus-bam-full": (True, {**NEXUS_TOP1, "attention_experts": "full"}, {}, False, NEXUS),
     "parallel-linear-top2-bam-shared-kv-top2-shared-qkv-bias": (
-        True, {**LINEAR_TOP2, **BAM_SHARED_KV_TOP2}, {"qkv_bias": True}, False, NEXUS),
-    "sequential-nexus-bam-full-shared": (False, {**NEXUS_TOP1, "attention_experts": "full",
-                                                 "attention_shared_expert": True}, {}, False, NEXUS),
+        True,
+        {**LINEAR_TOP2, **BAM_SHARED_KV_TOP2},
+        {"qkv_bias": True},
+        False,
+        NEXUS,
+    ),
+    "sequential-nexus-bam-full-shared": (
+        False,
+        {**NEXUS_TOP1, "attention_experts": "full", "attention_shared_expert": True},
+        {},
+        False,
+        NEXUS,
+    ),
     "sequential-dense-remote": (False, None, {}, True, NEXUS),
     "sequential-nexus-top2-remote": (False, {"router": "nexus", "top_k": 2}, {}, True, NEXUS),
 }

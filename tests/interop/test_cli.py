@@ -1,4 +1,5 @@
 """`nexus import` / `nexus export` round trips through the real console entry point."""
+
 from __future__ import annotations
 
 import filecmp
@@ -49,7 +50,9 @@ def test_paper_moe_exports_with_remote_code_and_imports_back(tmp_path, monkeypat
     (tmp_path / "eval.json").write_text(json.dumps({"results": {"hellaswag": {"acc,none": 0.25}}}))
     for _ in range(2):
         assert main(["export", "moe", "hf", "--results", "eval.json"]) == 0
-        assert "as NexusForCausalLM (remote code: load with trust_remote_code=True)" in capsys.readouterr().out
+        assert (
+            "as NexusForCausalLM (remote code: load with trust_remote_code=True)" in capsys.readouterr().out
+        )
     assert "| hellaswag | acc | 0.25 |" in (tmp_path / "hf" / "README.md").read_text()
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     idx = tokens()

@@ -1,5 +1,6 @@
 """Export to transformers, every Nexus variant: logits and greedy generation equal ours, whether the
 export is a transformers architecture (Llama, Qwen2, Qwen2-MoE) or the remote-code NexusForCausalLM."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,14 @@ def test_demo_nexus_moe_exports_and_loads(tmp_path):
     torch.manual_seed(0)
     seed = Transformer(config)
     experts = [Transformer(config).reinit_(torch.Generator().manual_seed(i)) for i in range(len(names))]
-    moe = upcycle(seed, experts, domain_embeddings=torch.randn(len(names), 384), router="nexus",
-                  expert_names=names, **cfg.router.moe_options()).eval()
+    moe = upcycle(
+        seed,
+        experts,
+        domain_embeddings=torch.randn(len(names), 384),
+        router="nexus",
+        expert_names=names,
+        **cfg.router.moe_options(),
+    ).eval()
     assert moe.config.parallel_blocks and moe.config.moe.top_k == 1 and moe.config.moe.shared_expert
     out = export_checkpoint(save_checkpoint(moe, tmp_path / "moe"), tmp_path / "hf")
     hf = load_hf(out)
@@ -100,11 +107,26 @@ def test_export_directory_is_hub_ready(tmp_path):
     texts = [f"the expert number {i} routes tokens to its domain" for i in range(50)]
     tok_file = train_tokenizer(texts, vocab_size=96, out_path=tmp_path / "tokenizer.json")
     model = nexus_model(True, NEXUS_TOP1)
-    ckpt = save_checkpoint(model, tmp_path / "moe", extra_files={"tokenizer.json": tok_file},
-                           metadata={"experiment": "demo", "domains": ["a", "b", "c"], "metrics": {"val_loss": 2.5},
-                                     "data": {"weights": {"expert_0": 0.5, "expert_1": 0.25, "expert_2": 0.25}}})
-    results = {"results": {"nexus_heldout_code": {"alias": "code", "byte_perplexity,none": 1.75,
-                                                  "byte_perplexity_stderr,none": "N/A"}}}
+    ckpt = save_checkpoint(
+        model,
+        tmp_path / "moe",
+        extra_files={"tokenizer.json": tok_file},
+        metadata={
+            "experiment": "demo",
+            "domains": ["a", "b", "c"],
+            "metrics": {"val_loss": 2.5},
+            "data": {"weights": {"expert_0": 0.5, "expert_1": 0.25, "expert_2": 0.25}},
+        },
+    )
+    results = {
+        "results": {
+            "nexus_heldout_code": {
+                "alias": "code",
+                "byte_perplexity,none": 1.75,
+                "byte_perplexity_stderr,none": "N/A",
+            }
+        }
+    }
     out = export_checkpoint(ckpt, tmp_path / "hf", results=[results])
 
     ours, theirs = load_tokenizer(tok_file), AutoTokenizer.from_pretrained(out)
@@ -117,8 +139,14 @@ def test_export_directory_is_hub_ready(tmp_path):
 
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers" and "mixture-of-experts" in card.data.tags
-    for text in ("NexusForCausalLM", "trust_remote_code=True", "| 0 | expert_0 | 0.5 |", "| val_loss | 2.5 |",
-                 "| nexus_heldout_code | byte_perplexity | 1.75 |", str(ckpt.resolve())):
+    for text in (
+        "NexusForCausalLM",
+        "trust_remote_code=True",
+        "| 0 | expert_0 | 0.5 |",
+        "| val_loss | 2.5 |",
+        "| nexus_heldout_code | byte_perplexity | 1.75 |",
+        str(ckpt.resolve()),
+    ):
         assert text in card.text, text
 
     hf = load_hf(out)

@@ -1,5 +1,6 @@
 """Import: Llama / Mistral / Qwen2 directories with logits equal to transformers', every `nexus export`
 back bit for bit, refusals naming the file and key, family checks."""
+
 from __future__ import annotations
 
 import filecmp
@@ -92,12 +93,20 @@ def test_export_then_import_restores_the_checkpoint_bit_for_bit(tmp_path, name):
     model, remote, _ = variant_model(name)
     save_tokenizer(tmp_path / "tok")
     meta = {"experiment": "micro", "domains": ["a", "b", "c"], "metrics": {"val_loss": 1.5}}
-    ckpt = save_checkpoint(model, tmp_path / "ckpt", metadata=meta,
-                           extra_files={"tokenizer.json": tmp_path / "tok" / "tokenizer.json"})
+    ckpt = save_checkpoint(
+        model,
+        tmp_path / "ckpt",
+        metadata=meta,
+        extra_files={"tokenizer.json": tmp_path / "tok" / "tokenizer.json"},
+    )
     out = export_checkpoint(ckpt, tmp_path / "hf", remote_code=remote)
     back = import_hf(out, tmp_path / "back")
     files = sorted(p.name for p in ckpt.iterdir())
-    assert sorted(p.name for p in back.iterdir()) == files == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (
+        sorted(p.name for p in back.iterdir())
+        == files
+        == ["config.json", "model.safetensors", "tokenizer.json"]
+    )
     assert filecmp.cmpfiles(ckpt, back, files, shallow=False)[0] == files
     restored = load_checkpoint(back)
     assert restored.config == model.config
@@ -114,7 +123,9 @@ def test_a_nexus_router_export_imports_extensible(tmp_path):
     out = export_hf(moe, tmp_path / "hf")
     assert (out / "nexus_router.safetensors").is_file()
     back = load_hf_model(out)
-    extended = extend(back, perturbed(nexus_model(False), seed=9), domain_embedding=torch.randn(16), name="new")
+    extended = extend(
+        back, perturbed(nexus_model(False), seed=9), domain_embedding=torch.randn(16), name="new"
+    )
     assert extended.config.moe.expert_names == ["expert_0", "expert_1", "expert_2", "new"]
     assert torch.equal(extended.domain_embeddings[:3], moe.domain_embeddings)
 
@@ -170,20 +181,38 @@ def _extra_bias(d):
 
 BAD_INPUTS = {
     "missing-config": (_drop_config, CheckpointError, ["config.json", "not found"]),
-    "gemma": (lambda d: _edit_config(d, model_type="gemma", architectures=["GemmaForCausalLM"]),
-              UnsupportedModelError, ["config.json", "GemmaForCausalLM", "Qwen2ForCausalLM", "nexus export"]),
-    "mixed-family": (lambda d: _edit_config(d, model_type="mistral"), UnsupportedModelError,
-                     ["architectures=['LlamaForCausalLM']", "model_type='mistral'"]),
-    "bad-nexus-record": (lambda d: _edit_config(d, nexus={"format": "other"}), CheckpointError,
-                         ["config.json", "'nexus' is not a nexus-export record"]),
-    "attention-bias": (lambda d: _edit_config(d, attention_bias=True), UnsupportedModelError,
-                       ["config.json", "attention_bias"]),
+    "gemma": (
+        lambda d: _edit_config(d, model_type="gemma", architectures=["GemmaForCausalLM"]),
+        UnsupportedModelError,
+        ["config.json", "GemmaForCausalLM", "Qwen2ForCausalLM", "nexus export"],
+    ),
+    "mixed-family": (
+        lambda d: _edit_config(d, model_type="mistral"),
+        UnsupportedModelError,
+        ["architectures=['LlamaForCausalLM']", "model_type='mistral'"],
+    ),
+    "bad-nexus-record": (
+        lambda d: _edit_config(d, nexus={"format": "other"}),
+        CheckpointError,
+        ["config.json", "'nexus' is not a nexus-export record"],
+    ),
+    "attention-bias": (
+        lambda d: _edit_config(d, attention_bias=True),
+        UnsupportedModelError,
+        ["config.json", "attention_bias"],
+    ),
     "mlp-bias": (lambda d: _edit_config(d, mlp_bias=True), UnsupportedModelError, ["mlp_bias"]),
     "gelu": (lambda d: _edit_config(d, hidden_act="gelu"), UnsupportedModelError, ["hidden_act"]),
-    "rope-llama3": (lambda d: _edit_config(d, rope_parameters={"rope_type": "llama3", "factor": 8.0}),
-                    UnsupportedModelError, ["rope_parameters.rope_type='llama3'"]),
-    "rope-scaling-linear": (lambda d: _edit_config(d, rope_scaling={"type": "linear", "factor": 2.0}),
-                        UnsupportedModelError, ["rope_scaling", "linear"]),
+    "rope-llama3": (
+        lambda d: _edit_config(d, rope_parameters={"rope_type": "llama3", "factor": 8.0}),
+        UnsupportedModelError,
+        ["rope_parameters.rope_type='llama3'"],
+    ),
+    "rope-scaling-linear": (
+        lambda d: _edit_config(d, rope_scaling={"type": "linear", "factor": 2.0}),
+        UnsupportedModelError,
+        ["rope_scaling", "linear"],
+    ),
     "head-dim": (lambda d: _edit_config(d, head_dim=16), UnsupportedModelError, ["head_dim=16"]),
     "bin-only": (_bin_only, CheckpointError, ["pytorch_model.bin", "safetensors"]),
     "unexpected-tensor": (_extra_bias, CheckpointError, ["unexpected tensors", "q_proj.bias"]),
@@ -206,8 +235,14 @@ def test_bad_inputs_are_refused_by_name(tmp_path, llama_dir, case):
 def test_family_check_names_architecture_and_tokenizer(tmp_path, llama_dir):
     seed = import_hf(llama_dir, tmp_path / "seed")
     model = load_checkpoint(seed)
-    expert = save_checkpoint(perturbed(model), tmp_path / "expert", extra_files={
-        "tokenizer.json": seed / "tokenizer.json", "tokenizer_config.json": seed / "tokenizer_config.json"})
+    expert = save_checkpoint(
+        perturbed(model),
+        tmp_path / "expert",
+        extra_files={
+            "tokenizer.json": seed / "tokenizer.json",
+            "tokenizer_config.json": seed / "tokenizer_config.json",
+        },
+    )
     check_same_family(seed, expert)  # same architecture, same tokenizer: fine
     check_same_family(seed, llama_dir)  # a transformers directory is accepted too
 

@@ -1,4 +1,5 @@
 """The MoE layer's sorted dispatch against a naive per-token reference, and its auxiliary losses."""
+
 import pytest
 import torch
 
@@ -9,8 +10,15 @@ from nexus.model.routers import routing_probs
 
 
 def make_layer(router="linear", top_k=1, n=4, shared=True, dispatch="sorted", **kw):
-    cfg = MoEConfig(expert_names=[f"e{i}" for i in range(n)], router=router, top_k=top_k,
-                    shared_expert=shared, domain_embed_dim=12, dispatch=dispatch, **kw)
+    cfg = MoEConfig(
+        expert_names=[f"e{i}" for i in range(n)],
+        router=router,
+        top_k=top_k,
+        shared_expert=shared,
+        domain_embed_dim=12,
+        dispatch=dispatch,
+        **kw,
+    )
     layer = MoELayer(16, 24, cfg).double()
     with torch.no_grad():  # experts distinct and O(1) so differences are visible
         layer.experts.w_in.normal_(std=0.3)
@@ -267,13 +275,20 @@ def test_bf16_weight_gradient_error_is_no_worse_than_plain_autograd():
 
     def plain(xs, a, b):
         bounds = counts.cumsum(0).tolist()
-        return torch.cat([F.linear(swiglu(F.linear(xs[s:e], a[i])), b[i])
-                          for i, (s, e) in enumerate(zip([0, *bounds[:-1]], bounds))])
+        return torch.cat(
+            [
+                F.linear(swiglu(F.linear(xs[s:e], a[i])), b[i])
+                for i, (s, e) in enumerate(zip([0, *bounds[:-1]], bounds))
+            ]
+        )
 
     ref = weight_grads(plain, torch.float64)
     errors = {}
-    for name, fn in {"autograd": plain, "sorted": lambda xs, a, b: experts_ffn(xs, a, b, counts.tolist()),
-                     "grouped": lambda xs, a, b: grouped_experts_ffn(xs, a, b, counts, sorted_expert)}.items():
+    for name, fn in {
+        "autograd": plain,
+        "sorted": lambda xs, a, b: experts_ffn(xs, a, b, counts.tolist()),
+        "grouped": lambda xs, a, b: grouped_experts_ffn(xs, a, b, counts, sorted_expert),
+    }.items():
         errors[name] = [_relative_error(g_, r) for g_, r in zip(weight_grads(fn, torch.float32), ref)]
     print("relative weight-gradient error vs fp64 (w_in, w_out):", errors)
     for name in ("sorted", "grouped"):

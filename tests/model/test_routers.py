@@ -1,4 +1,5 @@
 """Routers: the Nexus projection equation, precomputation, and independence from n_experts."""
+
 import torch
 
 from nexus.config import tiny
@@ -31,7 +32,9 @@ def test_routing_probs_is_softmax_of_dot_products():
 
 
 def _moe(router: str) -> Transformer:
-    model = Transformer(tiny().with_moe(expert_names=["a", "b", "c"], router=router, domain_embed_dim=12, top_k=1))
+    model = Transformer(
+        tiny().with_moe(expert_names=["a", "b", "c"], router=router, domain_embed_dim=12, top_k=1)
+    )
     model.domain_embeddings.copy_(torch.randn(3, 12)) if model.domain_embeddings is not None else None
     return model.eval()
 

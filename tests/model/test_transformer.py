@@ -1,4 +1,5 @@
 """The decoder: causality, block variants, GQA, q/k/v biases, tied embeddings, the KV cache, and that it learns."""
+
 import pytest
 import torch
 
@@ -77,7 +78,9 @@ def test_kv_cache_chunks_give_the_full_forward(parallel, moe):
     """Prefill, then one token, then a chunk: each position's logits as in one uncached forward; the
     prefill itself is the uncached computation exactly."""
     config = tiny(parallel_blocks=parallel, n_kv_heads=2, qkv_bias=True)
-    model = Transformer(config.with_moe(expert_names=["a", "b", "c"], top_k=2, domain_embed_dim=8) if moe else config)
+    model = Transformer(
+        config.with_moe(expert_names=["a", "b", "c"], top_k=2, domain_embed_dim=8) if moe else config
+    )
     if moe:
         model.domain_embeddings.normal_()
     model.eval()

@@ -1,5 +1,6 @@
 """Real servers on 127.0.0.1 for the integration tests: started as background processes in their
 own process groups, health-checked over HTTP, and always stopped by PID (even on failure)."""
+
 from __future__ import annotations
 
 import atexit
@@ -55,11 +56,19 @@ class Processes:
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         self.log_dir, self.env, self.started = log_dir, env, []
 
-    def start(self, name: str, *cmd: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Background:
+    def start(
+        self, name: str, *cmd: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> Background:
         log = self.log_dir / f"{name}.log"
         with open(log, "ab") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env or self.env,
-                                    cwd=cwd or self.log_dir, start_new_session=True)
+            proc = subprocess.Popen(
+                list(cmd),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env or self.env,
+                cwd=cwd or self.log_dir,
+                start_new_session=True,
+            )
         bg = Background(name, proc, log)
         self.started.append(bg)
         return bg
@@ -118,20 +127,47 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
     # The tests assert the defaults, so no result location of the developer's (or an earlier test's)
     clean = {k: v for k, v in os.environ.items() if k not in (*PREFECT_RESULT_SETTINGS, "NEXUS_HOME")}
-    env = {**clean, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": f"{prefect_url}/api",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"{prefect_url}/api",
-           "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **clean,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": f"{prefect_url}/api",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"{prefect_url}/api",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     procs = Processes(root, env)
     atexit.register(procs.stop_all)  # also when pytest itself is terminated
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        prefect = procs.start("prefect-server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                              "--port", str(p_port))
-        mlflow = procs.start("mlflow-server", str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(m_port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1")
+        prefect = procs.start(
+            "prefect-server",
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(p_port),
+        )
+        mlflow = procs.start(
+            "mlflow-server",
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(m_port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "mlartifacts"),
+            "--workers",
+            "1",
+        )
         procs.wait_http(prefect, f"{prefect_url}/api/health")
         procs.wait_http(mlflow, f"{mlflow_url}/health")
         yield Stack(prefect_url, mlflow_url, env, procs, root)

@@ -5,6 +5,7 @@ API with the deployments' **default parameters** (what the UI's Run button does)
 produce must land in the project home (checkpoints, the default SQLite MLflow store, the registry) or,
 with `MLFLOW_TRACKING_URI` set for the worker, on the MLflow server. Both UIs are rendered in headless
 Chromium; a worker killed mid-run is replaced and the run retried to completion."""
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,24 @@ pytestmark = pytest.mark.servers
 BIN = Path(sys.executable).parent
 POOL = "nexus-test"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-ARTIFACTS = Path(os.environ.get("NEXUS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts"))
+ARTIFACTS = Path(
+    os.environ.get("NEXUS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts")
+)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def run_cli(stack, *cmd: str, timeout: int = 300, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
-    done = subprocess.run(list(cmd), env=env or stack.env, cwd=cwd or stack.root, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+def run_cli(
+    stack, *cmd: str, timeout: int = 300, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> str:
+    done = subprocess.run(
+        list(cmd),
+        env=env or stack.env,
+        cwd=cwd or stack.root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -50,7 +62,9 @@ def api(stack, method: str, path: str, **kwargs) -> dict | list:
 def trigger(stack, deployment: str, parameters: dict) -> str:
     """What the UI's Run button does: create a flow run from the deployment with custom parameters."""
     dep = api(stack, "GET", f"/deployments/name/{deployment}")
-    return api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters})["id"]
+    return api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters})[
+        "id"
+    ]
 
 
 def wait_state(stack, run_id: str, states: set[str], timeout: float, worker=None) -> dict:
@@ -60,25 +74,48 @@ def wait_state(stack, run_id: str, states: set[str], timeout: float, worker=None
         if run["state_type"] in states:
             return run
         time.sleep(2)
-    raise TimeoutError(f"flow run {run_id} still {run['state_type']}; worker log:\n{worker.tail() if worker else ''}")
+    raise TimeoutError(
+        f"flow run {run_id} still {run['state_type']}; worker log:\n{worker.tail() if worker else ''}"
+    )
 
 
 def task_states(stack, run_id: str) -> dict[str, str]:
-    runs = api(stack, "POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 200})
+    runs = api(
+        stack, "POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}, "limit": 200}
+    )
     return {r["name"]: r["state_name"] for r in runs}
 
 
 def render(url: str, name: str, tmp: Path, height: int = 900) -> str:
     """Screenshot `url` (a 1400 x `height` window) into ARTIFACTS/<name>.png and return its rendered DOM."""
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--hide-scrollbars", f"--window-size=1400,{height}", "--virtual-time-budget=20000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--window-size=1400,{height}",
+        "--virtual-time-budget=20000",
+    ]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     profile = str(tmp / f"chromium-{name}")
-    subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}-s", f"--screenshot={ARTIFACTS / name}.png", url],
-                   capture_output=True, timeout=120, check=True)
-    dom = subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}-d", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={profile}-s", f"--screenshot={ARTIFACTS / name}.png", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    dom = subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={profile}-d", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     (ARTIFACTS / f"{name}.html").write_text(dom)
     return dom
 
@@ -88,16 +125,30 @@ def deploy_from(stack, home: Path, pool: str, env: dict[str, str], worker_name: 
     started in another directory."""
     home.mkdir(parents=True, exist_ok=True)
     run_cli(stack, str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process", env=env, cwd=home)
-    out = run_cli(stack, str(BIN / "nexus"), "deploy", "--pool", pool, "--experiment", "micro", env=env, cwd=home)
+    out = run_cli(
+        stack, str(BIN / "nexus"), "deploy", "--pool", pool, "--experiment", "micro", env=env, cwd=home
+    )
     assert "5 deployments" in out
     elsewhere = stack.root / f"{worker_name}-cwd"
     elsewhere.mkdir(exist_ok=True)
-    return stack.procs.start(worker_name, str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type",
-                             "process", env=env, cwd=elsewhere)
+    return stack.procs.start(
+        worker_name,
+        str(BIN / "prefect"),
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "process",
+        env=env,
+        cwd=elsewhere,
+    )
 
 
 def run_to_completion(stack, deployment: str, worker, parameters: dict | None = None) -> dict:
-    run = wait_state(stack, trigger(stack, deployment, parameters or {}), TERMINAL, timeout=600, worker=worker)
+    run = wait_state(
+        stack, trigger(stack, deployment, parameters or {}), TERMINAL, timeout=600, worker=worker
+    )
     assert run["state_type"] == "COMPLETED", worker.tail()
     return run
 
@@ -128,11 +179,15 @@ def test_ui_runs_with_default_parameters_keep_everything_in_the_project_home(sta
     assert sorted(versions) == [1, 2, 3]
     from flows.mlflow_models import checkpoint_uri
 
-    assert all(Path(checkpoint_uri(v.source, client).removeprefix("file://")).is_relative_to(home)
-               for v in versions.values())  # the registered checkpoints live in the home's artifact store
+    assert all(
+        Path(checkpoint_uri(v.source, client).removeprefix("file://")).is_relative_to(home)
+        for v in versions.values()
+    )  # the registered checkpoints live in the home's artifact store
     assert client.get_registered_model("nexus-micro-moe").aliases["candidate"] == 3
     runs = client.search_runs([client.get_experiment_by_name("nexus-micro").experiment_id], max_results=200)
-    assert {"pipeline", "seed", "expert", "moe", "extension"} <= {r.data.tags.get("nexus.stage") for r in runs}
+    assert {"pipeline", "seed", "expert", "moe", "extension"} <= {
+        r.data.tags.get("nexus.stage") for r in runs
+    }
     assert not any((stack.root / "worker-cwd").iterdir())  # nothing in the worker's own directory
     job_env = api(stack, "GET", f"/deployments/{pipeline['deployment_id']}")["job_variables"].get("env")
     assert (home / ".prefect" / "results").is_dir(), job_env  # cached task results live in the home too
@@ -142,16 +197,25 @@ def test_ui_runs_with_default_parameters_keep_everything_in_the_project_home(sta
 
     if CHROMIUM is None:
         pytest.skip("chromium is not installed: UI check skipped (apt-get install chromium)")
-    artifacts = api(stack, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [extension["id"]]}}})
+    artifacts = api(
+        stack, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [extension["id"]]}}}
+    )
     assert {a["type"] for a in artifacts} >= {"markdown", "table"}
     markdown = next(a for a in artifacts if a["type"] == "markdown")
-    page = render(f"{stack.prefect_url}/artifacts/artifact/{markdown['id']}", "prefect-extension-summary", tmp_path)
+    page = render(
+        f"{stack.prefect_url}/artifacts/artifact/{markdown['id']}", "prefect-extension-summary", tmp_path
+    )
     assert "Promotion gate" in page and "Held-out perplexity" in page
-    page = render(f"{stack.prefect_url}/v2/runs/flow-run/{extension['id']}?tab=Artifacts",
-                  "prefect-extension-artifacts", tmp_path)  # the run page's Artifacts tab (the V2 UI takes ?tab=)
+    page = render(
+        f"{stack.prefect_url}/v2/runs/flow-run/{extension['id']}?tab=Artifacts",
+        "prefect-extension-artifacts",
+        tmp_path,
+    )  # the run page's Artifacts tab (the V2 UI takes ?tab=)
     assert "extension-micro-summary" in page and "extension-micro-perplexity" in page
     dep = api(stack, "GET", "/deployments/name/upcycle_pipeline/micro-pipeline")
-    form = render(f"{stack.prefect_url}/v2/deployments/deployment/{dep['id']}/run", "prefect-run-form", tmp_path)
+    form = render(
+        f"{stack.prefect_url}/v2/deployments/deployment/{dep['id']}/run", "prefect-run-form", tmp_path
+    )
     assert "Training steps of each MoE" in form and "micro" in form  # descriptions and the experiment choice
 
 
@@ -162,8 +226,14 @@ def mlflow_runs(stack) -> dict[str, tuple[str | None, str, str | None]]:
     client = MlflowClient(stack.mlflow_url)
     experiment = client.get_experiment_by_name("nexus-micro")
     runs = client.search_runs([experiment.experiment_id], max_results=500)
-    return {r.info.run_id: (r.data.tags.get("nexus.stage"), r.info.status, r.data.tags.get("nexus.resumed_from_step"))
-            for r in runs}
+    return {
+        r.info.run_id: (
+            r.data.tags.get("nexus.stage"),
+            r.info.status,
+            r.data.tags.get("nexus.resumed_from_step"),
+        )
+        for r in runs
+    }
 
 
 def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes(stack, tmp_path):
@@ -184,10 +254,23 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
     killed_attempt = mlflow_runs(stack)
 
     # What the UI's "Retry" does for a crashed run: schedule it again; a fresh worker picks it up.
-    api(stack, "POST", f"/flow_runs/{run_id}/set_state",
-        json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True})
-    again = stack.procs.start("worker-server-2", str(BIN / "prefect"), "worker", "start", "--pool", f"{POOL}-server",
-                              "--type", "process", cwd=stack.root / "worker-server-cwd")
+    api(
+        stack,
+        "POST",
+        f"/flow_runs/{run_id}/set_state",
+        json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
+    )
+    again = stack.procs.start(
+        "worker-server-2",
+        str(BIN / "prefect"),
+        "worker",
+        "start",
+        "--pool",
+        f"{POOL}-server",
+        "--type",
+        "process",
+        cwd=stack.root / "worker-server-cwd",
+    )
     run = wait_state(stack, run_id, TERMINAL, timeout=600, worker=again)
     assert run["state_type"] == "COMPLETED", again.tail()
     after = task_states(stack, run_id)
@@ -195,8 +278,10 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
     assert finished_before, before
     assert all(after.get(n) in ("Completed", "Cached") for n in finished_before), after
 
-    steps = [json.loads((d / "model" / "config.json").read_text())["metadata"]["global_step"]
-             for d in out.glob("experts/*")]
+    steps = [
+        json.loads((d / "model" / "config.json").read_text())["metadata"]["global_step"]
+        for d in out.glob("experts/*")
+    ]
     assert steps and all(s == 1500 for s in steps), steps
     assert not (home / "outputs" / "mlflow.db").exists()  # MLFLOW_TRACKING_URI won over the default
     final = mlflow_runs(stack)
@@ -204,8 +289,11 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
     assert all(final[k][1] == "FINISHED" for k in finished_in_killed_attempt)  # nothing lost
     new_runs = {k: v for k, v in final.items() if k not in killed_attempt}
     assert any(stage == "moe" and status == "FINISHED" for stage, status, _ in new_runs.values()), new_runs
-    resumed = [int(step) for stage, status, step in new_runs.values()
-               if stage == "expert" and status == "FINISHED" and step not in (None, "None")]
+    resumed = [
+        int(step)
+        for stage, status, step in new_runs.values()
+        if stage == "expert" and status == "FINISHED" and step not in (None, "None")
+    ]
     assert resumed and max(resumed) >= 50, new_runs  # continued from the Lightning checkpoint, not step 0
 
     # the registry on the server: an extension fetches the champion's checkpoint through the served
@@ -217,11 +305,15 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
 
     client = MlflowClient(stack.mlflow_url)
     assert sorted(int(v.version) for v in client.search_model_versions("name = 'nexus-micro-moe'")) == [1, 2]
-    assert (out / "models" / "nexus-micro-moe" / "v1" / "model.safetensors").is_file()  # fetched from the server
+    assert (
+        out / "models" / "nexus-micro-moe" / "v1" / "model.safetensors"
+    ).is_file()  # fetched from the server
     previous = mlflow.get_tracking_uri()
     try:
         configure_tracking(stack.mlflow_url)
-        scores = mlflow.pyfunc.load_model("models:/nexus-micro-moe/2").predict(pd.DataFrame({"text": ["a word"]}))
+        scores = mlflow.pyfunc.load_model("models:/nexus-micro-moe/2").predict(
+            pd.DataFrame({"text": ["a word"]})
+        )
     finally:
         configure_tracking(previous)
     assert scores["perplexity"][0] > 1
@@ -232,16 +324,23 @@ def test_killed_worker_on_an_mlflow_server_leaves_a_retryable_run_that_completes
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     prefect_dom = render(f"{stack.prefect_url}/runs/flow-run/{run_id}", "prefect-flow-run", tmp_path)
     assert run["name"] in prefect_dom and "upcycle_pipeline" in prefect_dom
-    mlflow_dom = render(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs", "mlflow-experiment",
-                        tmp_path)
+    mlflow_dom = render(
+        f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs", "mlflow-experiment", tmp_path
+    )
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert "nexus-micro" in mlflow_dom and parents and all(r.info.run_name in mlflow_dom for r in parents)
     moes = {r.info.run_name: r.info.run_id for r in runs if r.data.tags.get("nexus.stage") == "moe"}
-    compare = render(f"{stack.mlflow_url}/#/compare-runs?runs={json.dumps([moes['nexus'], moes['linear']])}"
-                     f"&experiments={json.dumps([experiment.experiment_id])}", "mlflow-nexus-vs-linear", tmp_path,
-                     height=2200)  # tall enough for the metrics rows below the chart
+    compare = render(
+        f"{stack.mlflow_url}/#/compare-runs?runs={json.dumps([moes['nexus'], moes['linear']])}"
+        f"&experiments={json.dumps([experiment.experiment_id])}",
+        "mlflow-nexus-vs-linear",
+        tmp_path,
+        height=2200,
+    )  # tall enough for the metrics rows below the chart
     assert "ppl/dictionary" in compare and "ppl/lore" in compare  # the two MoEs, side by side per domain
-    version = render(f"{stack.mlflow_url}/#/models/nexus-micro-moe/versions/1", "mlflow-model-version", tmp_path)
+    version = render(
+        f"{stack.mlflow_url}/#/models/nexus-micro-moe/versions/1", "mlflow-model-version", tmp_path
+    )
     assert "held-out perplexity" in version and moes["nexus"] in version  # description, lineage to its run
     assert {"champion", "candidate"} <= set(client.get_registered_model("nexus-micro-moe").aliases)
     for name in ("prefect-flow-run", "mlflow-experiment", "mlflow-nexus-vs-linear", "mlflow-model-version"):

@@ -22,8 +22,18 @@ def test_auto_precision_is_bf16_on_a_bf16_gpu(monkeypatch):
     assert TrainConfig(accelerator="cpu").resolved_precision() == "32-true"
 
 
-@pytest.mark.parametrize("bad", [{"max_steps": 0}, {"lr": 0.0}, {"warmup_frac": 1.0}, {"grad_clip": -1.0},
-                                 {"precision": "fp8"}, {"min_lr_ratio": 2.0}, {"batch_size": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_steps": 0},
+        {"lr": 0.0},
+        {"warmup_frac": 1.0},
+        {"grad_clip": -1.0},
+        {"precision": "fp8"},
+        {"min_lr_ratio": 2.0},
+        {"batch_size": 0},
+    ],
+)
 def test_invalid_values_raise(bad):
     with pytest.raises(ConfigError):
         TrainConfig(**bad)

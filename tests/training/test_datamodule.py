@@ -41,7 +41,9 @@ def test_mixture_proportions_follow_weights():
 
 def test_each_epoch_of_a_domain_is_a_permutation():
     batches = list(MixtureBatchSampler({"x": 8}, {"x": 1.0}, batch_size=4, total_steps=4, seed=3))
-    assert sorted(batches[0] + batches[1]) == list(range(8)) and sorted(batches[2] + batches[3]) == list(range(8))
+    assert sorted(batches[0] + batches[1]) == list(range(8)) and sorted(batches[2] + batches[3]) == list(
+        range(8)
+    )
     assert batches[:2] != batches[2:]  # a new permutation per epoch
 
 
@@ -63,7 +65,9 @@ def test_state_dict_resumes_the_stream_and_checks_the_data():
     state = {"step": 6, "sampler": dm.train_sampler.state_at(6), "fingerprint": dm.fingerprint}
     resumed = _dm({"a": 1, "c": 1})
     resumed.load_state_dict(state)
-    assert all(torch.equal(x, y) for x, y in zip(full[6:], [t for t, _ in resumed.train_dataloader()], strict=True))
+    assert all(
+        torch.equal(x, y) for x, y in zip(full[6:], [t for t, _ in resumed.train_dataloader()], strict=True)
+    )
     other = MixtureDataModule(TRAIN, VAL, {"a": 1}, 4, 10, fingerprint="other")
     with pytest.raises(DataError, match="other data"):
         other.load_state_dict(state)

@@ -134,7 +134,7 @@ def test_killing_the_caller_leaves_no_stage_process(tmp_path):
     deadline = time.time() + 120
     while not (tmp_path / "stage" / "lightning" / "last.ckpt").is_file() and time.time() < deadline:
         time.sleep(0.5)
-    stage_procs = [p for p in psutil.Process(caller.pid).children(recursive=True)]
+    stage_procs = list(psutil.Process(caller.pid).children(recursive=True))
     assert len(stage_procs) >= 3, "agent + two ranks"
     os.kill(caller.pid, signal.SIGKILL)
     caller.wait()

@@ -12,8 +12,16 @@ TRAIN, VAL = synthetic_splits(["a", "b"], seq_len=16, vocab_size=96, n_train=16,
 
 
 def _trainer(**kw):
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
 
 
 def test_per_domain_validation_loss_is_token_weighted_cross_entropy():
@@ -28,25 +36,40 @@ def test_per_domain_validation_loss_is_token_weighted_cross_entropy():
         losses = {}
         for d in ("a", "b"):
             seqs = torch.stack([torch.as_tensor(VAL[d][i]) for i in range(len(VAL[d]))])
-            losses[d] = F.cross_entropy(model(seqs[:, :-1]).logits.flatten(0, 1), seqs[:, 1:].flatten()).item()
+            losses[d] = F.cross_entropy(
+                model(seqs[:, :-1]).logits.flatten(0, 1), seqs[:, 1:].flatten()
+            ).item()
     assert metrics["val/a/loss"] == pytest.approx(losses["a"], rel=1e-5)
     assert metrics["val/b/loss"] == pytest.approx(losses["b"], rel=1e-5)
-    assert metrics["val/loss"] == pytest.approx((losses["a"] + losses["b"]) / 2, rel=1e-5)  # equal token counts
+    assert metrics["val/loss"] == pytest.approx(
+        (losses["a"] + losses["b"]) / 2, rel=1e-5
+    )  # equal token counts
     assert metrics["val/a/ppl"] == pytest.approx(torch.tensor(losses["a"]).exp().item(), rel=1e-4)
 
 
 def test_moe_training_adds_aux_loss_and_logs_routing_shares():
-    model = Transformer(tiny(max_seq_len=16).with_moe(expert_names=["a", "b"], router="linear", z_loss_coef=1e-3))
+    model = Transformer(
+        tiny(max_seq_len=16).with_moe(expert_names=["a", "b"], router="linear", z_loss_coef=1e-3)
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = TrainConfig(max_steps=3, batch_size=4, val_every_n_steps=3, limit_val_batches=1, log_every_n_steps=1)
+    cfg = TrainConfig(
+        max_steps=3, batch_size=4, val_every_n_steps=3, limit_val_batches=1, log_every_n_steps=1
+    )
     dm = MixtureDataModule(TRAIN, VAL, {"a": 1, "b": 1}, cfg.batch_size, cfg.max_steps)
     module = CausalLMModule(model, cfg, dm.domain_names)
-    trainer = _trainer(max_steps=3, val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=1,
-                       log_every_n_steps=1)
+    trainer = _trainer(
+        max_steps=3,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+    )
     trainer.fit(module, datamodule=dm)
     m = trainer.callback_metrics
     assert m["train/aux_loss"] > 0 and m["train/z_loss"] > 0 and m["train/load_balance_loss"] >= 1.0 - 1e-4
-    assert m["train/lr"] == pytest.approx(cfg.lr * 0.1 + cfg.lr * 0.9 * 0.5 * (1 + torch.cos(torch.tensor(2 / 3 * torch.pi)).item()))
+    assert m["train/lr"] == pytest.approx(
+        cfg.lr * 0.1 + cfg.lr * 0.9 * 0.5 * (1 + torch.cos(torch.tensor(2 / 3 * torch.pi)).item())
+    )
     for d in ("a", "b"):
         assert m[f"val/routing/layer1/{d}/a"] + m[f"val/routing/layer1/{d}/b"] == pytest.approx(1.0)
     assert module.last_val_step == 3

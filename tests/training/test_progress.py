@@ -1,4 +1,5 @@
 """Training progress as log lines: step, loss, tokens/s and ETA, without Lightning's banner lines."""
+
 import logging
 
 from nexus.config import tiny

@@ -25,7 +25,9 @@ def test_share_metrics_normalise_per_domain_and_skip_unseen_domains():
     counts = torch.tensor([[[2, 0], [1, 3], [0, 0]], [[1, 1], [0, 4], [0, 0]]])
     m = share_metrics(counts, ["a", "b", "c"], ["x", "y"])
     assert m["val/routing/layer0/a/x"] == 1.0 and m["val/routing/layer0/b/y"] == 0.75
-    assert m["val/routing/mean/a/x"] == pytest.approx(0.75) and m["val/routing/mean/b/y"] == pytest.approx(0.875)
+    assert m["val/routing/mean/a/x"] == pytest.approx(0.75) and m["val/routing/mean/b/y"] == pytest.approx(
+        0.875
+    )
     assert not any("/c/" in k for k in m)
 
 

@@ -1,4 +1,5 @@
 """Stage functions through the real Lightning Trainer: outputs, resume after a crash, idempotence."""
+
 import lightning as L
 import pytest
 import torch
@@ -11,8 +12,15 @@ from nexus.training import MixtureDataModule, TrainConfig, train_dense, train_mo
 from nexus.training.synthetic import synthetic_splits
 
 TRAIN, VAL = synthetic_splits(["a", "b"], seq_len=16, vocab_size=96, n_train=32, n_val=4)
-CFG = TrainConfig(max_steps=8, batch_size=4, val_every_n_steps=4, limit_val_batches=1, log_every_n_steps=2,
-                  checkpoint_every_n_steps=2, progress_bar=False)
+CFG = TrainConfig(
+    max_steps=8,
+    batch_size=4,
+    val_every_n_steps=4,
+    limit_val_batches=1,
+    log_every_n_steps=2,
+    checkpoint_every_n_steps=2,
+    progress_bar=False,
+)
 MODEL = tiny(max_seq_len=16)
 
 
@@ -43,7 +51,9 @@ def reference(tmp_path_factory):
 
 def test_dense_stage_writes_a_checkpoint_with_metrics(reference):
     assert reference.global_step == 8 and reference.resumed_from_step is None
-    assert {"train/loss", "val/loss", "val/a/loss", "val/b/loss", "train/tokens_per_s"} <= set(reference.metrics)
+    assert {"train/loss", "val/loss", "val/a/loss", "val/b/loss", "train/tokens_per_s"} <= set(
+        reference.metrics
+    )
     meta = read_checkpoint_config(reference.checkpoint)["metadata"]
     assert meta["global_step"] == 8 and meta["stage"] == "dense" and meta["train_config"]["lr"] == CFG.lr
     assert not (reference.checkpoint.parent / "lightning").exists()  # resume state is dropped once finished
@@ -53,7 +63,9 @@ def test_dense_stage_writes_a_checkpoint_with_metrics(reference):
 def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, reference):
     with pytest.raises(RuntimeError, match="killed at step 4"):
         train_dense(CFG, _data(), tmp_path / "run", model_config=MODEL, callbacks=[Crash(at=4)])
-    assert (tmp_path / "run" / "lightning" / "last.ckpt").is_file() and not (tmp_path / "run" / "model").exists()
+    assert (tmp_path / "run" / "lightning" / "last.ckpt").is_file() and not (
+        tmp_path / "run" / "model"
+    ).exists()
 
     resumed = train_dense(CFG, _data(), tmp_path / "run", model_config=MODEL)
     assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= 4
@@ -65,7 +77,9 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, reference)
 
 
 def test_finished_stage_is_returned_without_training(reference):
-    again = train_dense(CFG, _data(), reference.checkpoint.parent, model_config=MODEL, callbacks=[Crash(at=0)])
+    again = train_dense(
+        CFG, _data(), reference.checkpoint.parent, model_config=MODEL, callbacks=[Crash(at=0)]
+    )
     assert again.checkpoint == reference.checkpoint and again.global_step == 8
     assert again.metrics == reference.metrics and again.fingerprint == reference.fingerprint
 

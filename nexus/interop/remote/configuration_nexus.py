@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 class NexusConfig(PretrainedConfig):
     model_type = "nexus"
-    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # noqa: RUF012 (transformers' convention)
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

@@ -297,7 +297,7 @@ class NexusDecoderLayer(nn.Module):
 class NexusPreTrainedModel(PreTrainedModel):
     config_class = NexusConfig
     base_model_prefix = "model"
-    _no_split_modules = ["NexusDecoderLayer"]  # noqa: RUF012 (transformers' convention)
+    _no_split_modules = ["NexusDecoderLayer"]
     _supports_sdpa = True
 
     def _init_weights(self, module):
@@ -401,7 +401,7 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 
 
 class NexusForCausalLM(NexusPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012 (transformers' convention)
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config):
         super().__init__(config)
