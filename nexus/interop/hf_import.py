@@ -170,7 +170,7 @@ def _from_qwen2_moe(
         experts = [ffn_from_hf(hf_state, f"{p}mlp.experts.{e}.") for e in range(cfg.moe.n_experts)]
         state[ours + "experts.w_in"] = torch.stack([w for w, _ in experts])
         state[ours + "experts.w_out"] = torch.stack([w for _, w in experts])
-        if not get_router(cfg.moe.router).uses_domain_embeddings:  # E is the router's own matrix
+        if "weight" in get_router(cfg.moe.router).expert_rows:  # a linear router: E is its own matrix
             state[ours + "router.weight"] = hf_state[f"{p}mlp.gate.weight"]
     return state
 
