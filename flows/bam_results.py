@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.results import _table, average, fmt, gain, mean_std, rewrite_main
+from nexus.config import DEFAULT_ROUTER
 
 BASE = "ffn-only"
 
@@ -122,22 +123,29 @@ def step_cell(ratios: list[float]) -> str:
     return f"{fmt(ratios, 2)} (n={len(ratios)})" if ratios else "not timed"
 
 
+def baseline_routers(runs: BamRuns) -> list[str]:
+    """The routers the default (Nexus) router is compared with; none when it was not run."""
+    return [r for r in runs.routers if r != DEFAULT_ROUTER] if DEFAULT_ROUTER in runs.routers else []
+
+
 def router_table(runs: BamRuns) -> list[str]:
-    """Nexus vs linear router for each variant (positive: Nexus has the lower perplexity)."""
-    if not {"nexus", "linear"} <= set(runs.routers):
+    """Nexus vs each baseline router for each variant (positive: Nexus has the lower perplexity)."""
+    baselines = baseline_routers(runs)
+    if not baselines:
         return []
     rows = []
-    for v in runs.variants:
-        nexus, linear = runs.ppl(v, "nexus"), runs.ppl(v, "linear")
-        rows.append(
-            [
-                f"`{v}`",
-                *(
-                    fmt((gain(n[c], li[c]) for n, li in zip(nexus, linear)), percent=True)
-                    for c in [*runs.domains, "average"]
-                ),
-            ]
-        )
+    for baseline in baselines:
+        for v in runs.variants:
+            nexus, other = runs.ppl(v, DEFAULT_ROUTER), runs.ppl(v, baseline)
+            rows.append(
+                [
+                    f"`{v}`" if len(baselines) == 1 else f"`{v}` vs {baseline}",
+                    *(
+                        fmt((gain(n[c], b[c]) for n, b in zip(nexus, other)), percent=True)
+                        for c in [*runs.domains, "average"]
+                    ),
+                ]
+            )
     return _table(["variant", *runs.domains, "average"], rows)
 
 
@@ -196,7 +204,8 @@ def write_bam_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[s
     ]
     routers = router_table(runs)
     if routers:
-        lines += ["## Nexus vs linear router (positive: Nexus has the lower perplexity)", "", *routers, ""]
+        vs = ", ".join(baseline_routers(runs))
+        lines += [f"## Nexus vs {vs} router (positive: Nexus has the lower perplexity)", "", *routers, ""]
     paths["markdown"] = out / "bam.md"
     atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
     return paths

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from nexus.config import DEFAULT_ROUTER
 from nexus.errors import CheckpointError, ConfigError
 
 CHAMPION, CANDIDATE = "champion", "candidate"
@@ -353,6 +354,6 @@ def domain_records(config: dict[str, Any], where: str) -> dict[str, dict[str, An
 
 
 def line_name(model_name: str, router: str) -> str:
-    """The registered model holding the MoEs of one router: `tracking.model_name` for Nexus, with the
-    router as suffix for the others (e.g. `nexus-demo-moe-linear`)."""
-    return model_name if router == "nexus" else f"{model_name}-{router}"
+    """The registered model holding the MoEs of one router: `tracking.model_name` for the default (Nexus)
+    router, with the router as suffix for the others (e.g. `nexus-demo-moe-linear`)."""
+    return model_name if router == DEFAULT_ROUTER else f"{model_name}-{router}"

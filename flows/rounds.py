@@ -92,9 +92,11 @@ def plan_extension(
 
 
 def check_embedder(cfg: PipelineConfig, moe: dict, domain: str) -> None:
-    """A Nexus router reads domain embeddings of one size: fail before training the new expert if the
-    configured embedder produces another (e.g. a different model than the MoE was built with)."""
-    if moe["router"] != "nexus":
+    """A router that reads domain embeddings (Nexus) reads them of one size: fail before training the
+    new expert if the configured embedder produces another (e.g. not the model the MoE was built with)."""
+    from nexus.model.routers import get_router
+
+    if not get_router(moe["router"]).uses_domain_embeddings:
         return
     from nexus.data import check_embedding_dim, load_embedder
 

@@ -4,7 +4,7 @@ In block i of an MoE with attention experts (`nexus.model.attention_experts`):
 - `attn.experts.<wq|wk|wv|wo|bq|bk|bv>` stack one slice per routed expert (dim 0), upcycled from each
   dense expert's `attn.<wq|wk|wv|wo>.<weight|bias>`;
 - `attn.shared.*` is the optional always-on attention expert, the seed's attention;
-- `attn.router.*` routes them (a linear router has one row per expert);
+- `attn.router.*` routes them (a linear router has one row per expert: `Router.has_expert_rows`);
 - `shared_kv` only: `attn.wk`, `attn.wv`, the one key/value projection, keep the dense names, so
   `upcycle` averages them and `extend` λ-merges them with every other shared tensor.
 """
@@ -12,6 +12,7 @@ In block i of an MoE with attention experts (`nexus.model.attention_experts`):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -50,14 +51,16 @@ def upcycle_attention(state: dict, seed_state: dict, expert_states: list[dict], 
 
 
 @torch.no_grad()
-def extend_attention(state: dict, old: dict, new_state: dict, n: int, n_layers: int) -> None:
+def extend_attention(
+    state: dict, old: dict, new_state: dict, n: int, n_layers: int, has_expert_rows: Callable[[str], bool]
+) -> None:
     """The n old attention experts, their router rows, projection and the shared expert as they were;
-    the new expert's attention appended as attention expert n (a linear router's row n stays as
-    initialised in `state`)."""
+    the new expert's attention appended as attention expert n (a router row of expert n, e.g. a linear
+    router's, stays as initialised in `state`). `has_expert_rows`: the MoE's `Router.has_expert_rows`."""
     for key, tensor in old.items():
         if not is_attention_expert_key(key):
             continue
-        if is_routed_attention_key(key) or key.endswith("router.weight"):
+        if is_routed_attention_key(key) or has_expert_rows(key):
             state[key][:n].copy_(tensor)
         else:
             state[key].copy_(tensor)

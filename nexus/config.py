@@ -13,6 +13,8 @@ from typing import Any
 from nexus.errors import ConfigError
 
 ATTENTION_EXPERTS = ("none", "full", "shared_kv")
+DEFAULT_ROUTER = "nexus"
+"""The paper's router; the others (`nexus.model.routers.ROUTERS`) are baselines."""
 
 
 @dataclass
@@ -21,8 +23,9 @@ class MoEConfig:
 
     expert_names: list[str] = field(default_factory=list)
     """One name per routed expert, usually its training domain; `n_experts = len(expert_names)`."""
-    router: str = "nexus"
-    """`nexus` (domain-embedding projection) or `linear` (BTX baseline)."""
+    router: str = DEFAULT_ROUTER
+    """A name in `nexus.model.routers.ROUTERS`: `nexus` (domain-embedding projection) or `linear` (BTX
+    baseline)."""
     top_k: int = 1
     """Routed experts per token (the paper uses 1)."""
     shared_expert: bool = True
@@ -61,8 +64,9 @@ class MoEConfig:
         self.expert_names = list(self.expert_names)
         if len(set(self.expert_names)) != len(self.expert_names):
             raise ConfigError(f"moe.expert_names has duplicates: {self.expert_names}")
-        if self.router not in ("nexus", "linear"):
-            raise ConfigError(f"moe.router must be 'nexus' or 'linear', got {self.router!r}")
+        from nexus.model.routers import get_router  # imports torch: only once an MoE config is built
+
+        get_router(self.router)  # ConfigError naming the registered routers
         if self.dispatch not in ("sorted", "grouped_mm"):
             raise ConfigError(f"moe.dispatch must be 'sorted' or 'grouped_mm', got {self.dispatch!r}")
         if self.top_k < 1:

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nexus.errors import IncompatibleModelsError
 from nexus.model.ffn import swiglu
 from nexus.model.moe import MoELayer
-from nexus.model.routers import LinearRouter
+from nexus.model.routers import LinearRouter, NexusRouter
 from nexus.model.transformer import Transformer
 
 
@@ -96,6 +97,9 @@ def fit_new_expert_routing(
     d = model.domain_embeddings
     for layer, x_new, x_old in zip(layers, x_new_layers, x_old_layers):
         router = layer.router
+        if not isinstance(router, (LinearRouter, NexusRouter)):
+            name = model.config.moe.router
+            raise IncompatibleModelsError(f"router_init=data fits linear and Nexus routers, not {name!r}")
         before = router(d).detach().float()
         stats.new_before.append(_top1_share(x_new, before, expert))
         stats.old_before.append(_top1_share(x_old, before, expert))

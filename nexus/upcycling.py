@@ -27,11 +27,13 @@ from nexus.attention_upcycling import (
 )
 from nexus.config import ModelConfig, MoEConfig
 from nexus.errors import IncompatibleModelsError
+from nexus.model.routers import get_router, router_param
 from nexus.model.transformer import Transformer
 
 _FFN_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.")
 LINEAR_ROUTER_MODES = ("append", "reset")
-"""How `extend` treats a linear router: keep the trained rows and append a fresh one, or re-draw all."""
+"""How `extend` treats a linear (`Router.resettable`) router: keep the trained rows and append a fresh one,
+or re-draw all."""
 
 
 def is_ffn_key(name: str) -> bool:
@@ -65,9 +67,9 @@ def check_compatible(reference: Transformer, others: Sequence[Transformer], name
     check_configs_compatible(reference.config, [m.config for m in others], names)
 
 
-def _check_domain_embeddings(domain_embeddings, n: int, dim: int | None = None) -> torch.Tensor:
+def _check_domain_embeddings(domain_embeddings, router: str, n: int, dim: int | None = None) -> torch.Tensor:
     if domain_embeddings is None:
-        raise IncompatibleModelsError("router='nexus' needs domain_embeddings of shape (n_experts, m)")
+        raise IncompatibleModelsError(f"router={router!r} needs domain_embeddings of shape (n_experts, m)")
     d = torch.as_tensor(domain_embeddings, dtype=torch.float32)
     if d.ndim != 2 or d.shape[0] != n:
         raise IncompatibleModelsError(
@@ -111,8 +113,8 @@ def upcycle(
 
     Per block: shared expert = the seed's FFN; routed experts = the experts' FFNs (in order);
     every non-FFN parameter `φ_moe = (1/n) Σ_i φ_i`. The router is freshly initialised (from
-    `init_seed`: the same inputs always give the same MoE); a Nexus router additionally stores
-    `domain_embeddings` (n, m), one row per expert.
+    `init_seed`: the same inputs always give the same MoE); a router that reads domain embeddings (Nexus)
+    additionally stores `domain_embeddings` (n, m), one row per expert.
 
     `attention_experts="full"` or `"shared_kv"` (BAM; a `MoEConfig` option like every keyword in
     `moe_options`) makes expert e's attention attention expert e instead of averaging it (`shared_kv`:
@@ -126,8 +128,8 @@ def upcycle(
     if len(names) != len(experts):
         raise IncompatibleModelsError(f"{len(names)} expert names for {len(experts)} experts")
     check_compatible(seed, experts, [f"expert {i} ({name!r})" for i, name in enumerate(names)])
-    if router == "nexus":
-        domain_embeddings = _check_domain_embeddings(domain_embeddings, len(experts))
+    if get_router(router).uses_domain_embeddings:
+        domain_embeddings = _check_domain_embeddings(domain_embeddings, router, len(experts))
         moe_options.setdefault("domain_embed_dim", domain_embeddings.shape[1])
     moe = _new_model(seed.config.with_moe(expert_names=names, router=router, **moe_options), seed, init_seed)
 
@@ -143,7 +145,7 @@ def upcycle(
         for e, expert_state in enumerate(expert_states):
             _set_ffn_slot(state, prefix, expert_state, e)
     upcycle_attention(state, seed_state, expert_states, seed.config.n_layers)
-    if router == "nexus":
+    if moe.domain_embeddings is not None:
         moe.domain_embeddings.copy_(domain_embeddings)
     return moe
 
@@ -251,7 +253,8 @@ def extend(
         raise IncompatibleModelsError(
             f"linear_router must be one of {LINEAR_ROUTER_MODES}, got {linear_router!r}"
         )
-    reset = mcfg.router == "linear" and linear_router == "reset"
+    router = get_router(mcfg.router)
+    reset = router.resettable and linear_router == "reset"
 
     out = _resized_moe(moe, [*mcfg.expert_names, name], init_seed)
     state, old, new = out.state_dict(), moe.state_dict(), new_expert.state_dict()
@@ -260,18 +263,19 @@ def extend(
     for key, tensor in old.items():
         if not is_ffn_key(key):
             continue
-        if key.endswith("router.weight") and reset:
-            continue  # every row stays as `_resized_moe` drew it
-        if ".ffn.experts." in key or key.endswith("router.weight"):
+        if reset and router_param(key) is not None:
+            continue  # every router tensor stays as `_resized_moe` drew it
+        if ".ffn.experts." in key or router.has_expert_rows(key):
             state[key][:n].copy_(tensor)  # old rows; row n is the new expert / fresh router row
         else:
-            state[key].copy_(tensor)  # shared expert, Nexus projection
+            state[key].copy_(tensor)  # shared expert, router parameters shared by all experts
     for i in range(moe.config.n_layers):
         _set_ffn_slot(state, f"blocks.{i}.", new, n)
-    extend_attention(state, old, new, n, moe.config.n_layers)
-    if mcfg.router == "nexus":
+    extend_attention(state, old, new, n, moe.config.n_layers, router.has_expert_rows)
+    if router.uses_domain_embeddings:
         d_new = _check_domain_embeddings(
             None if domain_embedding is None else torch.as_tensor(domain_embedding).reshape(1, -1),
+            mcfg.router,
             1,
             mcfg.domain_embed_dim,
         )
@@ -298,12 +302,8 @@ def remove_expert(moe: Transformer, expert: str | int) -> Transformer:
     keep = [i for i in range(mcfg.n_experts) if i != idx]
     out = _resized_moe(moe, [mcfg.expert_names[i] for i in keep])
     state = out.state_dict()
+    router = get_router(mcfg.router)
     for key, tensor in moe.state_dict().items():
-        per_expert = (
-            ".ffn.experts." in key
-            or key.endswith("router.weight")
-            or key == "domain_embeddings"
-            or is_routed_attention_key(key)
-        )
+        per_expert = ".ffn.experts." in key or router.has_expert_rows(key) or is_routed_attention_key(key)
         state[key].copy_(tensor[keep] if per_expert else tensor)
     return out

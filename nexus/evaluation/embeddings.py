@@ -15,7 +15,6 @@ import torch
 
 from nexus.data.embeddings import cosine_similarity
 from nexus.model.moe import MoELayer
-from nexus.model.routers import NexusRouter
 from nexus.model.transformer import Transformer
 
 
@@ -62,9 +61,9 @@ def embedding_geometry(model: Transformer, layer: int = -1) -> EmbeddingGeometry
         raise ValueError("embedding geometry needs an MoE with the Nexus router (domain embeddings)")
     layer = layer % model.config.n_layers
     ffn = model.blocks[layer].ffn
-    assert isinstance(ffn, MoELayer) and isinstance(ffn.router, NexusRouter)
+    assert isinstance(ffn, MoELayer)
     domains = model.domain_embeddings.float()
-    experts = ffn.router.expert_embeddings(model.domain_embeddings).float()
+    experts = ffn.router(model.domain_embeddings).float()  # E = [e_1 … e_n], from the domain embeddings
     return EmbeddingGeometry(
         list(model.config.moe.expert_names),
         cosine_similarity(domains.cpu().numpy()),

@@ -72,6 +72,7 @@ from nexus.interop.model_card import model_card
 from nexus.interop.remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
 from nexus.model.moe import MoELayer
 from nexus.model.params import parameter_counts
+from nexus.model.routers import get_router
 from nexus.model.transformer import Transformer
 
 EXPORT_FORMAT, EXPORT_VERSION = "nexus-export", 1
@@ -221,7 +222,7 @@ def hf_state_dict(model: Transformer, architecture: str | None = None) -> dict[s
 def router_sidecar(model: Transformer, architecture: str) -> dict[str, torch.Tensor]:
     """The Nexus-router tensors (Nexus names) that a Qwen2-MoE export keeps beside its weights."""
     moe = model.config.moe
-    if architecture != QWEN2_MOE or moe is None or moe.router != "nexus":
+    if architecture != QWEN2_MOE or moe is None or not get_router(moe.router).uses_domain_embeddings:
         return {}
     return {
         k: v.detach().cpu().clone().contiguous()

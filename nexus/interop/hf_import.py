@@ -50,6 +50,7 @@ from nexus.interop.hf_format import (
     remote_name,
     tokenizer_files,
 )
+from nexus.model.routers import get_router
 from nexus.model.transformer import Transformer
 from nexus.upcycling import check_configs_compatible
 
@@ -169,7 +170,7 @@ def _from_qwen2_moe(
         experts = [ffn_from_hf(hf_state, f"{p}mlp.experts.{e}.") for e in range(cfg.moe.n_experts)]
         state[ours + "experts.w_in"] = torch.stack([w for w, _ in experts])
         state[ours + "experts.w_out"] = torch.stack([w for _, w in experts])
-        if cfg.moe.router == "linear":
+        if "weight" in get_router(cfg.moe.router).expert_rows:  # a linear router: E is its own matrix
             state[ours + "router.weight"] = hf_state[f"{p}mlp.gate.weight"]
     return state
 
@@ -197,7 +198,8 @@ def load_hf_model(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None) -
     exported = NEXUS_KEY in cfg
     architecture = (cfg.get("architectures") or [""])[0] if exported else None
     hf_state = {k: v for k, v in read_weights(hf_dir).items() if not k.endswith(_IGNORED_TENSORS)}
-    if architecture == QWEN2_MOE and config.moe.router == "nexus":
+    sidecar = architecture == QWEN2_MOE and get_router(config.moe.router).uses_domain_embeddings
+    if sidecar:
         hf_state.update(read_weights(hf_dir, ROUTER_SIDECAR))
     model, expected = _expected(config, architecture or DENSE_FAMILIES[cfg["model_type"]])
     optional = {"lm_head.weight"} if config.tie_embeddings else set()  # tied: the embedding matrix
@@ -214,7 +216,7 @@ def load_hf_model(hf_dir: str | os.PathLike, dtype: torch.dtype | None = None) -
         state = hf_to_dense(hf_state, names, config.n_layers)
     dtype = dtype or hf_state["model.embed_tokens.weight"].dtype
     model.to(dtype).load_state_dict(state, strict=not config.tie_embeddings)
-    if architecture == QWEN2_MOE and config.moe.router == "nexus":
+    if sidecar:
         _check_router_matrix(model, hf_state, hf_dir)
     return model.eval()
 

@@ -13,6 +13,7 @@ from typing import Any
 from nexus.config import ModelConfig
 from nexus.evaluation.harness import lm_eval_rows
 from nexus.interop.hf_format import NEXUS
+from nexus.model.routers import get_router
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -50,11 +51,7 @@ def _experts(config: ModelConfig, metadata: Mapping[str, Any]) -> list[str]:
     moe = config.moe
     if moe is None:
         return []
-    router = (
-        "Nexus: expert embeddings `e_i = W2 · SwiGLU(W1 · d_i)` generated from domain embeddings d_i"
-        if moe.router == "nexus"
-        else "linear (a learned matrix)"
-    )
+    router = get_router(moe.router).description or moe.router
     weights = (metadata.get("data") or {}).get("weights") or {}
     lines = [
         "## Experts",
@@ -169,7 +166,7 @@ def model_card(
         + (
             "; a Nexus router ships its projection and the domain "
             "embeddings, so `nexus.extend` can add an expert."
-            if config.moe is not None and config.moe.router == "nexus"
+            if config.moe is not None and get_router(config.moe.router).uses_domain_embeddings
             else "."
         ),
         "",

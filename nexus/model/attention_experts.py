@@ -32,7 +32,7 @@ from torch import nn
 from nexus.config import ModelConfig
 from nexus.model.attention import causal_attention
 from nexus.model.moe import RoutingInfo, load_balance_loss, router_z_loss
-from nexus.model.routers import LinearRouter, NexusRouter, routing_probs
+from nexus.model.routers import Router, get_router, routing_probs
 
 if TYPE_CHECKING:
     from nexus.model.transformer import LayerCache, RotaryEmbedding
@@ -126,11 +126,7 @@ class AttentionExperts(nn.Module):
             self.wk = nn.Linear(d, kv_dim, bias=config.qkv_bias)
             self.wv = nn.Linear(d, kv_dim, bias=config.qkv_bias)
         self.shared = SharedAttentionExpert(config, own_kv=self.full) if moe.attention_shared_expert else None
-        self.router: LinearRouter | NexusRouter
-        if moe.router == "nexus":
-            self.router = NexusRouter(d, moe.domain_embed_dim, moe.router_hidden)
-        else:
-            self.router = LinearRouter(d, n)
+        self.router: Router = get_router(moe.router).from_config(d, n, moe)
 
     @property
     def n_slots(self) -> int:

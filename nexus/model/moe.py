@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from nexus.config import MoEConfig
 from nexus.model.ffn import FeedForward, swiglu
-from nexus.model.routers import LinearRouter, NexusRouter, routing_probs
+from nexus.model.routers import Router, get_router, routing_probs
 
 
 @dataclass
@@ -274,11 +274,7 @@ class MoELayer(nn.Module):
         self.config = config
         self.shared = FeedForward(d_model, ffn_hidden) if config.shared_expert else None
         self.experts = RoutedExperts(config.n_experts, d_model, ffn_hidden, config.dispatch)
-        self.router: LinearRouter | NexusRouter
-        if config.router == "nexus":
-            self.router = NexusRouter(d_model, config.domain_embed_dim, config.router_hidden)
-        else:
-            self.router = LinearRouter(d_model, config.n_experts)
+        self.router: Router = get_router(config.router).from_config(d_model, config.n_experts, config)
 
     def forward(self, x: torch.Tensor, domain_embeddings: torch.Tensor | None = None):
         """x: (tokens, d_model) -> (y: (tokens, d_model), RoutingInfo)."""

@@ -6,14 +6,13 @@ from torch import nn
 
 from nexus.model.attention_experts import AttentionExperts
 from nexus.model.moe import MoELayer
-from nexus.model.routers import NexusRouter
+from nexus.model.routers import Router
 
 
-def _router_inference_delta(router: nn.Module, n: int, d_model: int) -> int:
-    """A Nexus router precomputed at inference holds E: n·d_model values instead of its projection."""
-    if not isinstance(router, NexusRouter):
-        return 0
-    return n * d_model - sum(p.numel() for p in router.parameters())
+def _router_inference_delta(router: Router, n: int, d_model: int) -> int:
+    """What precomputing the router for inference adds (a Nexus router: E's n·d_model values instead of
+    its projection; a linear router is E already: 0)."""
+    return router.inference_size(n, d_model) - sum(p.numel() for p in router.parameters())
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -30,6 +30,7 @@ from nexus.model.attention_experts import (
 )
 from nexus.model.ffn import FeedForward
 from nexus.model.moe import MoELayer, RoutingInfo
+from nexus.model.routers import get_router
 
 
 class RMSNorm(nn.Module):
@@ -211,7 +212,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if config.moe is not None and config.moe.router == "nexus":
+        if config.moe is not None and get_router(config.moe.router).uses_domain_embeddings:
             # d_i of each routed expert, shared by every block's router: (n_experts, m).
             self.register_buffer(
                 "domain_embeddings", torch.zeros(config.moe.n_experts, config.moe.domain_embed_dim)
@@ -266,7 +267,8 @@ class Transformer(nn.Module):
         return ModelOutput(self.lm_head(hidden) if logits else None, aux, routing, hidden, attention_routing)
 
     def precompute_routers(self) -> None:
-        """Freeze every Nexus router's `E = P_r(D)` into a plain matrix for inference; see NexusRouter."""
+        """Freeze every router's E (a Nexus router's `E = P_r(D)`) into a plain matrix for inference; see
+        `Router.precompute`."""
         for block in self.blocks:
             if isinstance(block.ffn, MoELayer):
                 block.ffn.router.precompute(self.domain_embeddings)
