@@ -62,7 +62,7 @@ def resolve_paths(cfg: Any, home: Path) -> None:
     data = cfg.data
     data.corpora_dir = at_home(data.corpora_dir, home) if data.corpora_dir else str(FIXTURE_CORPORA)
     data.cache_dir = at_home(data.cache_dir, home)
-    data.tokenizer_path = at_home(data.tokenizer_path, home)
+    data.tokenizer.path = at_home(data.tokenizer.path, home)
     data.folders = {name: at_home(folder, home) for name, folder in data.folders.items()}
     cfg.extension.inbox = at_home(cfg.extension.inbox, home)
     cfg.tracking.uri = tracking_uri(cfg.tracking.uri, home)

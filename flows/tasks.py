@@ -164,7 +164,7 @@ def prepare_data(
     from nexus.data import prepare_experiment
 
     section = DataSection(**data)
-    tokenizer = tokenizer_path or section.tokenizer_path
+    tokenizer = tokenizer_path or section.tokenizer.path
     if not tokenizer and section.tokenizer_domains:
         base = section.to_data_config(
             experiment, str(Path(out_dir) / "tokenizer-base"), keep=list(section.tokenizer_domains)

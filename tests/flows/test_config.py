@@ -25,7 +25,11 @@ def test_every_experiment_composes(experiment):
 
 def test_paper_configs_document_the_paper():
     cfg = compose("470m", check=False)
-    assert (cfg.router.top_k, cfg.router.load_balance_coef, cfg.data.vocab_size) == (1, 0.05, 256000)
+    assert (cfg.router.top_k, cfg.router.load_balance_coef, cfg.data.tokenizer.vocab_size) == (
+        1,
+        0.05,
+        256000,
+    )
     assert cfg.train.moe.lr == 1e-3 and cfg.train.moe.warmup_frac == 0.1 and cfg.model.parallel_blocks
 
 
@@ -166,12 +170,12 @@ def test_paper_experiments_compose_and_have_the_parameter_counts_of_their_names(
 
     cfg = compose(experiment, [])
     domains = [d.name for d in cfg.data.to_data_config(experiment, "unused").domains]
-    dense = dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
+    dense = dataclasses.replace(cfg.model, vocab_size=cfg.data.tokenizer.vocab_size)
     counts = {}
     with torch.device("meta"):
         counts["seed"] = parameter_counts(Transformer(dense))["total"]
         for router in ("linear", "nexus"):
-            moe = dense.with_moe(expert_names=domains, router=router, **cfg.router.moe_options())
+            moe = dataclasses.replace(dense, moe=cfg.router.moe_config(domains, router))
             counts[router] = parameter_counts(Transformer(moe))
     assert counts["seed"] == seed and abs(seed - named) < 0.02 * named
     assert counts["linear"]["total"] == linear and counts["nexus"]["total"] == nexus
@@ -204,7 +208,7 @@ def test_hf_domain_declared_in_the_config_is_streamed_prepared_and_reused(tmp_pa
     cfg = compose(
         "micro", micro_overrides(tmp_path, source, "data.domains=[dictionary,lore,papers]", "data.num_proc=2")
     )
-    assert cfg.data.hf_section("papers").streaming and cfg.data.num_proc == 2
+    assert cfg.data.declared_domains()["papers"].sources[0].streaming and cfg.data.packing.num_proc == 2
     first = prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data"))
     data = open_prepared(first["dir"])
     kept = sum(s.documents for s in data.domains["papers"].splits.values())
