@@ -12,6 +12,7 @@ missing folder, empty domain) is raised as `ConfigError` naming the key or path.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,10 @@ def schema_of(
         if f.name in exclude:
             continue
         if optional or f.name in unset:
-            specs.append((f.name, typing.Optional[hints[f.name]], field(default=None)))  # noqa: UP045
+            # OmegaConf 2.3 cannot set a mapping on a None `Optional[dict]` node ('NoneType' object has no
+            # attribute 'get'): such a field is typed Any here; the library dataclass checks it.
+            typ = Any if typing.get_origin(_without_none(hints[f.name])) is dict else hints[f.name]
+            specs.append((f.name, typing.Optional[typ], field(default=None)))  # noqa: UP045
         elif f.default_factory is not dataclasses.MISSING:
             specs.append((f.name, hints[f.name], field(default_factory=f.default_factory)))
         else:
@@ -63,6 +67,11 @@ def schema_of(
     schema.__module__ = __name__  # picklable as flows.config.<name>
     schema.__doc__ = f"`{cls.__module__}.{cls.__name__}`'s fields as a Hydra schema (flows.config.schema_of)."
     return schema
+
+
+def _without_none(typ: Any) -> Any:
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    return args[0] if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1 else typ
 
 
 def set_fields(obj: Any) -> dict[str, Any]:
@@ -193,13 +202,17 @@ class DataSection:
         parts = {part: set_fields(getattr(self, part)) for part in DATA_PARTS}
         if tokenizer_path:
             parts["tokenizer"]["path"] = tokenizer_path
+        try:
+            built = {part: dataclasses.replace(getattr(cfg, part), **kw) for part, kw in parts.items()}
+        except (TypeError, ValueError) as err:  # a loosely typed value (Any above) of the wrong type
+            raise ConfigError(f"data: {err}") from err
         return dataclasses.replace(
             cfg,
             experiment=experiment,
             domains=tuple(domains),
             out_dir=out_dir,
             cache_dir=self.cache_dir,
-            **{part: dataclasses.replace(getattr(cfg, part), **kw) for part, kw in parts.items()},
+            **built,
         )
 
     def declared_domains(self) -> dict[str, DomainConfig]:

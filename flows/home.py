@@ -74,3 +74,19 @@ def prefect_env(home: str | Path) -> dict[str, str]:
     if any(os.environ.get(k) for k in PREFECT_RESULT_SETTINGS):
         return {}
     return {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(home) / ".prefect" / "results")}
+
+
+def offline_env(home: str | None = None) -> None:
+    """Environment defaults of every `nexus` command (set only where the user has not): offline hubs,
+    no telemetry, training progress in Prefect's logs, Prefect's task results in the project home."""
+    defaults = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "nexus",
+        **prefect_env(project_home(home)),
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

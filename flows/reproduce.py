@@ -230,7 +230,7 @@ def _slug(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.cli import offline_env
+    from flows.home import offline_env
 
     parser = argparse.ArgumentParser(
         prog="python -m flows.reproduce",
