@@ -228,7 +228,9 @@ def _fields(cls: type, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         typ = typing.get_type_hints(cls)[f.name]
         inner = [t for t in (typ, *typing.get_args(typ)) if dataclasses.is_dataclass(t)]
-        if not dataclasses.is_dataclass(typ):  # a nested part counts by its fields; a tuple of them also whole
+        if not dataclasses.is_dataclass(
+            typ
+        ):  # a nested part counts by its fields; a tuple of them also whole
             paths.append(prefix + f.name)
         if inner:
             paths += _fields(inner[0], f"{prefix}{f.name}.")
