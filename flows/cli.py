@@ -127,10 +127,10 @@ def multirun(args: argparse.Namespace) -> int:
 
     jobs = sweep(args.overrides)
     for n, overrides in enumerate(jobs):
-        if not any(o.lstrip("+").startswith("out_dir=") for o in overrides):
-            base = compose(args.experiment, overrides, check=False).out_dir
-            overrides.append(f"out_dir={base}/multirun/{n}")
         try:
+            if not any(o.lstrip("+").startswith("out_dir=") for o in overrides):
+                base = compose(args.experiment, overrides, check=False).out_dir
+                overrides.append(f"out_dir={base}/multirun/{n}")
             compose(args.experiment, overrides)
         except ConfigError as err:
             raise ConfigError(f"multirun job {n} ({' '.join(overrides)}): {err}") from err
