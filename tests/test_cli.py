@@ -99,3 +99,38 @@ def test_multirun_parses_like_hydra_and_checks_every_combination_before_running_
     err = capsys.readouterr().err
     assert code == 2 and "multirun job 1" in err and "train.moe.max_steps=many" in err
     assert not (tmp_path / "outputs").exists()
+
+
+def test_multirun_runs_one_pipeline_per_combination_in_its_own_directory(tmp_path):
+    """As a user, from a fresh directory: `nexus run pipeline --experiment micro -m train.moe.max_steps=2,3`
+    (one MoE, few steps) trains two pipelines, each MoE for its own number of steps."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NEXUS_HOME", "MLFLOW_TRACKING_URI")}
+    small = [
+        "router.routers=[nexus]",
+        "router.dense_merge=false",
+        "tracking.enabled=false",
+        "torch_threads=1",
+    ]
+    steps = [f"train.{s}.{k}=2" for s in ("seed", "expert") for k in ("max_steps", "val_every_n_steps")]
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "nexus"), "run", "pipeline", "--experiment", "micro", "-m"]
+        + ["train.moe.max_steps=2,3", *small, *steps],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = tmp_path / "outputs" / "micro" / "multirun"
+    assert sorted(p.name for p in jobs.iterdir()) == ["0", "1"]
+    trained = [json.loads((jobs / n / "moe/nexus/model/config.json").read_text()) for n in ("0", "1")]
+    assert [t["metadata"]["train_config"]["max_steps"] for t in trained] == [2, 3]
+    assert [t["metadata"]["global_step"] for t in trained] == [2, 3]
+    assert all((jobs / n / "summary.json").is_file() for n in ("0", "1"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flows.cli import main
 from flows.config import compose
+from flows.data import prepare_section
 
 NEXUS = Path(sys.executable).parent / "nexus"
 
@@ -80,3 +81,46 @@ def test_bad_input_exits_2_with_a_message_naming_the_domain(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "domain 'news'" in err and str(tmp_path / "empty") in err
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_source_kind_registered_outside_the_library_is_declared_from_hydra_and_prepared(
+    tmp_path, monkeypatch
+):
+    """The data-source walk-through kept as a test: a toy in-memory source (one class, registered) is a
+    `kind` Hydra can declare a domain from, fingerprinted and read like the built-in kinds."""
+    from nexus.data.sources import SOURCES, Source, register_source
+    from nexus.errors import DataError
+
+    memory = {"greetings": [f"hello number {i}, a greeting of the toy in-memory source" for i in range(40)]}
+    monkeypatch.setattr("nexus.data.sources.SOURCES", dict(SOURCES))  # the registration ends with the test
+
+    @register_source
+    class MemorySource(Source):
+        kind = "memory"
+        needs = ("path",)
+
+        def identity(self, src, domain):
+            if src.path not in memory:
+                raise DataError(f"domain {domain!r}: no in-memory documents named {src.path!r}")
+            return {"documents": memory[src.path]}
+
+        def read(self, src, domain, cache_dir):
+            for i, text in enumerate(memory[src.path]):
+                yield text, f"memory:{src.path}[{i}]"
+
+    domains = "data.domains=[dictionary,lore,hi]"
+    cfg = compose("micro", [f"home={tmp_path}", "+data.sources.hi={kind:memory,path:greetings}", domains])
+    data, built = prepare_section(cfg.data, cfg.name, str(tmp_path / "data"))
+    assert [s.kind for s in built.domains[-1].sources] == ["memory"]
+    assert sum(s.documents for s in data.domains["hi"].splits.values()) == 40
+    assert prepare_section(cfg.data, cfg.name, str(tmp_path / "data"))[0].reused["documents"]
+    memory["greetings"] = memory["greetings"][:30]  # the fingerprint follows the source's identity
+    assert (
+        sum(
+            s.documents
+            for s in prepare_section(cfg.data, cfg.name, str(tmp_path / "data"))[0]
+            .domains["hi"]
+            .splits.values()
+        )
+        == 30
+    )
