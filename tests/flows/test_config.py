@@ -384,3 +384,13 @@ def test_every_data_config_field_is_set_from_the_command_line_and_reaches_the_bu
             assert expected(data), (name, data)
         else:
             assert reduce(getattr, name.split("."), data) == expected, name
+
+
+def test_groups_split_by_concern_set_their_part_of_the_router_section(tmp_path):
+    """`router=` picks the MoEs, `baselines=` the baselines, `moe=` the layer options (conf/<group>/)."""
+    cfg = compose("micro", micro_overrides(tmp_path, "router=nexus", "baselines=all"))
+    assert cfg.router.routers == ["nexus"] and cfg.router.continued_seed and cfg.router.sparse_upcycling
+    default = compose("micro", micro_overrides(tmp_path, "baselines=none")).router
+    assert (default.routers, default.dense_merge, default.top_k) == (["nexus", "linear"], False, 1)
+    groups = {p.parent.name for p in CONF_DIR.glob("*/*.yaml")}
+    assert {"router", "moe", "baselines", "data", "model", "train", "recipe", "experiment"} <= groups
