@@ -64,8 +64,22 @@ def resolve_paths(cfg: Any, home: Path) -> None:
     data.cache_dir = at_home(data.cache_dir, home)
     data.tokenizer.path = at_home(data.tokenizer.path, home)
     data.folders = {name: at_home(folder, home) for name, folder in data.folders.items()}
+    data.sources = {name: _source_at_home(spec, home) for name, spec in data.sources.items()}
     cfg.extension.inbox = at_home(cfg.extension.inbox, home)
     cfg.tracking.uri = tracking_uri(cfg.tracking.uri, home)
+
+
+def _source_at_home(spec: Any, home: Path) -> Any:
+    """A `data.sources` entry with the `path` of a local-path kind made absolute (the rest unchanged:
+    a malformed entry fails in DataSection, naming it)."""
+    from nexus.data.sources import SOURCES
+
+    if isinstance(spec, dict) and isinstance(spec.get("sources"), list):
+        return {**spec, "sources": [_source_at_home(s, home) for s in spec["sources"]]}
+    source = SOURCES.get(spec.get("kind")) if isinstance(spec, dict) else None
+    if source is not None and source.local_path and spec.get("path"):
+        return {**spec, "path": at_home(spec["path"], home)}
+    return spec
 
 
 def prefect_env(home: str | Path) -> dict[str, str]:

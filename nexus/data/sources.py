@@ -35,12 +35,14 @@ STDLIB_EXCLUDE = frozenset({"test", "tests", "idle_test", "site-packages", "dist
 
 class Source:
     """How one kind of source is checked and read. A subclass sets `kind` (the `SourceConfig.kind` that
-    selects it), `needs` (SourceConfig fields it requires) and `natural_format` (what format "auto"
-    means), implements `identity` and `read`, and is added with `@register_source`."""
+    selects it), `needs` (SourceConfig fields it requires), `natural_format` (what format "auto"
+    means) and `local_path`, implements `identity` and `read`, and is added with `@register_source`."""
 
     kind: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     natural_format: ClassVar[str] = "auto"
+    local_path: ClassVar[bool] = False
+    """`path` is a local path (a relative one is relative to the project home in the pipeline config)."""
 
     def identity(self, src: SourceConfig, domain: str) -> dict[str, Any]:
         """Validate the source (cheaply) and return what the cache fingerprint needs besides the kind,
@@ -145,6 +147,7 @@ class FolderSource(Source):
 
     kind = "folder"
     needs = ("path",)
+    local_path = True
 
     def identity(self, src: SourceConfig, domain: str) -> dict[str, Any]:
         return {"files": _file_stats(_files(src, domain, src.path)), "text_field": src.text_field}

@@ -129,7 +129,9 @@ def test_every_default_path_resolves_against_the_project_home(tmp_path, monkeypa
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("NEXUS_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = compose("micro", ["out_dir=runs/a", "+data.folders.extra=docs"])
+    cfg = compose(
+        "micro", ["out_dir=runs/a", "+data.folders.extra=docs", "+data.sources.src={kind:folder,path:docs}"]
+    )
     assert cfg.home == str(home)
     assert cfg.out_dir == str(home / "runs" / "a") and cfg.extension.inbox == str(
         home / "runs" / "a" / "inbox"
@@ -137,6 +139,7 @@ def test_every_default_path_resolves_against_the_project_home(tmp_path, monkeypa
     assert cfg.data.cache_dir == str(home / ".cache" / "nexus") and cfg.data.folders == {
         "extra": str(home / "docs")
     }
+    assert cfg.data.sources == {"src": {"kind": "folder", "path": str(home / "docs")}}
     assert cfg.tracking.uri == f"sqlite:///{home}/outputs/mlflow.db"
     assert Path(cfg.data.corpora_dir).is_dir()  # the tiny preset's corpora come with the repository
     assert not any(elsewhere.iterdir())
