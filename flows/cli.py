@@ -1,8 +1,10 @@
-"""The `nexus` console script. Each subcommand lives in its own module, imported only when used
-(the ML stack takes seconds to import), and exposes `add_parser(subparsers)` which registers its
-command(s), each with `func(args)` (via `set_defaults`) that runs it. This module registers `nexus run
-<flow> [overrides...]` (with `-m`: one run per combination of Hydra sweep overrides), `nexus serve`
-and `nexus ui`; library commands (`export`, `import`) come from nexus.interop.cli."""
+"""The `nexus` console script: Nexus's flows, data and model commands.
+
+Each subcommand lives in its own module, imported only when used (the ML stack takes seconds to
+import), and exposes `add_parser(subparsers)` which registers its command(s), each with `func(args)`
+(via `set_defaults`) that runs it. This module registers `nexus run <flow> [overrides...]` (with
+`-m`: one run per combination of Hydra sweep overrides), `nexus serve` and `nexus ui`; the library
+commands (`export`, `import`) come from nexus.interop.cli."""
 
 from __future__ import annotations
 

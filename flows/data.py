@@ -1,7 +1,9 @@
-"""`nexus data prepare [--experiment E] [overrides...]`: the data of an experiment, composed like every
-flow's config (flows.config.compose: conf/ + Hydra overrides) and prepared like the pipeline's data task
-(`prepare_section`), then documents/tokens/bytes per domain and split, the embeddings' cosine
-similarities and the wall time of each stage (with whether it was reused from the cache)."""
+"""`nexus data prepare`: build an experiment's documents, tokenizer, packed splits and embeddings.
+
+The experiment is composed like every flow's config (flows.config.compose: conf/ + Hydra overrides) and
+prepared like the pipeline's data task (`prepare_section`); the command prints documents/tokens/bytes
+per domain and split, the embeddings' cosine similarities and the wall time of each stage (with
+whether it was reused from the cache)."""
 
 from __future__ import annotations
 
