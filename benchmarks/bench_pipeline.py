@@ -112,7 +112,7 @@ class Recorder:
 
 
 def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
-    from flows.cli import offline_env
+    from flows.home import offline_env
 
     offline_env()
     from flows.pipeline import upcycle_pipeline

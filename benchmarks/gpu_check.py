@@ -241,7 +241,7 @@ def check_training(device: str, smoke: bool) -> dict:
     from nexus.training.synthetic import synthetic_splits
 
     cfg = compose("470m", check=False)
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.data.tokenizer.vocab_size)
     train = dataclasses.replace(
         cfg.train.moe,
         max_steps=3,
@@ -260,7 +260,7 @@ def check_training(device: str, smoke: bool) -> dict:
             model_cfg, vocab_size=512, d_model=64, n_layers=2, n_heads=4, ffn_hidden=96, max_seq_len=64
         )
         train = dataclasses.replace(train, loss_chunk_tokens=64)
-    moe_cfg = model_cfg.with_moe(expert_names=domains, router="nexus", **cfg.router.moe_options())
+    moe_cfg = model_cfg.with_moe(expert_names=domains, router="nexus", **cfg.router.moe_kwargs())
     seq = model_cfg.max_seq_len
     data_train, data_val = synthetic_splits(domains, seq, model_cfg.vocab_size, n_train=16, n_val=4)
     dm = MixtureDataModule(

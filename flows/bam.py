@@ -174,7 +174,7 @@ def bam_experiment(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.cli import offline_env
+    from flows.home import offline_env
 
     parser = argparse.ArgumentParser(
         prog="python -m flows.bam",

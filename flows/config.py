@@ -1,20 +1,35 @@
 """The pipeline's typed config: `PipelineConfig` (a Hydra structured config mirrored by `conf/`) and
 `compose(experiment, overrides)`, which composes, type-checks and validates it before any work starts.
 
-The data section is a thin OmegaConf-friendly mirror (`DataSection`) of `nexus.data.DataConfig`
-(whose frozen dataclasses use Literal/tuples): `DataSection.to_data_config()` builds the real one.
-Every error (unknown key, wrong type, missing folder, empty domain) is raised as `ConfigError`
-naming the key or path.
+The library's dataclasses are the schema: `schema_of` turns `nexus.config.MoEConfig` into the
+`router` section's options and each part of `nexus.data.DataConfig` (splits, tokenizer, packing,
+mixture, embedding) into a `data.<part>` section; `data.sources` declares domains of any registered
+source kind as `nexus.data.SourceConfig` fields. `DataSection.to_data_config()` and
+`RouterSection.moe_config()` build the library's configs. Every error (unknown key, wrong type,
+missing folder, empty domain) is raised as `ConfigError` naming the key or path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from nexus.config import ModelConfig, MoEConfig
+from nexus.data.config import (
+    DataConfig,
+    DomainConfig,
+    EmbeddingConfig,
+    MixtureConfig,
+    PackingConfig,
+    SourceConfig,
+    SplitConfig,
+    TokenizerConfig,
+)
+from nexus.data.presets import preset
 from nexus.errors import ConfigError
 from nexus.training.config import TrainConfig
 
@@ -26,63 +41,123 @@ Experiment = Literal[EXPERIMENTS]  # type: ignore[valid-type]
 Router = Literal["nexus", "linear"]
 
 
-@dataclass
-class HFDomainSection:
-    """A domain read from a Hugging Face dataset (`nexus.data.SourceConfig(kind="hf")`), streamed:
-    a hub name, a local `save_to_disk` directory, a local file or directory of parquet/JSONL/CSV
-    files, or a builder name ("json", "parquet") with `data_files` (a glob)."""
+def schema_of(
+    cls: type, name: str, optional: bool = False, exclude: tuple[str, ...] = (), unset: tuple[str, ...] = ()
+) -> type:
+    """A Hydra structured config generated from the library dataclass `cls` (the schema is the library's,
+    never a hand-copied mirror): its fields, types and defaults, without its `__post_init__` checks
+    (they run when the library dataclass is built from it). `optional`: every field `None` by default,
+    meaning "the preset's value" (see `DataSection`); `unset`: these fields only (None: "the value the
+    builder derives", e.g. MoEConfig's `domain_embed_dim` from the domain embeddings)."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        if optional or f.name in unset:
+            # OmegaConf 2.3 cannot set a mapping on a None `Optional[dict]` node ('NoneType' object has no
+            # attribute 'get'): such a field is typed Any here; the library dataclass checks it.
+            typ = Any if typing.get_origin(_without_none(hints[f.name])) is dict else hints[f.name]
+            specs.append((f.name, typing.Optional[typ], field(default=None)))  # noqa: UP045
+        elif f.default_factory is not dataclasses.MISSING:
+            specs.append((f.name, hints[f.name], field(default_factory=f.default_factory)))
+        else:
+            specs.append((f.name, hints[f.name], field(default=f.default)))
+    schema = dataclasses.make_dataclass(name, specs)
+    schema.__module__ = __name__  # picklable as flows.config.<name>
+    schema.__doc__ = f"`{cls.__module__}.{cls.__name__}`'s fields as a Hydra schema (flows.config.schema_of)."
+    return schema
 
-    path: str = "???"
-    name: str | None = None
-    """The dataset's configuration (hub datasets with several)."""
-    split: str = "train"
-    data_files: str | None = None
-    text_field: str = "text"
-    filter_field: str | None = None
-    """Dotted key of a field to select rows by, e.g. `meta.redpajama_set_name` (SlimPajama)."""
-    filter_value: str | None = None
-    streaming: bool = True
-    max_documents: int | None = None
-    held_out: bool = False
-    """An extension's domain (`nexus run extend --domain <name>`), not an initial one."""
+
+def _without_none(typ: Any) -> Any:
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    return args[0] if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1 else typ
+
+
+def set_fields(obj: Any) -> dict[str, Any]:
+    """The fields of a `schema_of(..., optional=True)` section that are set (not None)."""
+    return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}
+
+
+# One optional section per part of nexus.data.DataConfig: `data.<part>.<field>=...` replaces the preset's value.
+SplitOptions = schema_of(SplitConfig, "SplitOptions", optional=True)
+TokenizerOptions = schema_of(TokenizerConfig, "TokenizerOptions", optional=True)
+PackingOptions = schema_of(PackingConfig, "PackingOptions", optional=True)
+MixtureOptions = schema_of(MixtureConfig, "MixtureOptions", optional=True)
+EmbeddingOptions = schema_of(EmbeddingConfig, "EmbeddingOptions", optional=True)
+DATA_PARTS = {
+    "splits": SplitOptions,
+    "tokenizer": TokenizerOptions,
+    "packing": PackingOptions,
+    "mixture": MixtureOptions,
+    "embedding": EmbeddingOptions,
+}
+MoEOptions = schema_of(
+    MoEConfig, "MoEOptions", exclude=("expert_names", "router"), unset=("domain_embed_dim",)
+)
+"""MoEConfig's options; the pipeline sets `expert_names` (the domains) and `router` (`router.routers`);
+`domain_embed_dim` None: the domain embeddings' dimension (upcycling reads it from them)."""
+
+RENAMED_KEYS = {
+    "data.vocab_size": "data.tokenizer.vocab_size",
+    "data.tokenizer_path": "data.tokenizer.path",
+    "data.seq_len": "data.packing.seq_len",
+    "data.num_proc": "data.packing.num_proc",
+    "data.split_validation": "data.splits.validation",
+    "data.split_test": "data.splits.test",
+    "data.embedding_model": "data.embedding.model",
+    "data.embedding_sample_size": "data.embedding.sample_size",
+    "data.weighting": "data.mixture.weighting",
+    "data.general_share": "data.mixture.general_share",
+    "data.extension_new_share": "data.mixture.extension_new_share",
+}
+"""Keys of earlier versions -> their place now: command lines and recorded deployments keep working."""
+HF_KEYS = {"name": "hf_config", "split": "hf_split"}
+"""`data.hf.<domain>` shorthands for SourceConfig fields."""
 
 
 @dataclass
 class DataSection:
-    """Which domains, from where, and the data knobs that differ between experiments."""
+    """Which domains, from where, and every `nexus.data.DataConfig` knob: a preset's DataConfig, its
+    domains filtered and extended by the declared ones, each part's set fields replacing the preset's."""
 
     preset: str = "tiny"
-    """`tiny` (fixture corpora), `demo` (Debian packages + stdlib) or `none` (only `folders`)."""
+    """A preset of nexus.data.presets.PRESETS (`tiny`: fixture corpora, `demo`: Debian packages +
+    stdlib) or `none` (only the declared domains)."""
     corpora_dir: str | None = None
     """The `tiny` preset's corpora; None: the fixture corpora shipped with the repository."""
     domains: list[str] = field(default_factory=list)
-    """Initial domains of the preset to use; empty: all of them."""
+    """Initial domains to use (of the preset and the declared `hf`/`sources` ones); empty: all of them."""
     folders: dict[str, str] = field(default_factory=dict)
-    """Extra initial domains: name -> folder of .txt/.md/.jsonl files."""
+    """Extra initial domains: name -> folder of .txt/.md/.jsonl files (always used)."""
     hf: dict[str, Any] = field(default_factory=dict)
-    """Domains from Hugging Face datasets: name -> `HFDomainSection` fields (checked when composed;
-    typed loosely so that `+data.hf.<name>={path:...,text_field:...}` works on the command line);
-    with `domains` set, only those listed."""
-    num_proc: int | None = None
-    """Processes that tokenize and pack (datasets.map); None: the preset's (1)."""
+    """Domains from Hugging Face datasets: name -> SourceConfig fields (`kind: hf` implied; `name` and
+    `split` stand for `hf_config` and `hf_split`) and `held_out`. Like `sources`."""
+    sources: dict[str, Any] = field(default_factory=dict)
+    """Domains from any registered source kind (nexus.data.sources.SOURCES): name -> the fields of a
+    `nexus.data.SourceConfig` plus `held_out` (an extension's domain, not an initial one), or
+    `{sources: [<SourceConfig fields>, ...], held_out: ...}` for several sources. Checked when composed;
+    typed loosely so that `+data.sources.<name>={kind:...,path:...}` works on the command line. With
+    `domains` set, only those listed."""
     tokenizer_domains: list[str] = field(default_factory=list)
     """Domains the tokenizer is trained on (empty: the initial ones). Pin it so that adding a domain
     does not retrain the tokenizer (and with it every expert)."""
     seed_domains: list[str] = field(default_factory=list)
     """Domains the seed is pretrained on (empty: the initial ones); pin it like tokenizer_domains."""
-    tokenizer_path: str | None = None
-    vocab_size: int | None = None
-    seq_len: int | None = None
     max_documents: int | None = None
-    split_validation: float | None = None
-    split_test: float | None = None
-    embedding_model: str = "default"
-    embedding_sample_size: int | None = None
-    weighting: str = "proportional"
-    general_share: float = 0.0
-    extension_new_share: float = 0.5
+    """At most this many documents of every source (a source's own `max_documents` wins)."""
     cache_dir: str = ".cache/nexus"
     """Downloaded corpora (Debian packages), shared between experiments; relative to the project home."""
+    splits: SplitOptions = field(default_factory=SplitOptions)  # type: ignore[valid-type]
+    tokenizer: TokenizerOptions = field(default_factory=TokenizerOptions)  # type: ignore[valid-type]
+    packing: PackingOptions = field(default_factory=PackingOptions)  # type: ignore[valid-type]
+    mixture: MixtureOptions = field(default_factory=MixtureOptions)  # type: ignore[valid-type]
+    embedding: EmbeddingOptions = field(default_factory=EmbeddingOptions)  # type: ignore[valid-type]
+
+    def __post_init__(self) -> None:
+        for part, schema in DATA_PARTS.items():  # from a plain dict (`DataSection(**as_dict(section))`)
+            if isinstance(getattr(self, part), dict):
+                setattr(self, part, schema(**getattr(self, part)))
 
     def to_data_config(
         self,
@@ -91,17 +166,10 @@ class DataSection:
         extra: dict[str, str] | None = None,
         keep: list[str] | None = None,
         tokenizer_path: str | None = None,
-    ):
-        """The `nexus.data.DataConfig`: the preset's domains (filtered), `folders` and `extra` folders."""
-        from nexus.data import DomainConfig, preset
-
-        base = (
-            None
-            if self.preset == "none"
-            else (
-                preset("tiny", corpora_dir=self.corpora_dir) if self.preset == "tiny" else preset(self.preset)
-            )
-        )
+    ) -> DataConfig:
+        """The `nexus.data.DataConfig`: the preset's domains (filtered), `folders`, `extra` folders and the
+        declared `hf`/`sources` domains; `keep`: exactly these domains."""
+        base = None if self.preset == "none" else preset(self.preset, corpora_dir=self.corpora_dir)
         domains = list(base.domains) if base else []
         if self.max_documents:
             domains = [
@@ -113,8 +181,9 @@ class DataSection:
                 )
                 for d in domains
             ]
+        declared = self.declared_domains()
         wanted = keep if keep is not None else (self.domains or [d.name for d in domains if not d.held_out])
-        unknown = sorted(set(wanted) - {d.name for d in domains} - set(self.folders) - set(self.hf))
+        unknown = sorted(set(wanted) - {d.name for d in domains} - set(self.folders) - set(declared))
         if unknown:
             raise ConfigError(
                 f"data.domains: unknown domain(s) {unknown}; preset {self.preset!r} has "
@@ -123,77 +192,73 @@ class DataSection:
         domains = [dataclasses.replace(d, held_out=False) for d in domains if d.name in wanted]
         folders = {n: p for n, p in self.folders.items() if keep is None or n in keep}
         domains += [DomainConfig.folder(n, p) for n, p in {**folders, **(extra or {})}.items()]
-        hf_wanted = (
-            wanted
-            if keep is not None or self.domains
-            else [n for n in self.hf if not self.hf_section(n).held_out]
+        declared_wanted = (
+            wanted if keep is not None or self.domains else [n for n, d in declared.items() if not d.held_out]
         )
-        domains += [self.hf_domain(n) for n in self.hf if n in hf_wanted]
-        tok = {"path": tokenizer_path or self.tokenizer_path}
-        if self.vocab_size:
-            tok["vocab_size"] = self.vocab_size
+        domains += [
+            dataclasses.replace(d, held_out=False) for n, d in declared.items() if n in declared_wanted
+        ]
         cfg = base or _empty_config()
-
-        def replace(obj, **kw):
-            return dataclasses.replace(obj, **{k: v for k, v in kw.items() if v is not None})
-
+        parts = {part: set_fields(getattr(self, part)) for part in DATA_PARTS}
+        if tokenizer_path:
+            parts["tokenizer"]["path"] = tokenizer_path
+        try:
+            built = {part: dataclasses.replace(getattr(cfg, part), **kw) for part, kw in parts.items()}
+        except (TypeError, ValueError) as err:  # a loosely typed value (Any above) of the wrong type
+            raise ConfigError(f"data: {err}") from err
         return dataclasses.replace(
             cfg,
             experiment=experiment,
             domains=tuple(domains),
             out_dir=out_dir,
             cache_dir=self.cache_dir,
-            tokenizer=replace(cfg.tokenizer, **tok),
-            packing=replace(cfg.packing, seq_len=self.seq_len, num_proc=self.num_proc),
-            splits=replace(cfg.splits, validation=self.split_validation, test=self.split_test),
-            embedding=replace(
-                cfg.embedding, model=self.embedding_model, sample_size=self.embedding_sample_size
-            ),
-            mixture=replace(
-                cfg.mixture,
-                weighting=self.weighting,
-                general_share=self.general_share,
-                extension_new_share=self.extension_new_share,
-            ),
+            **built,
         )
 
-    def hf_section(self, name: str) -> HFDomainSection:
-        raw = self.hf[name]
-        if isinstance(raw, HFDomainSection):
-            return raw
-        known = {f.name for f in dataclasses.fields(HFDomainSection)}
-        if not isinstance(raw, dict) or set(raw) - known:
-            raise ConfigError(f"data.hf.{name}: expected a mapping of {sorted(known)}, got {raw!r}")
-        return HFDomainSection(**raw)
+    def declared_domains(self) -> dict[str, DomainConfig]:
+        """The `hf` and `sources` domains (in this order), each a `nexus.data.DomainConfig`."""
+        declared = {name: self._declared(f"data.hf.{name}", raw, "hf") for name, raw in self.hf.items()}
+        for name, raw in self.sources.items():
+            if name in declared:
+                raise ConfigError(f"data.sources.{name}: domain {name!r} is declared in data.hf too")
+            declared[name] = self._declared(f"data.sources.{name}", raw)
+        return declared
 
-    def hf_domain(self, name: str):
-        """The `nexus.data.DomainConfig` of `hf.<name>`."""
-        from nexus.data import DomainConfig, SourceConfig
-
-        h = self.hf_section(name)
-        if h.path in ("", "???"):
-            raise ConfigError(f"data.hf.{name}.path is required (a hub dataset, a directory or files)")
+    def _declared(self, key: str, raw: Any, kind: str | None = None) -> DomainConfig:
+        name = key.rsplit(".", 1)[1]
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key}: expected a mapping of SourceConfig fields, got {raw!r}")
+        raw = dict(raw)
+        held_out = bool(raw.pop("held_out", False))
+        several = "sources" in raw
+        specs = raw.pop("sources") if several else [raw]
+        if not isinstance(specs, list) or (several and raw):
+            raise ConfigError(f"{key}: expected `sources: [...]` and `held_out` only, got {raw!r}")
+        known = {f.name for f in dataclasses.fields(SourceConfig)}
+        sources = []
+        for i, spec in enumerate(specs):
+            where = f"{key}.sources[{i}]" if several else key
+            spec = {(HF_KEYS.get(k, k) if kind == "hf" else k): v for k, v in dict(spec or {}).items()}
+            if kind:
+                spec.setdefault("kind", kind)
+            if set(spec) - known or "kind" not in spec:
+                raise ConfigError(
+                    f"{where}: expected a mapping of {sorted(known)} (with `kind`), got {spec!r}"
+                )
+            if spec.get("path") in ("", "???"):
+                raise ConfigError(f"{where}.path is required")
+            spec["max_documents"] = spec.get("max_documents") or self.max_documents
+            try:
+                sources.append(SourceConfig(**spec))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from err
         try:
-            src = SourceConfig(
-                "hf",
-                path=h.path,
-                hf_config=h.name,
-                hf_split=h.split,
-                data_files=h.data_files,
-                text_field=h.text_field,
-                filter_field=h.filter_field,
-                filter_value=h.filter_value,
-                streaming=h.streaming,
-                max_documents=h.max_documents or self.max_documents,
-            )
+            return DomainConfig(name, tuple(sources), held_out)
         except ConfigError as err:
-            raise ConfigError(f"data.hf.{name}: {err}") from err
-        return DomainConfig(name, (src,))
+            raise ConfigError(f"{key}: {err}") from err
 
 
-def _empty_config():
-    from nexus.data import DataConfig, DomainConfig
-
+def _empty_config() -> DataConfig:
     return DataConfig("none", (DomainConfig.folder("placeholder", "."),))
 
 
@@ -208,8 +273,9 @@ class StagesConfig:
 
 
 @dataclass
-class RouterSection:
-    """The MoEs and baselines to build, and their MoE layer options (nexus.config.MoEConfig)."""
+class RouterSection(MoEOptions):  # type: ignore[valid-type,misc]
+    """The MoEs and baselines to build; every other key is a `nexus.config.MoEConfig` option of their
+    MoE layers (MoEOptions: the library's fields and defaults)."""
 
     routers: list[str] = field(default_factory=lambda: ["nexus", "linear"])
     dense_merge: bool = True
@@ -219,37 +285,19 @@ class RouterSection:
     MoE consumed together (data-matched continued pretraining)."""
     init_seed: int = 0
     """Seed of the freshly initialised router weights (upcycling, and a linear router's new row)."""
-    top_k: int = 1
-    shared_expert: bool = True
-    load_balance_coef: float = 0.05
-    router_hidden: int | None = None
-    dispatch: str = "sorted"
-    """`sorted` (blocked per-expert GEMMs, fastest on CPU) or `grouped_mm` (grouped GEMMs, sync-free: GPUs)."""
-    attention_experts: str = "none"
-    """BAM attention experts: `none` (attention averaged), `full` (each expert's Q, K, V, O) or
-    `shared_kv` (per-expert Q, O; averaged K, V: the dense model's KV cache). Routed by an attention
-    router of the MoE's kind (Nexus: its own projection of the domain embeddings; or linear)."""
-    attention_routing: str = "soft"
-    """`soft` (every attention expert, weighted by the router; BAM's choice) or `top_k`."""
-    attention_top_k: int = 1
-    attention_shared_expert: bool = False
-    """The seed's attention as an always-on attention expert."""
 
-    def moe_options(self) -> dict[str, Any]:
-        opts = {
-            "top_k": self.top_k,
-            "shared_expert": self.shared_expert,
-            "load_balance_coef": self.load_balance_coef,
-            "dispatch": self.dispatch,
+    def moe_kwargs(self) -> dict[str, Any]:
+        """The MoEConfig options that are set (what the build tasks give upcycling, which derives the
+        unset `domain_embed_dim` from the domain embeddings)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(MoEOptions)
+            if getattr(self, f.name) is not None
         }
-        if self.attention_experts != "none":  # only then: FFN-only MoEs keep their options and cache keys
-            opts.update(
-                attention_experts=self.attention_experts,
-                attention_routing=self.attention_routing,
-                attention_top_k=self.attention_top_k,
-                attention_shared_expert=self.attention_shared_expert,
-            )
-        return {**opts, "router_hidden": self.router_hidden} if self.router_hidden else opts
+
+    def moe_config(self, expert_names: list[str], router: str) -> MoEConfig:
+        """The MoEConfig of the MoE with `router` over `expert_names` (validated by MoEConfig)."""
+        return MoEConfig(expert_names=list(expert_names), router=router, **self.moe_kwargs())
 
 
 @dataclass
@@ -374,7 +422,7 @@ def compose(
     from flows.home import project_home, resolve_paths
 
     register()
-    args = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
+    args = ([f"experiment={experiment}"] if experiment else []) + [renamed(o) for o in overrides]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -401,6 +449,14 @@ def compose(
     return cfg
 
 
+def renamed(override: str) -> str:
+    """`override` with a key of an earlier version (RENAMED_KEYS) moved to its place now."""
+    key, sep, value = override.partition("=")
+    prefix = key[: len(key) - len(key.lstrip("+~"))]
+    new = RENAMED_KEYS.get(key[len(prefix) :])
+    return f"{prefix}{new}{sep}{value}" if new and sep else override
+
+
 def _leaf_keys(tree: Any, prefix: str = "") -> set[str]:
     if not isinstance(tree, dict) or not tree:
         return {prefix}
@@ -411,11 +467,7 @@ def validate(cfg: PipelineConfig) -> None:
     """Checks that need the file system or several sections; raise before any training starts."""
     for name, folder in cfg.data.folders.items():
         check_domain_folder(folder, f"data.folders.{name}")
-    for name in cfg.data.hf:
-        cfg.data.hf_domain(name)
-    bad = sorted(set(cfg.router.routers) - {"nexus", "linear"})
-    if bad:
-        raise ConfigError(f"router.routers: unknown router(s) {bad}; choose from ['linear', 'nexus']")
+    cfg.data.declared_domains()
     if cfg.runner.kind not in ("threads", "dask", "ray"):
         raise ConfigError(f"runner.kind must be threads|dask|ray, got {cfg.runner.kind!r}")
     if cfg.runner.stages_per_gpu < 1 or (cfg.runner.gpus or 0) < 0:
@@ -432,17 +484,16 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.eval.split not in ("train", "validation", "test"):
         raise ConfigError(f"eval.split must be train|validation|test, got {cfg.eval.split!r}")
     check_writable_dir(cfg.out_dir, "out_dir")
-    if cfg.data.seq_len and cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
-        )
+    seq_len = cfg.data.packing.seq_len
+    if seq_len and seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.packing.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     data = cfg.data.to_data_config(cfg.name, str(Path(cfg.out_dir) / "data"))  # DataConfig's own checks
     experts = [d.name for d in data.domains if not d.held_out]
     for router in cfg.router.routers:  # the MoE each router will get, built now rather than after training
         try:
-            MoEConfig(expert_names=experts, router=router, **cfg.router.moe_options())
+            cfg.router.moe_config(experts, router)
         except ConfigError as err:
-            raise ConfigError(f"router section: {err}") from err
+            raise ConfigError(f"router.routers={cfg.router.routers}: {err}") from err
 
 
 def check_recipe(cfg: PipelineConfig) -> None:

@@ -34,7 +34,7 @@ def results_table(summary: dict, extension: dict) -> str:
 
 
 def main(overrides: list[str] | None = None) -> int:
-    from flows.cli import offline_env
+    from flows.home import offline_env
 
     offline_env()
     from flows.extend import extend_with_expert

@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from flows.cli import offline_env
+    from flows.home import offline_env
 
     offline_env()
     ids = deploy(args.pool, args.experiment, args.overrides, args.image, args.result_storage)

@@ -62,10 +62,24 @@ def resolve_paths(cfg: Any, home: Path) -> None:
     data = cfg.data
     data.corpora_dir = at_home(data.corpora_dir, home) if data.corpora_dir else str(FIXTURE_CORPORA)
     data.cache_dir = at_home(data.cache_dir, home)
-    data.tokenizer_path = at_home(data.tokenizer_path, home)
+    data.tokenizer.path = at_home(data.tokenizer.path, home)
     data.folders = {name: at_home(folder, home) for name, folder in data.folders.items()}
+    data.sources = {name: _source_at_home(spec, home) for name, spec in data.sources.items()}
     cfg.extension.inbox = at_home(cfg.extension.inbox, home)
     cfg.tracking.uri = tracking_uri(cfg.tracking.uri, home)
+
+
+def _source_at_home(spec: Any, home: Path) -> Any:
+    """A `data.sources` entry with the `path` of a local-path kind made absolute (the rest unchanged:
+    a malformed entry fails in DataSection, naming it)."""
+    from nexus.data.sources import SOURCES
+
+    if isinstance(spec, dict) and isinstance(spec.get("sources"), list):
+        return {**spec, "sources": [_source_at_home(s, home) for s in spec["sources"]]}
+    source = SOURCES.get(spec.get("kind")) if isinstance(spec, dict) else None
+    if source is not None and source.local_path and spec.get("path"):
+        return {**spec, "path": at_home(spec["path"], home)}
+    return spec
 
 
 def prefect_env(home: str | Path) -> dict[str, str]:
@@ -74,3 +88,19 @@ def prefect_env(home: str | Path) -> dict[str, str]:
     if any(os.environ.get(k) for k in PREFECT_RESULT_SETTINGS):
         return {}
     return {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(home) / ".prefect" / "results")}
+
+
+def offline_env(home: str | None = None) -> None:
+    """Environment defaults of every `nexus` command (set only where the user has not): offline hubs,
+    no telemetry, training progress in Prefect's logs, Prefect's task results in the project home."""
+    defaults = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "nexus",
+        **prefect_env(project_home(home)),
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

@@ -1,7 +1,7 @@
 """`nexus eval MODEL`: lm-eval on a Nexus checkpoint, a transformers export (`nexus export`) or a
 registered model (`models:/name@alias`, `models:/name/version`, a name for its `@champion`), on
 the offline held-out suite of a prepared experiment (`--data`) and/or any lm-eval task (`--tasks`),
-with results written to `<out>/results.json` and logged to MLflow (registered in nexus.cli COMMANDS).
+with results written to `<out>/results.json` and logged to MLflow (registered in flows.cli COMMANDS).
 
 The MLflow run (experiment `nexus-eval` by default) has stage `eval`, the task metrics as
 `<task>/<metric>`, the results file as artifact, and lineage: `nexus.parent_runs` names the run
@@ -178,8 +178,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flows.cli import offline_env
     from flows.config import TrackingSection
+    from flows.home import offline_env
 
     offline_env()
     label = re.sub(r"[^\w.@-]+", "_", args.model.removeprefix("models:/").strip("/")) or "model"

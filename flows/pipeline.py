@@ -336,7 +336,7 @@ def moe_phase(
             seed,
             experts,
             embeddings,
-            cfg.router.moe_options(),
+            cfg.router.moe_kwargs(),
             metadata=meta,
             init_seed=cfg.router.init_seed,
             tracking=track,
@@ -426,7 +426,9 @@ def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
                 f"seed_checkpoint: vocab_size {vocab} differs from the data's tokenizer ({data['vocab_size']})"
             )
     if "nexus" in cfg.router.routers:
-        load_embedder(cfg.data.embedding_model)  # DataError naming the embedder if it cannot load
+        load_embedder(
+            cfg.data.embedding.model or "default"
+        )  # DataError naming the embedder if it cannot load
 
 
 def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:

@@ -159,7 +159,8 @@ def reproduce_paper(
         "replicates": {},
         "recipe_ablations": {},
         "ablations": {},
-        "tokens_per_step": base.train.extension.batch_size * (base.data.seq_len or base.model.max_seq_len),
+        "tokens_per_step": base.train.extension.batch_size
+        * (base.data.packing.seq_len or base.model.max_seq_len),
         "steps": {k: getattr(base.train, k).max_steps for k in ("seed", "expert", "moe")},
     }
     start = time.time()
@@ -229,7 +230,7 @@ def _slug(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.cli import offline_env
+    from flows.home import offline_env
 
     parser = argparse.ArgumentParser(
         prog="python -m flows.reproduce",

@@ -100,7 +100,7 @@ def check_embedder(cfg: PipelineConfig, moe: dict, domain: str) -> None:
         return
     from nexus.data import check_embedding_dim, load_embedder
 
-    embedder = load_embedder(cfg.data.embedding_model)
+    embedder = load_embedder(cfg.data.embedding.model or "default")
     check_embedding_dim([0.0] * embedder.dim, moe["domain_embed_dim"], domain, f"embedder {embedder.name}")
 
 

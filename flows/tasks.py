@@ -161,29 +161,10 @@ def prepare_data(
     `embed_domain` tasks). A tokenizer is trained on `tokenizer_domains` first, then reused for every
     domain, so adding a domain later does not change any other domain's tokens."""
     from flows.config import DataSection
-    from nexus.data import prepare_experiment
+    from flows.data import prepare_section
 
-    section = DataSection(**data)
-    tokenizer = tokenizer_path or section.tokenizer_path
-    if not tokenizer and section.tokenizer_domains:
-        base = section.to_data_config(
-            experiment, str(Path(out_dir) / "tokenizer-base"), keep=list(section.tokenizer_domains)
-        )
-        base = _no_embeddings(base)
-        tokenizer = str(prepare_experiment(base, base.out_dir, progress=False).tokenizer_path)
-    cfg = _no_embeddings(
-        section.to_data_config(
-            experiment, str(Path(out_dir) / "main"), extra=extra, keep=keep, tokenizer_path=tokenizer
-        )
-    )
-    prepared = prepare_experiment(cfg, cfg.out_dir, progress=False)
+    prepared, cfg = prepare_section(DataSection(**data), experiment, out_dir, keep, extra, tokenizer_path)
     return describe_data(prepared, cfg)
-
-
-def _no_embeddings(cfg):
-    import dataclasses
-
-    return dataclasses.replace(cfg, embedding=dataclasses.replace(cfg.embedding, enabled=False))
 
 
 def describe_data(prepared: Any, cfg: Any) -> dict[str, Any]:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from nexus.errors import ConfigError, DataError
 
-SourceKind = Literal["debian", "folder", "hf", "stdlib"]
-SOURCE_KINDS = ("debian", "folder", "hf", "stdlib")
 # How the files of a debian/folder/stdlib source are turned into documents (see nexus.data.formats).
 FORMATS = ("auto", "text", "jsonl", "dictd", "rst", "jargon", "fortunes", "python")
-Weighting = Literal["proportional", "uniform", "explicit"]
+WEIGHTINGS = ("proportional", "uniform", "explicit")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_NAME_LENGTH = 64
 
@@ -37,7 +35,7 @@ def check_domain_name(name: str) -> str:
 class SourceConfig:
     """One source of documents.
 
-    kind:
+    kind: a kind of the registry `nexus.data.sources.SOURCES`:
       - "debian": `package` is downloaded with `apt-get download` and extracted into the cache
         (a metapackage such as `linux-doc` is followed to the package it depends on);
       - "folder": `path` is a directory or a glob of `.txt`/`.md`/`.jsonl` files (or a tree in one
@@ -50,7 +48,7 @@ class SourceConfig:
       file, .jsonl: one per line) for folders, and the natural format for the other kinds.
     """
 
-    kind: SourceKind
+    kind: str
     package: str | None = None
     path: str | None = None
     format: str = "auto"
@@ -67,14 +65,14 @@ class SourceConfig:
     skip_undecodable: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in SOURCE_KINDS:
-            raise ConfigError(f"source kind {self.kind!r} is not one of {SOURCE_KINDS}")
+        from nexus.data.sources import get_source  # the registry's module imports this one
+
+        source = get_source(self.kind)
         if self.format not in FORMATS:
             raise ConfigError(f"source format {self.format!r} is not one of {FORMATS}")
-        if self.kind == "debian" and not self.package:
-            raise ConfigError("a debian source needs `package`")
-        if self.kind in ("folder", "hf") and not self.path:
-            raise ConfigError(f"a {self.kind} source needs `path`")
+        for key in source.needs:
+            if not getattr(self, key):
+                raise ConfigError(f"a {self.kind} source needs `{key}`")
         if (self.filter_field is None) != (self.filter_value is None):
             raise ConfigError("`filter_field` and `filter_value` go together")
         if self.max_documents is not None and self.max_documents < 1:
@@ -174,14 +172,14 @@ class MixtureConfig:
       extension finetune (the rest: the previous domains' mix).
     """
 
-    weighting: Weighting = "proportional"
+    weighting: str = "proportional"
     weights: dict[str, float] | None = None
     general_share: float = 0.0
     extension_new_share: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.weighting not in ("proportional", "uniform", "explicit"):
+        if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"mixture weighting {self.weighting!r} is not proportional|uniform|explicit")
         if (self.weighting == "explicit") != (self.weights is not None):
             raise ConfigError("mixture `weights` is required for, and only for, weighting='explicit'")

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nexus.data import debian
 from nexus.data.cache import FINGERPRINT_FILE, cached_dir, fingerprint, read_fingerprint
 from nexus.data.config import DataConfig, DomainConfig, EmbeddingConfig
 from nexus.data.documents import SPLITS, column_batches, documents_fingerprint, hash_order, write_documents
@@ -38,7 +37,7 @@ from nexus.data.embeddings import (
     save_domain_embedding,
 )
 from nexus.data.prepared import DomainData, PreparedData, SplitStats
-from nexus.data.sources import describe, read_source, source_identity
+from nexus.data.sources import check_sources, describe, read_source, source_identity
 from nexus.io import _fsync_tree, replace_dir, staging_directory
 
 log = logging.getLogger("nexus.data")
@@ -81,7 +80,7 @@ def _prepare(cfg: DataConfig, out_dir: str | Path | None, progress: bool) -> Pre
 
     # 1-2. validate and read everything that is not cached; nothing is written to `out` yet.
     t0 = time.perf_counter()
-    debian.query_packages([s.package for d in cfg.domains for s in d.sources if s.kind == "debian"])
+    check_sources([s for d in cfg.domains for s in d.sources])
     fps = {
         d.name: documents_fingerprint(d.name, [source_identity(s, d.name) for s in d.sources], cfg.splits)
         for d in cfg.domains

@@ -43,8 +43,9 @@ TINY_FORMATS: dict[str, str] = {
 }
 
 
-def demo_config(**overrides: Any) -> DataConfig:
-    """The demo experiment; `overrides` replace DataConfig fields (e.g. out_dir, cache_dir)."""
+def demo_config(corpora_dir: str | Path | None = None, **overrides: Any) -> DataConfig:
+    """The demo experiment (Debian packages and the stdlib: `corpora_dir` is not used); `overrides`
+    replace DataConfig fields (e.g. out_dir, cache_dir)."""
     domains = [DomainConfig.debian(name, pkgs, skip_undecodable=True) for name, pkgs in DEMO_PACKAGES.items()]
     domains.append(DomainConfig("code", (SourceConfig("stdlib"),), held_out=True))
     domains += [DomainConfig.debian(name, pkgs, held_out=True) for name, pkgs in HELD_OUT_PACKAGES.items()]
@@ -79,9 +80,11 @@ def tiny_config(corpora_dir: str | Path, **overrides: Any) -> DataConfig:
 
 
 PRESETS = {"demo": demo_config, "tiny": tiny_config}
+"""name -> function(corpora_dir, **DataConfig overrides) -> DataConfig (Hydra's `data.preset`)."""
 
 
-def preset(name: str, **kwargs: Any) -> DataConfig:
+def preset(name: str, corpora_dir: str | Path | None = None, **overrides: Any) -> DataConfig:
+    """The preset `name`; `corpora_dir`: the local corpora of a preset that reads them (tiny)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown data experiment {name!r}; presets: {sorted(PRESETS)}")
-    return PRESETS[name](**kwargs)
+    return PRESETS[name](corpora_dir, **overrides)

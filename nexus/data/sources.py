@@ -1,4 +1,5 @@
-"""Domain sources: Debian packages, local folders/globs, Hugging Face datasets, the stdlib.
+"""Domain sources: a registry `SOURCES` of kind -> `Source` (Debian packages, local folders/globs,
+Hugging Face datasets, the stdlib; `@register_source` adds a kind, docs/extending.md).
 
 Two steps per source, so that bad input fails before anything is written:
   `source_identity(...)`: cheap, validates that the source exists (package known to apt, folder
@@ -21,16 +22,59 @@ import sysconfig
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from nexus.data import debian
 from nexus.data.config import DomainConfig, SourceConfig, SplitConfig
 from nexus.data.formats import Document, list_files, parse_files
-from nexus.errors import DataError
+from nexus.errors import ConfigError, DataError
 
 # The stdlib's own test suites hold deliberately broken files; third-party code is not stdlib.
 STDLIB_EXCLUDE = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
-_NATURAL_FORMAT = {"stdlib": "python", "folder": "auto"}
+
+
+class Source:
+    """How one kind of source is checked and read. A subclass sets `kind` (the `SourceConfig.kind` that
+    selects it), `needs` (SourceConfig fields it requires), `natural_format` (what format "auto"
+    means) and `local_path`, implements `identity` and `read`, and is added with `@register_source`."""
+
+    kind: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+    natural_format: ClassVar[str] = "auto"
+    local_path: ClassVar[bool] = False
+    """`path` is a local path (a relative one is relative to the project home in the pipeline config)."""
+
+    def identity(self, src: SourceConfig, domain: str) -> dict[str, Any]:
+        """Validate the source (cheaply) and return what the cache fingerprint needs besides the kind,
+        format and max_documents."""
+        raise NotImplementedError
+
+    def read(self, src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
+        """All documents `(text, origin)` of the source (`read_source` keeps the first max_documents)."""
+        raise NotImplementedError
+
+    def describe(self, src: SourceConfig) -> str:
+        """Where the source reads from, for messages."""
+        return str(src.path)
+
+    def check_all(self, sources: list[SourceConfig]) -> None:
+        """Validate every source of this kind of an experiment at once, before any is read (optional)."""
+
+
+SOURCES: dict[str, Source] = {}
+"""kind -> Source: every kind a `SourceConfig` may name."""
+
+
+def register_source(cls: type[Source]) -> type[Source]:
+    """Class decorator: make `cls.kind` a source kind (of SourceConfig, Hydra's `data.sources`, presets)."""
+    SOURCES[cls.kind] = cls()
+    return cls
+
+
+def get_source(kind: str) -> Source:
+    if kind not in SOURCES:
+        raise ConfigError(f"source kind {kind!r} is not one of {tuple(SOURCES)}")
+    return SOURCES[kind]
 
 
 def stdlib_root() -> Path:
@@ -38,11 +82,10 @@ def stdlib_root() -> Path:
 
 
 def _format(src: SourceConfig) -> str:
-    return src.format if src.format != "auto" else _NATURAL_FORMAT.get(src.kind, "auto")
+    return src.format if src.format != "auto" else get_source(src.kind).natural_format
 
 
-def _files(src: SourceConfig, domain: str, root: str) -> list[Path]:
-    exclude = STDLIB_EXCLUDE if src.kind == "stdlib" else frozenset()
+def _files(src: SourceConfig, domain: str, root: str, exclude: frozenset[str] = frozenset()) -> list[Path]:
     return list_files(root, _format(src), domain, exclude)
 
 
@@ -54,39 +97,102 @@ def _file_stats(files: list[Path]) -> list[tuple[str, int, int]]:
 def source_identity(src: SourceConfig, domain: str) -> dict[str, Any]:
     """Validate a source and describe it for the cache fingerprint (does not read documents)."""
     ident: dict[str, Any] = {"kind": src.kind, "format": _format(src), "max_documents": src.max_documents}
-    if src.kind == "debian":
-        ident["packages"] = [(p.name, p.version) for p in debian.resolve_package(src.package, domain)]
-    elif src.kind == "folder":
-        ident["files"] = _file_stats(_files(src, domain, src.path))
-        ident["text_field"] = src.text_field
-    elif src.kind == "stdlib":
-        ident["python"] = sys.version
-        ident["files"] = _file_stats(_files(src, domain, str(stdlib_root())))
-    else:
-        ident["dataset"] = _hf_identity(src, domain)
-        ident.update(text_field=src.text_field, filter=[src.filter_field, src.filter_value])
-    return ident
+    return {**ident, **get_source(src.kind).identity(src, domain)}
 
 
 def read_source(src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
     """Documents of one source, at most `src.max_documents`."""
-    docs: Iterator[Document]
-    if src.kind == "debian":
-        docs = _read_debian(src, domain, cache_dir)
-    elif src.kind == "hf":
-        docs = _read_hf(src, domain)
-    else:
-        root = src.path if src.kind == "folder" else str(stdlib_root())
-        docs = parse_files(_files(src, domain, root), _format(src), domain, src)
-    return islice(docs, src.max_documents)
+    return islice(get_source(src.kind).read(src, domain, cache_dir), src.max_documents)
 
 
-def _read_debian(src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
-    roots = [
-        debian.fetch_package(info, cache_dir, domain) for info in debian.resolve_package(src.package, domain)
-    ]
-    files = [f for root in roots for f in _files(src, domain, str(root))]
-    yield from parse_files(files, _format(src), domain, src)
+def check_sources(sources: list[SourceConfig]) -> None:
+    """Each kind's `check_all` over its sources (e.g. one apt query for every Debian package)."""
+    for kind, source in SOURCES.items():
+        source.check_all([s for s in sources if s.kind == kind])
+
+
+def describe(src: SourceConfig) -> str:
+    """Where a source reads from, for messages."""
+    return get_source(src.kind).describe(src)
+
+
+@register_source
+class DebianSource(Source):
+    """`package` downloaded with `apt-get download` into the cache (a metapackage is followed)."""
+
+    kind = "debian"
+    needs = ("package",)
+
+    def identity(self, src: SourceConfig, domain: str) -> dict[str, Any]:
+        return {"packages": [(p.name, p.version) for p in debian.resolve_package(src.package, domain)]}
+
+    def read(self, src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
+        roots = [
+            debian.fetch_package(info, cache_dir, domain)
+            for info in debian.resolve_package(src.package, domain)
+        ]
+        files = [f for root in roots for f in _files(src, domain, str(root))]
+        yield from parse_files(files, _format(src), domain, src)
+
+    def describe(self, src: SourceConfig) -> str:
+        return f"Debian package {src.package}"
+
+    def check_all(self, sources: list[SourceConfig]) -> None:
+        debian.query_packages([s.package for s in sources])
+
+
+@register_source
+class FolderSource(Source):
+    """`path`: a directory or a glob of .txt/.md/.jsonl files (or a tree in one of the package formats)."""
+
+    kind = "folder"
+    needs = ("path",)
+    local_path = True
+
+    def identity(self, src: SourceConfig, domain: str) -> dict[str, Any]:
+        return {"files": _file_stats(_files(src, domain, src.path)), "text_field": src.text_field}
+
+    def read(self, src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
+        return parse_files(_files(src, domain, src.path), _format(src), domain, src)
+
+
+@register_source
+class StdlibSource(Source):
+    """The running interpreter's standard library `.py` files (tests excluded)."""
+
+    kind = "stdlib"
+    natural_format = "python"
+
+    def identity(self, src: SourceConfig, domain: str) -> dict[str, Any]:
+        return {"python": sys.version, "files": _file_stats(self._files(src, domain))}
+
+    def read(self, src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
+        return parse_files(self._files(src, domain), _format(src), domain, src)
+
+    def describe(self, src: SourceConfig) -> str:
+        return f"stdlib {stdlib_root()}"
+
+    def _files(self, src: SourceConfig, domain: str) -> list[Path]:
+        return _files(src, domain, str(stdlib_root()), STDLIB_EXCLUDE)
+
+
+@register_source
+class HFSource(Source):
+    """A Hugging Face dataset (streamed), a `save_to_disk` directory, local data files, or a builder name
+    with `data_files`; read in batches, never loaded whole."""
+
+    kind = "hf"
+    needs = ("path",)
+
+    def identity(self, src: SourceConfig, domain: str) -> dict[str, Any]:
+        return {
+            "dataset": _hf_identity(src, domain),
+            "text_field": src.text_field,
+            "filter": [src.filter_field, src.filter_value],
+        }
+
+    def read(self, src: SourceConfig, domain: str, cache_dir: Path) -> Iterator[Document]:
+        return _read_hf(src, domain)
 
 
 HF_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
@@ -205,20 +311,16 @@ def check_folder_domain(name: str, folder: str, splits: SplitConfig | None = Non
     return sum(len(p.text) for p in parts.values())
 
 
-def describe(src: SourceConfig) -> str:
-    """Where a source reads from, for messages."""
-    return (
-        src.path
-        if src.kind in ("folder", "hf")
-        else (f"Debian package {src.package}" if src.kind == "debian" else f"stdlib {stdlib_root()}")
-    )
-
-
 __all__ = [
+    "SOURCES",
     "STDLIB_EXCLUDE",
+    "Source",
     "check_folder_domain",
+    "check_sources",
     "describe",
+    "get_source",
     "read_source",
+    "register_source",
     "source_identity",
     "stdlib_root",
 ]

@@ -2,7 +2,7 @@
 SIGKILL), digests of its final checkpoints, temp-file detection, and a Prefect test harness for the
 in-process bad-input tests.
 
-The subprocess is `python -c DRIVER <nexus.cli args>`: `nexus.cli.main` plus an optional fault hook
+The subprocess is `python -c DRIVER <flows.cli args>`: `flows.cli.main` plus an optional fault hook
 (`NEXUS_FAULT_KILL_WRITE=<path fragment>`) that SIGKILLs the whole process group right after a
 checkpoint's temporary directory has been filled and fsynced, before it is renamed into place, i.e.
 "during checkpoint write", deterministically. Every other kill point is hit by polling the output
@@ -53,7 +53,7 @@ if target:
             print("FAULT: SIGKILL during checkpoint write of", root, flush=True)
             os.killpg(os.getpgid(0), signal.SIGKILL)
     io._fsync_tree = fsync_then_die
-from nexus.cli import main
+from flows.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

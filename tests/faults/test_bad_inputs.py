@@ -70,7 +70,7 @@ CASES: list[Case] = [
     ("unknown-router", lambda t: ["router.routers=[nexus,bogus]"], ("router.routers", "bogus")),
     ("unknown-runner", lambda t: ["runner.kind=mpi"], ("runner.kind", "mpi")),
     ("missing-seed-checkpoint", lambda t: [f"seed_checkpoint={t}/nope"], ("seed_checkpoint", "nope")),
-    ("seq-len-too-long", lambda t: ["data.seq_len=100000"], ("data.seq_len",)),
+    ("seq-len-too-long", lambda t: ["data.packing.seq_len=100000"], ("data.packing.seq_len",)),
     ("unknown-domain", lambda t: ["data.domains=[dictionary,atlantis]"], ("atlantis",)),
     ("missing-folder", lambda t: [f"+data.folders.extra={t}/missing"], ("data.folders.extra", "missing")),
     (
@@ -202,7 +202,7 @@ def test_errors_reach_the_cli_as_one_line(tmp_path):
         [
             PYTHON,
             "-m",
-            "nexus.cli",
+            "flows.cli",
             "run",
             "--experiment",
             "micro",
@@ -223,7 +223,7 @@ def test_errors_reach_the_cli_as_one_line(tmp_path):
 
 def test_cli_experiment_after_flow():
     """The documented form `nexus run pipeline --experiment micro key=value ...` parses."""
-    from nexus.cli import parse_args
+    from flows.cli import parse_args
 
     args = parse_args(["run", "pipeline", "--experiment", "micro", "out_dir=x", "a.b=1"])
     assert args.experiment == "micro" and args.overrides == ["out_dir=x", "a.b=1"]
@@ -233,7 +233,7 @@ def test_cli_experiment_after_flow():
 
 FAIL_FAST = """
 import sys
-from nexus.cli import main
+from flows.cli import main
 code = main(sys.argv[1:])
 print("prefect imported" if "prefect" in sys.modules else "prefect not imported")
 sys.exit(code)

@@ -156,7 +156,7 @@ def test_a_bam_moe_is_extended_and_the_expert_removed_by_the_flows(bam_run, tmp_
     home, results = bam_run
     moe = results["replicates"]["0"]["variants"]["bam-shared-kv"]["checkpoints"]["moe:nexus"]
     folder = domain_folder(tmp_path / "code", "code")
-    nexus = [sys.executable, "-m", "nexus.cli", "run"]
+    nexus = [sys.executable, "-m", "flows.cli", "run"]
     run(
         [
             *nexus,

@@ -25,7 +25,11 @@ def test_every_experiment_composes(experiment):
 
 def test_paper_configs_document_the_paper():
     cfg = compose("470m", check=False)
-    assert (cfg.router.top_k, cfg.router.load_balance_coef, cfg.data.vocab_size) == (1, 0.05, 256000)
+    assert (cfg.router.top_k, cfg.router.load_balance_coef, cfg.data.tokenizer.vocab_size) == (
+        1,
+        0.05,
+        256000,
+    )
     assert cfg.train.moe.lr == 1e-3 and cfg.train.moe.warmup_frac == 0.1 and cfg.model.parallel_blocks
 
 
@@ -125,7 +129,9 @@ def test_every_default_path_resolves_against_the_project_home(tmp_path, monkeypa
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("NEXUS_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = compose("micro", ["out_dir=runs/a", "+data.folders.extra=docs"])
+    cfg = compose(
+        "micro", ["out_dir=runs/a", "+data.folders.extra=docs", "+data.sources.src={kind:folder,path:docs}"]
+    )
     assert cfg.home == str(home)
     assert cfg.out_dir == str(home / "runs" / "a") and cfg.extension.inbox == str(
         home / "runs" / "a" / "inbox"
@@ -133,6 +139,7 @@ def test_every_default_path_resolves_against_the_project_home(tmp_path, monkeypa
     assert cfg.data.cache_dir == str(home / ".cache" / "nexus") and cfg.data.folders == {
         "extra": str(home / "docs")
     }
+    assert cfg.data.sources == {"src": {"kind": "folder", "path": str(home / "docs")}}
     assert cfg.tracking.uri == f"sqlite:///{home}/outputs/mlflow.db"
     assert Path(cfg.data.corpora_dir).is_dir()  # the tiny preset's corpora come with the repository
     assert not any(elsewhere.iterdir())
@@ -166,12 +173,12 @@ def test_paper_experiments_compose_and_have_the_parameter_counts_of_their_names(
 
     cfg = compose(experiment, [])
     domains = [d.name for d in cfg.data.to_data_config(experiment, "unused").domains]
-    dense = dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
+    dense = dataclasses.replace(cfg.model, vocab_size=cfg.data.tokenizer.vocab_size)
     counts = {}
     with torch.device("meta"):
         counts["seed"] = parameter_counts(Transformer(dense))["total"]
         for router in ("linear", "nexus"):
-            moe = dense.with_moe(expert_names=domains, router=router, **cfg.router.moe_options())
+            moe = dataclasses.replace(dense, moe=cfg.router.moe_config(domains, router))
             counts[router] = parameter_counts(Transformer(moe))
     assert counts["seed"] == seed and abs(seed - named) < 0.02 * named
     assert counts["linear"]["total"] == linear and counts["nexus"]["total"] == nexus
@@ -204,7 +211,7 @@ def test_hf_domain_declared_in_the_config_is_streamed_prepared_and_reused(tmp_pa
     cfg = compose(
         "micro", micro_overrides(tmp_path, source, "data.domains=[dictionary,lore,papers]", "data.num_proc=2")
     )
-    assert cfg.data.hf_section("papers").streaming and cfg.data.num_proc == 2
+    assert cfg.data.declared_domains()["papers"].sources[0].streaming and cfg.data.packing.num_proc == 2
     first = prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data"))
     data = open_prepared(first["dir"])
     kept = sum(s.documents for s in data.domains["papers"].splits.values())
@@ -213,3 +220,180 @@ def test_hf_domain_declared_in_the_config_is_streamed_prepared_and_reused(tmp_pa
     )
     assert first["token_counts"]["papers"] > 0 and first["config"]["packing"]["num_proc"] == 2
     assert prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data")) == first
+
+
+def _fields(cls: type, prefix: str = "") -> list[str]:
+    """Every field of a dataclass, recursively (tuple/list elements and nested dataclasses), dotted."""
+    import dataclasses
+    import typing
+
+    paths = []
+    for f in dataclasses.fields(cls):
+        typ = typing.get_type_hints(cls)[f.name]
+        inner = [t for t in (typ, *typing.get_args(typ)) if dataclasses.is_dataclass(t)]
+        if not dataclasses.is_dataclass(
+            typ
+        ):  # a nested part counts by its fields; a tuple of them also whole
+            paths.append(prefix + f.name)
+        if inner:
+            paths += _fields(inner[0], f"{prefix}{f.name}.")
+    return paths
+
+
+# MoEConfig field -> (override, expected value); `router.<field>` unless the override names its key.
+MOE_VALUES = {
+    "expert_names": ("data.domains=[dictionary,python-docs]", ["dictionary", "python-docs"]),
+    "router": ("router.routers=[linear]", "linear"),
+    "top_k": ("2", 2),
+    "shared_expert": ("false", False),
+    "normalize_gates": ("true", True),
+    "domain_embed_dim": ("16", 16),
+    "router_hidden": ("24", 24),
+    "load_balance_coef": ("0.01", 0.01),
+    "z_loss_coef": ("0.001", 0.001),
+    "dispatch": ("grouped_mm", "grouped_mm"),
+    "attention_experts": ("full", "full"),
+    "attention_routing": ("top_k", "top_k"),
+    "attention_top_k": ("2", 2),
+    "attention_shared_expert": ("true", True),
+}
+
+
+def test_every_moe_config_field_is_set_from_the_command_line_and_reaches_the_upcycled_moe(tmp_path):
+    """Each MoEConfig field (enumerated from the dataclass: a new field fails here until it is covered)
+    overridden alone; the MoE that upcycling builds from what the pipeline passes carries it."""
+    import torch
+
+    from nexus.config import MoEConfig, tiny
+    from nexus.model import Transformer
+    from nexus.upcycling import upcycle
+
+    assert set(_fields(MoEConfig)) == set(MOE_VALUES)
+    seed = Transformer(tiny())
+    for name, (value, expected) in MOE_VALUES.items():
+        override = value if "=" in value else f"router.{name}={value}"
+        cfg = compose("micro", micro_overrides(tmp_path, override))
+        experts = cfg.data.to_data_config(cfg.name, str(tmp_path)).initial_domains
+        built = {r: cfg.router.moe_config(experts, r) for r in cfg.router.routers}
+        dim = cfg.router.domain_embed_dim or 384
+        for router, moe in built.items():  # what build_model gets: moe_kwargs(), experts and the router
+            model = upcycle(
+                seed,
+                [seed] * len(experts),
+                domain_embeddings=torch.randn(len(experts), dim),
+                router=router,
+                expert_names=experts,
+                **cfg.router.moe_kwargs(),
+            )
+            assert model.config.moe == moe, name
+            assert getattr(moe, name) == expected, (name, getattr(moe, name))
+
+
+def _data_values(tmp_path: Path) -> dict[str, tuple[list[str], object]]:
+    """DataConfig field -> (overrides, expected value in the built DataConfig, or a check of it)."""
+    corpus = str(tmp_path / "corpus")
+    on_extra = ["data.domains=[dictionary,lore,extra]"]
+
+    def extra(spec: str) -> str:
+        return f"+data.sources.extra={{kind:folder,path:{corpus},{spec}}}"
+
+    def source(field: str, value: str, expected: object, **more: str):
+        spec = ",".join([f"{field}:{value}", *(f"{k}:{v}" for k, v in more.items())])
+        return [extra(spec), *on_extra], lambda d: getattr(d.domains[-1].sources[0], field) == expected
+
+    values: dict[str, tuple[list[str], object]] = {
+        "experiment": (["name=other"], "other"),
+        "domains": (["data.domains=[lore]"], lambda d: [x.name for x in d.domains] == ["lore"]),
+        "domains.name": (
+            [extra("format:auto"), *on_extra],
+            lambda d: [x.name for x in d.domains] == ["dictionary", "lore", "extra"],
+        ),
+        "domains.sources": (
+            [
+                f"+data.sources.extra={{sources:[{{kind:folder,path:{corpus}}},{{kind:stdlib}}]}}",
+                *on_extra,
+            ],
+            lambda d: [s.kind for s in d.domains[-1].sources] == ["folder", "stdlib"],
+        ),
+        "domains.held_out": (
+            [extra("held_out:true")],
+            lambda d: "extra" not in d.initial_domains,
+        ),
+        "domains.sources.kind": source("kind", "stdlib", "stdlib"),
+        "domains.sources.package": source("package", "dict-gcide", "dict-gcide"),
+        "domains.sources.path": source("path", f"{corpus}/sub", f"{corpus}/sub"),
+        "domains.sources.format": source("format", "dictd", "dictd"),
+        "domains.sources.text_field": source("text_field", "body", "body"),
+        "domains.sources.hf_config": source("hf_config", "sub", "sub"),
+        "domains.sources.hf_split": source("hf_split", "test", "test"),
+        "domains.sources.data_files": source("data_files", "x.jsonl", "x.jsonl"),
+        "domains.sources.filter_field": source("filter_field", "meta.set", "meta.set", filter_value="a"),
+        "domains.sources.filter_value": source("filter_value", "a", "a", filter_field="meta.set"),
+        "domains.sources.streaming": source("streaming", "false", False),
+        "domains.sources.max_documents": source("max_documents", "5", 5),
+        "domains.sources.skip_undecodable": source("skip_undecodable", "true", True),
+        "out_dir": ([f"out_dir={tmp_path}/runs"], lambda d: d.out_dir.startswith(f"{tmp_path}/runs/")),
+        "cache_dir": ([f"data.cache_dir={tmp_path}/cache"], f"{tmp_path}/cache"),
+        "mixture.weights": (
+            ["data.mixture.weighting=explicit", "data.mixture.weights={dictionary:1.0,lore:2.0}"],
+            {"dictionary": 1.0, "lore": 2.0},
+        ),
+        "tokenizer.path": ([f"data.tokenizer.path={tmp_path}/tok.json"], f"{tmp_path}/tok.json"),
+    }
+    simple = {
+        "splits": {"validation": 0.1, "test": 0.15, "salt": "pepper", "min_chars": 5},
+        "tokenizer": {
+            "vocab_size": 400,
+            "sample_chars_per_domain": 1000,
+            "min_frequency": 3,
+            "eos_token": "E",
+        },
+        "packing": {"seq_len": 16, "num_proc": 2, "batch_size": 7},
+        "mixture": {"weighting": "uniform", "general_share": 0.3, "extension_new_share": 0.7, "seed": 5},
+        "embedding": {
+            "model": "another-embedder",
+            "sample_size": 3,
+            "batch_size": 4,
+            "max_chars": 50,
+            "max_chunks_per_doc": 2,
+            "expected_dim": 16,
+            "seed": 1,
+            "enabled": False,
+        },
+    }
+    for part, fields in simple.items():
+        for name, value in fields.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            values[f"{part}.{name}"] = ([f"data.{part}.{name}={text}"], value)
+    return values
+
+
+def test_every_data_config_field_is_set_from_the_command_line_and_reaches_the_built_data_config(tmp_path):
+    """Each DataConfig field, nested parts and a declared domain's sources included (enumerated from the
+    dataclasses: a new field fails here until it is covered), overridden on the micro experiment; the
+    DataConfig the pipeline's data task builds (`to_data_config(name, <out_dir>/data)`) carries it."""
+    from functools import reduce
+
+    from nexus.data import DataConfig
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("a document of the declared domain")
+    values = _data_values(tmp_path)
+    assert set(_fields(DataConfig)) == set(values)
+    for name, (overrides, expected) in values.items():
+        cfg = compose("micro", micro_overrides(tmp_path, *overrides))
+        data = cfg.data.to_data_config(cfg.name, f"{cfg.out_dir}/data/main")
+        if callable(expected):
+            assert expected(data), (name, data)
+        else:
+            assert reduce(getattr, name.split("."), data) == expected, name
+
+
+def test_groups_split_by_concern_set_their_part_of_the_router_section(tmp_path):
+    """`router=` picks the MoEs, `baselines=` the baselines, `moe=` the layer options (conf/<group>/)."""
+    cfg = compose("micro", micro_overrides(tmp_path, "router=nexus", "baselines=all"))
+    assert cfg.router.routers == ["nexus"] and cfg.router.continued_seed and cfg.router.sparse_upcycling
+    default = compose("micro", micro_overrides(tmp_path, "baselines=none")).router
+    assert (default.routers, default.dense_merge, default.top_k) == (["nexus", "linear"], False, 1)
+    groups = {p.parent.name for p in CONF_DIR.glob("*/*.yaml")}
+    assert {"router", "moe", "baselines", "data", "model", "train", "recipe", "experiment"} <= groups

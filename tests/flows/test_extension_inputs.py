@@ -138,7 +138,7 @@ REMOVE: list[Case] = [
 def _check(
     micro_moe, tmp_path, capsys, flow: str, make: Callable[[Path], list[str]], words: tuple[str, ...]
 ) -> None:
-    from nexus.cli import main
+    from flows.cli import main
 
     out, _, overrides, _ = micro_moe
     home = out.parent.parent  # outputs, the MLflow store, caches
@@ -164,7 +164,7 @@ def test_bad_removal_input_fails_fast_and_writes_nothing(micro_moe, tmp_path, ca
 
 
 def test_unknown_experiment_is_one_line(capsys):
-    from nexus.cli import main
+    from flows.cli import main
 
     assert main(["run", "extend", "--experiment", "no-such-experiment", "--domain", "x"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -178,7 +178,7 @@ def test_a_real_process_reports_one_line_and_exit_status_2(micro_moe, tmp_path):
         [
             sys.executable,
             "-m",
-            "nexus.cli",
+            "flows.cli",
             "run",
             "extend",
             "--experiment",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import main
 from flows.lm_evaluation import resolve_model
 from nexus.checkpoint import read_checkpoint_config, save_checkpoint
-from nexus.cli import main
 from nexus.config import tiny
 from nexus.errors import ConfigError
 from nexus.model.transformer import Transformer

@@ -33,7 +33,7 @@ HARMFUL = "harmful"
 
 
 def cli(*args: str) -> int:
-    from nexus.cli import main
+    from flows.cli import main
 
     return main(list(args))
 

@@ -71,7 +71,7 @@ def test_nexus_serve_serves_these_deployments(monkeypatch, tmp_path):
     """`nexus serve --experiment micro <overrides>` hands exactly these deployments to `prefect.serve`."""
     import prefect
 
-    from nexus.cli import main
+    from flows.cli import main
 
     served = []
     monkeypatch.setattr(prefect, "serve", lambda *deployments, **kw: served.extend(deployments))

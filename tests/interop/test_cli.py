@@ -7,8 +7,8 @@ import json
 
 import torch
 
+from flows.cli import main
 from nexus.checkpoint import load_checkpoint, save_checkpoint
-from nexus.cli import main
 from nexus.interop import tokenizer_files
 from nexus.upcycling import upcycle
 from tests.interop import make_llama, max_diff, nexus_model, perturbed, save_tokenizer, tokens

@@ -60,7 +60,9 @@ def test_demo_nexus_moe_exports_and_loads(tmp_path):
 
     cfg = compose("demo")
     names = [d.name for d in demo_config().domains if not d.held_out]
-    config = cfg.model.__class__(**{**cfg.model.to_dict(), "moe": None, "vocab_size": cfg.data.vocab_size})
+    config = cfg.model.__class__(
+        **{**cfg.model.to_dict(), "moe": None, "vocab_size": cfg.data.tokenizer.vocab_size}
+    )
     torch.manual_seed(0)
     seed = Transformer(config)
     experts = [Transformer(config).reinit_(torch.Generator().manual_seed(i)) for i in range(len(names))]
@@ -70,7 +72,7 @@ def test_demo_nexus_moe_exports_and_loads(tmp_path):
         domain_embeddings=torch.randn(len(names), 384),
         router="nexus",
         expert_names=names,
-        **cfg.router.moe_options(),
+        **cfg.router.moe_kwargs(),
     ).eval()
     assert moe.config.parallel_blocks and moe.config.moe.top_k == 1 and moe.config.moe.shared_expert
     out = export_checkpoint(save_checkpoint(moe, tmp_path / "moe"), tmp_path / "hf")
