@@ -229,14 +229,14 @@ def _extend(
     results = merge_evaluations(futures["evaluate-base"].result(), futures[names.EVALUATE].result())
     if cfg.eval.divergence_prompts:
         futures["divergence"] = divergence_metrics.submit(
-            moe,
-            {names.APPENDED: appended, names.AFTER: finetuned.checkpoint},
-            dict(plan_dirs(plan)),
-            cfg.eval.split,
-            cfg.eval.divergence_prompts,
-            cfg.eval.divergence_prompt_len,
-            cfg.eval.divergence_new_tokens,
-            cfg.torch_threads,
+            reference=moe,
+            models={names.APPENDED: appended, names.AFTER: finetuned.checkpoint},
+            splits=dict(plan_dirs(plan)),
+            split=cfg.eval.split,
+            prompts=cfg.eval.divergence_prompts,
+            prompt_len=cfg.eval.divergence_prompt_len,
+            new_tokens=cfg.eval.divergence_new_tokens,
+            torch_threads=cfg.torch_threads,
         )
         results["divergence"] = futures["divergence"].result()
     gate = judge(cfg, plan.line, base, evaluated, results, domain, finetuned.registered, f"+{domain}", parent)

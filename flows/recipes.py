@@ -125,6 +125,7 @@ OUTPUTS["fit_router"] = lambda p: Path(p["out_dir"])  # flows.tasks.submit rerun
 
 @task(task_run_name="divergence", **CACHED)
 def divergence_metrics(
+    *,
     reference: str,
     models: dict[str, str],
     splits: dict[str, str],
