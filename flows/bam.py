@@ -29,9 +29,9 @@ from prefect import flow, get_run_logger
 from flows import names
 from flows.config import PipelineConfig, as_dict, compose
 from flows.contracts import StageOutcome
-from flows.pipeline import moe_phase, stage_tracking, tracking_context, upcycle_pipeline
+from flows.pipeline import evaluation, moe_phase, stage_tracking, tracking_context, upcycle_pipeline
 from flows.reproduce import parse_overrides, replicate_overrides, save_replicate
-from flows.tasks import evaluate_models, prepare_data
+from flows.tasks import prepare_data
 
 VARIANTS = {
     "ffn-only": [],
@@ -101,14 +101,7 @@ def moe_stage(
         _, trained = moe_phase(cfg, data, checkpoints[names.SEED], experts, embeddings, out_dir, meta, track)
         stages = {k: f.result() for k, f in trained.items()}
         moes = {names.moe(k): s.checkpoint for k, s in stages.items()}
-        results = evaluate_models.submit(
-            checkpoints=moes,
-            splits=dict.fromkeys(domains, data.dir),
-            split=cfg.eval.split,
-            batch_size=cfg.eval.batch_size,
-            max_tokens=cfg.eval.max_tokens,
-            torch_threads=cfg.torch_threads,
-        ).result()
+        results = evaluation(cfg, moes, dict.fromkeys(domains, data.dir)).result()
     return stages, results
 
 

@@ -12,7 +12,6 @@ was built on the champion). See flows/models.py for model lines and references.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -29,6 +28,7 @@ from flows.models import (
     versions_built_on,
 )
 from flows.pipeline import (
+    evaluation,
     knob_overrides,
     save_config,
     stage_tracking,
@@ -48,7 +48,7 @@ from flows.rounds import (
     resolve_base,
 )
 from flows.stages import stage_spec
-from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, submit, train_stage
+from flows.tasks import build_model, embed_domain, prepare_data, submit, train_stage
 from nexus.data.cache import fingerprint as hash_json
 
 
@@ -207,14 +207,6 @@ def _extend(
         futures[stage] = submit(train_stage, spec=spec, torch_threads=cfg.torch_threads, tracking=track)
         finetuned = futures[stage].result()
         init = finetuned.checkpoint
-    evaluate = functools.partial(
-        evaluate_models.submit,
-        splits=dirs,
-        split=cfg.eval.split,
-        batch_size=cfg.eval.batch_size,
-        max_tokens=cfg.eval.max_tokens,
-        torch_threads=cfg.torch_threads,
-    )
     evaluated = {
         names.BEFORE: moe,
         names.expert(domain): expert,
@@ -222,10 +214,10 @@ def _extend(
         names.AFTER: finetuned.checkpoint,
     }
     # the base and the new expert once per domain (cached), whatever the recipe or budget
-    futures["evaluate-base"] = evaluate(
-        checkpoints={k: evaluated[k] for k in (names.BEFORE, names.expert(domain))}
+    futures["evaluate-base"] = evaluation(
+        cfg, {k: evaluated[k] for k in (names.BEFORE, names.expert(domain))}, dirs
     )
-    futures[names.EVALUATE] = evaluate(checkpoints={k: evaluated[k] for k in (names.APPENDED, names.AFTER)})
+    futures[names.EVALUATE] = evaluation(cfg, {k: evaluated[k] for k in (names.APPENDED, names.AFTER)}, dirs)
     results = merge_evaluations(futures["evaluate-base"].result(), futures[names.EVALUATE].result())
     if cfg.eval.divergence_prompts:
         futures["divergence"] = divergence_metrics.submit(

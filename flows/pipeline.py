@@ -255,14 +255,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             {names.build(k): f for k, f in builds.items()},
             **{names.state("moe", k): f for k, f in trained.items()},
         )
-        futures[names.EVALUATE] = evaluate_models.submit(
-            checkpoints=checkpoints,
-            splits=dict.fromkeys(domains, data.dir),
-            split=cfg.eval.split,
-            batch_size=cfg.eval.batch_size,
-            max_tokens=cfg.eval.max_tokens,
-            torch_threads=cfg.torch_threads,
-            device=cfg.eval.device,
+        futures[names.EVALUATE] = evaluation(
+            cfg, checkpoints, dict.fromkeys(domains, data.dir), device=cfg.eval.device
         )
         results = futures[names.EVALUATE].result()
         if parent:
@@ -311,6 +305,20 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         )
     log.info("pipeline finished in %.0f s; summary: %s", summary["seconds"], out / "summary.json")
     return summary
+
+
+def evaluation(cfg: PipelineConfig, checkpoints: dict[str, str], splits: dict[str, str], **options: Any):
+    """`evaluate_models` (submitted) of `checkpoints` ({label: checkpoint}) on `splits` ({domain:
+    prepared data dir}) with the config's `eval` settings; `options`: further keywords of the task."""
+    return evaluate_models.submit(
+        checkpoints=checkpoints,
+        splits=splits,
+        split=cfg.eval.split,
+        batch_size=cfg.eval.batch_size,
+        max_tokens=cfg.eval.max_tokens,
+        torch_threads=cfg.torch_threads,
+        **options,
+    )
 
 
 def moe_phase(

@@ -13,9 +13,16 @@ from prefect import flow, get_run_logger
 from flows import names
 from flows.config import Experiment, PipelineConfig, compose
 from flows.models import fetch_checkpoint, is_path_ref, lock_dir, model_line_lock
-from flows.pipeline import save_config, stage_tracking, states_of, tracking_context, write_summary
+from flows.pipeline import (
+    evaluation,
+    save_config,
+    stage_tracking,
+    states_of,
+    tracking_context,
+    write_summary,
+)
 from flows.rounds import RemovalPlan, judge, plan_removal, publish_round
-from flows.tasks import evaluate_models, remove_domain_expert, submit
+from flows.tasks import remove_domain_expert, submit
 
 
 @flow(name="remove_expert")
@@ -73,13 +80,8 @@ def run_removal(cfg: PipelineConfig, plan: RemovalPlan) -> dict:
             }
             removed = futures["remove"].result()
             evaluated = {names.BEFORE: moe, names.AFTER: removed["checkpoint"]}
-            futures[names.EVALUATE] = evaluate_models.submit(
-                checkpoints=evaluated,
-                splits={d: r["data_dir"] for d, r in plan.remaining.items()},
-                split=cfg.eval.split,
-                batch_size=cfg.eval.batch_size,
-                max_tokens=cfg.eval.max_tokens,
-                torch_threads=cfg.torch_threads,
+            futures[names.EVALUATE] = evaluation(
+                cfg, evaluated, {d: r["data_dir"] for d, r in plan.remaining.items()}
             )
             results = futures[names.EVALUATE].result()
             gate = judge(
