@@ -265,11 +265,11 @@ def ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
     if not seeds:
         return []
     budget = rep.budgets[0]
-    names = [*(["paper (as is)"] if "paper" in rep.recipes else []), *ablations[seeds[0]]]
+    recipes = [*(["paper (as is)"] if "paper" in rep.recipes else []), *ablations[seeds[0]]]
     rows = []
     for domain in rep.new_domains:
         for variant in rep.variants:
-            for name in names:
+            for name in recipes:
                 exts = (
                     [
                         results["replicates"][s]["extensions"][f"{domain}/{variant}/paper/{budget}"]
