@@ -43,13 +43,13 @@ def test_stage_specs_of_the_micro_experiment(tmp_path):
     assert expert.weights == {"lore": 1.0} and expert.val_domains == ["lore"]
     assert expert.train == cfg.train.expert and expert.data_fp != seed.data_fp
 
+    # the continued seed: train.moe's settings, for (at least, by less than a step) the tokens of the two
+    # experts and one MoE together; batch sizes that do not divide them
+    cfg = compose("micro", [f"home={tmp_path}", "train.moe.batch_size=5", "train.expert.batch_size=3"])
     continued = stage_spec("seed-continued", "seed-continued", cfg, DATA, "/out/c", init_checkpoint="s")
-    tokens = 2 * cfg.train.expert.max_steps * cfg.train.expert.batch_size + (
-        cfg.train.moe.max_steps * cfg.train.moe.batch_size
-    )
-    assert continued.train == dataclasses.replace(
-        cfg.train.moe, max_steps=-(-tokens // cfg.train.moe.batch_size)
-    )
+    tokens = 2 * cfg.train.expert.max_steps * 3 + cfg.train.moe.max_steps * 5
+    assert (continued.train.max_steps - 1) * 5 < tokens <= continued.train.max_steps * 5
+    assert continued.train == dataclasses.replace(cfg.train.moe, max_steps=continued.train.max_steps)
     assert continued.weights == stage_spec("moe", "nexus", cfg, DATA, "/out/moe").weights
     assert get_stage("seed-continued").tracking_tag == "seed" and get_stage("seed-continued").final
 
