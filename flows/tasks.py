@@ -228,7 +228,7 @@ def data_module(
 def uploads(final: bool, tracking: TrackingSettings | None) -> bool:
     """Whether a checkpoint's files go into MLflow: a final one always, the others with
     `tracking.upload_checkpoints: all` (the default; the paper-size presets say `final`)."""
-    return final or tracking is None or tracking.uploads(final)
+    return tracking is None or tracking.uploads(final)
 
 
 def _registered_as(tracking: TrackingSettings | None, label: str) -> str | None:
