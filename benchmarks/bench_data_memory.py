@@ -34,8 +34,8 @@ cfg = compose("micro", [f"out_dir={out}", f"data.cache_dir={out}/cache", "tracki
                         f"+data.hf.big={{path:{saved}}}", "data.domains=[big]", "data.tokenizer_domains=[big]",
                         "data.seed_domains=[big]", "data.vocab_size=4096", "data.seq_len=256", "model.max_seq_len=256",
                         f"data.num_proc={num_proc}"])
-result = prepare_data.fn(as_dict(cfg.data), cfg.name, f"{out}/data")
-print("RESULT", json.dumps({"tokens": sum(result["token_counts"].values())}))
+result = prepare_data.fn(data=as_dict(cfg.data), experiment=cfg.name, out_dir=f"{out}/data")
+print("RESULT", json.dumps({"tokens": sum(result.token_counts.values())}))
 """
 
 

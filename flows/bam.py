@@ -26,10 +26,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows import names
 from flows.config import PipelineConfig, as_dict, compose
-from flows.pipeline import moe_phase, stage_tracking, tracking_context, upcycle_pipeline
+from flows.contracts import StageOutcome
+from flows.pipeline import evaluation, moe_phase, stage_tracking, tracking_context, upcycle_pipeline
 from flows.reproduce import parse_overrides, replicate_overrides, save_replicate
-from flows.tasks import evaluate_models, prepare_data
+from flows.tasks import prepare_data
 
 VARIANTS = {
     "ffn-only": [],
@@ -60,15 +62,15 @@ def model_facts(checkpoint: str) -> dict:
     }
 
 
-def stage_timing(stage: dict) -> dict:
+def stage_timing(stage: StageOutcome) -> dict:
     """`{steps, seconds_per_step}` of a `train_stage` result: its wall time over the steps it trained;
     `seconds_per_step` is None when it trained none here (its checkpoint predates the task: a finished
     stage of an earlier run, returned at once)."""
-    trained = stage["global_step"] - (stage["resumed_from_step"] or 0)
-    weights = Path(stage["checkpoint"]) / "model.safetensors"
-    timed = trained > 0 and weights.stat().st_mtime >= stage["started"]
-    seconds = (stage["finished"] - stage["started"]) / trained if timed else None
-    return {"steps": stage["global_step"], "seconds_per_step": seconds}
+    trained = stage.global_step - (stage.resumed_from_step or 0)
+    weights = Path(stage.checkpoint) / "model.safetensors"
+    timed = trained > 0 and weights.stat().st_mtime >= stage.started
+    seconds = (stage.finished - stage.started) / trained if timed else None
+    return {"steps": stage.global_step, "seconds_per_step": seconds}
 
 
 def moe_stage(
@@ -82,29 +84,24 @@ def moe_stage(
     out = Path(cfg.out_dir).resolve()
     with tracking_context(cfg, run_name) as parent:
         track = stage_tracking(cfg, parent)
-        data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
-        domains = list(data["fingerprints"])
-        prepared = open_prepared(data["dir"])
+        data = prepare_data.submit(
+            data=as_dict(cfg.data), experiment=cfg.name, out_dir=str(out / "data")
+        ).result()
+        domains = data.domains
+        prepared = open_prepared(data.dir)
         embeddings = {d: str(prepared.embedding_path(d)) for d in domains}
-        experts = {d: checkpoints[f"expert:{d}"] for d in domains}
+        experts = {d: checkpoints[names.expert(d)] for d in domains}
         meta = {
-            "data_dir": data["dir"],
+            "data_dir": data.dir,
             "experiment": cfg.name,
             "domains": domains,
-            "seed_checkpoint": checkpoints["seed"],
+            "seed_checkpoint": checkpoints[names.SEED],
             **meta,
         }
-        _, trained = moe_phase(cfg, data, checkpoints["seed"], experts, embeddings, out_dir, meta, track)
+        _, trained = moe_phase(cfg, data, checkpoints[names.SEED], experts, embeddings, out_dir, meta, track)
         stages = {k: f.result() for k, f in trained.items()}
-        moes = {f"moe:{k}": s["checkpoint"] for k, s in stages.items()}
-        results = evaluate_models.submit(
-            moes,
-            dict.fromkeys(domains, data["dir"]),
-            cfg.eval.split,
-            cfg.eval.batch_size,
-            cfg.eval.max_tokens,
-            cfg.torch_threads,
-        ).result()
+        moes = {names.moe(k): s.checkpoint for k, s in stages.items()}
+        results = evaluation(cfg, moes, dict.fromkeys(domains, data.dir)).result()
     return stages, results
 
 
@@ -116,8 +113,8 @@ def bam_moe_stage(experiment: str, overrides: list[str], name: str, checkpoints:
     cfg = compose(experiment, overrides)
     out = Path(cfg.out_dir).resolve() / "bam" / name.replace(" ", "").replace("+", "-")
     stages, results = moe_stage(cfg, f"bam_moe_stage:{name}", checkpoints, out, {"variant": name})
-    moes = {f"moe:{k}": s["checkpoint"] for k, s in stages.items()}
-    training = {f"moe:{k}": stage_timing(s) for k, s in stages.items()}
+    moes = {names.moe(k): s.checkpoint for k, s in stages.items()}
+    training = {names.moe(k): stage_timing(s) for k, s in stages.items()}
     return {
         "name": name,
         "overrides": overrides,
@@ -156,7 +153,7 @@ def bam_experiment(
         began = time.time()
         run = [*overrides, *replicate_overrides(seed, root / f"seed{seed}", seed_model)]
         pipeline = upcycle_pipeline(experiment, [*run, *NO_MOES])
-        seed_model = seed_model or pipeline["checkpoints"]["seed"]
+        seed_model = seed_model or pipeline["checkpoints"][names.SEED]
         variants = {**VARIANTS, **(ABLATIONS if seed in ablation_seeds else {})}
         stages = {
             name: bam_moe_stage(experiment, [*run, *extra], name, pipeline["checkpoints"])

@@ -38,7 +38,6 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".rst")
 EXPERIMENTS = tuple(sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 Experiment = Literal[EXPERIMENTS]  # type: ignore[valid-type]
 """An experiment of conf/experiment/ (a choice in the Prefect UI's run form)."""
-Router = Literal["nexus", "linear"]
 
 
 def schema_of(

@@ -54,4 +54,6 @@ def evaluate(
     paths = {
         label: fetch_checkpoint(m, Path(cfg.out_dir).resolve() / "models") for label, m in models.items()
     }
-    return evaluate_models(paths, splits, split, batch_size, max_tokens)
+    return evaluate_models(
+        checkpoints=paths, splits=splits, split=split, batch_size=batch_size, max_tokens=max_tokens
+    )

@@ -12,12 +12,13 @@ was built on the champion). See flows/models.py for model lines and references.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows import names
 from flows.config import Experiment, PipelineConfig, as_dict, compose
+from flows.contracts import StageSpec
 from flows.models import (
     domain_record,
     fetch_checkpoint,
@@ -26,7 +27,15 @@ from flows.models import (
     model_line_lock,
     versions_built_on,
 )
-from flows.pipeline import knob_overrides, stage_tracking, states_of, tracking_context, write_summary
+from flows.pipeline import (
+    evaluation,
+    knob_overrides,
+    save_config,
+    stage_tracking,
+    states_of,
+    tracking_context,
+    write_summary,
+)
 from flows.recipes import divergence_metrics, finetune_stages, fit_router, recipe_of
 from flows.rounds import (
     ExtensionPlan,
@@ -38,7 +47,8 @@ from flows.rounds import (
     publish_round,
     resolve_base,
 )
-from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, submit, train_stage
+from flows.stages import stage_spec
+from flows.tasks import build_model, embed_domain, prepare_data, submit, train_stage
 from nexus.data.cache import fingerprint as hash_json
 
 
@@ -85,6 +95,7 @@ def run_extension(cfg: PipelineConfig, plan: ExtensionPlan, tag: str | None = No
     domain = plan.domain
     shared = Path(cfg.out_dir).resolve() / "extensions" / domain
     out = shared / tag if tag else shared
+    save_config(cfg, out)
     with model_line_lock(lock_dir(cfg.tracking.uri, cfg.out_dir), plan.line) as waited:
         if not is_path_ref(plan.base.ref):  # the alias may have moved while another run held the line
             base, line, earlier = resolve_base(cfg, plan.base.ref, domain)
@@ -117,46 +128,45 @@ def _extend(
     log = get_run_logger()
     domain, base = plan.domain, plan.base
     moe = fetch_checkpoint(base, Path(cfg.out_dir).resolve() / "models")
-    meta, names = base.config["metadata"], base.moe["expert_names"]
+    meta, served = base.config["metadata"], base.moe["expert_names"]
     track = stage_tracking(
-        cfg, parent, {f"extended-{domain}": plan.line, domain: f"nexus-{cfg.name}-expert-{domain}"}
+        cfg,
+        parent,
+        {names.extended(domain): plan.line, domain: names.registered_name(cfg.name, f"expert-{domain}")},
     )
     new = prepare_data.submit(
-        as_dict(cfg.data),
-        f"{cfg.name}-{domain}",
-        str(shared / "data"),
+        data=as_dict(cfg.data),
+        experiment=f"{cfg.name}-{domain}",
+        out_dir=str(shared / "data"),
         keep=[] if plan.folder else [domain],
         extra={domain: plan.folder} if plan.folder else None,
         tokenizer_path=str(Path(moe) / "tokenizer.json"),
     ).result()
-    fp = new["fingerprints"][domain]
+    fp = new.fingerprints[domain]
+    expert_spec = stage_spec(
+        "expert",
+        domain,
+        cfg,
+        new,
+        str(shared / "expert"),
+        domain=domain,
+        init_checkpoint=meta["seed_checkpoint"],
+    )
     futures = {
-        "expert": submit(
-            train_stage,
-            "expert",
-            domain,
-            as_dict(cfg.train.expert),
-            new["dir"],
-            {domain: 1.0},
-            str(shared / "expert"),
-            hash_json([fp]),
-            init_checkpoint=meta["seed_checkpoint"],
-            val_domains=[domain],
-            torch_threads=cfg.torch_threads,
-            tracking=track,
-        ),
-        "embed": submit(embed_domain, new["dir"], new["config"]["embedding"], domain, fp),
+        "expert": submit(train_stage, spec=expert_spec, torch_threads=cfg.torch_threads, tracking=track),
+        "embed": submit(embed_domain, data_dir=new.dir, embedding=new.embedding, domain=domain, data_fp=fp),
     }
-    expert = futures["expert"].result()["checkpoint"]
-    records = {**plan.earlier, domain: domain_record(new["dir"], fp, futures["embed"].result())}
-    metadata = {**meta, "domains": [*names, domain], "domain_data": records, "base": base.describe()}
-    futures["build-extend"] = submit(
+    expert = futures["expert"].result().checkpoint
+    records = {**plan.earlier, domain: domain_record(new.dir, fp, futures["embed"].result())}
+    metadata = {**meta, "domains": [*served, domain], "domain_data": records, "base": base.describe()}
+    futures[names.build("extend")] = submit(
         build_model,
-        "extend",
-        str(out / "extended"),
-        meta["seed_checkpoint"],
-        {"moe": moe, domain: expert},
-        {domain: futures["embed"].result()},
+        kind="extend",
+        out_dir=str(out / "extended"),
+        seed=meta["seed_checkpoint"],
+        experts={domain: expert},
+        embeddings={domain: futures["embed"].result()},
+        moe=moe,
         lam=cfg.extension.lam,
         metadata=metadata,
         init_seed=cfg.router.init_seed,
@@ -164,74 +174,64 @@ def _extend(
         tracking=track,
     )
     dirs = {d: r["data_dir"] for d, r in records.items()}
-    appended = futures["build-extend"].result()
+    appended = futures[names.build("extend")].result()
     if cfg.extension.router_init == "data":
         futures["fit-router"] = submit(
             fit_router,
-            appended,
-            str(out / "router-fit"),
-            domain,
-            dirs,
-            cfg.extension.router_fit_steps,
+            checkpoint=appended,
+            out_dir=str(out / "router-fit"),
+            domain=domain,
+            dirs=dirs,
+            steps=cfg.extension.router_fit_steps,
             seed=cfg.train.extension.seed,
             metadata=metadata,
             tracking=track,
         )
         appended = futures["fit-router"].result()["checkpoint"]
     weights = extension_weights(plan.earlier, new, domain, cfg.extension.new_share)
-    init, finetuned = appended, {}
+    init, finetuned = appended, None
     for stage, train in finetune_stages(cfg, domain):
-        futures[stage] = submit(
-            train_stage,
-            "extension",
-            f"extended-{domain}" if stage == "finetune" else f"{stage}-{domain}",
-            as_dict(train),
-            new["dir"],
-            weights,
-            str(out / ("finetuned" if stage == "finetune" else stage)),
-            hash_json([[r["fingerprint"] for r in records.values()], weights]),
+        spec = StageSpec(
+            stage="extension",
+            name=names.extended(domain) if stage == "finetune" else f"{stage}-{domain}",
+            train=train,
+            data_dir=new.dir,
+            weights=weights,
+            out_dir=str(out / ("finetuned" if stage == "finetune" else stage)),
+            data_fp=hash_json([[r["fingerprint"] for r in records.values()], weights]),
             init_checkpoint=init,
             val_domains=list(records),
             extra_dirs=dirs,
             metadata=metadata,
-            torch_threads=cfg.torch_threads,
-            tracking=track,
         )
+        futures[stage] = submit(train_stage, spec=spec, torch_threads=cfg.torch_threads, tracking=track)
         finetuned = futures[stage].result()
-        init = finetuned["checkpoint"]
-    evaluate = functools.partial(
-        evaluate_models.submit,
-        splits=dirs,
-        split=cfg.eval.split,
-        batch_size=cfg.eval.batch_size,
-        max_tokens=cfg.eval.max_tokens,
-        torch_threads=cfg.torch_threads,
-    )
+        init = finetuned.checkpoint
     evaluated = {
-        "before": moe,
-        f"expert:{domain}": expert,
-        "appended": appended,
-        "after": finetuned["checkpoint"],
+        names.BEFORE: moe,
+        names.expert(domain): expert,
+        names.APPENDED: appended,
+        names.AFTER: finetuned.checkpoint,
     }
     # the base and the new expert once per domain (cached), whatever the recipe or budget
-    futures["evaluate-base"] = evaluate({k: evaluated[k] for k in ("before", f"expert:{domain}")})
-    futures["evaluate"] = evaluate({k: evaluated[k] for k in ("appended", "after")})
-    results = merge_evaluations(futures["evaluate-base"].result(), futures["evaluate"].result())
+    futures["evaluate-base"] = evaluation(
+        cfg, {k: evaluated[k] for k in (names.BEFORE, names.expert(domain))}, dirs
+    )
+    futures[names.EVALUATE] = evaluation(cfg, {k: evaluated[k] for k in (names.APPENDED, names.AFTER)}, dirs)
+    results = merge_evaluations(futures["evaluate-base"].result(), futures[names.EVALUATE].result())
     if cfg.eval.divergence_prompts:
         futures["divergence"] = divergence_metrics.submit(
-            moe,
-            {"appended": appended, "after": finetuned["checkpoint"]},
-            dict(plan_dirs(plan)),
-            cfg.eval.split,
-            cfg.eval.divergence_prompts,
-            cfg.eval.divergence_prompt_len,
-            cfg.eval.divergence_new_tokens,
-            cfg.torch_threads,
+            reference=moe,
+            models={names.APPENDED: appended, names.AFTER: finetuned.checkpoint},
+            splits=dict(plan_dirs(plan)),
+            split=cfg.eval.split,
+            prompts=cfg.eval.divergence_prompts,
+            prompt_len=cfg.eval.divergence_prompt_len,
+            new_tokens=cfg.eval.divergence_new_tokens,
+            torch_threads=cfg.torch_threads,
         )
         results["divergence"] = futures["divergence"].result()
-    gate = judge(
-        cfg, plan.line, base, evaluated, results, domain, finetuned.get("registered"), f"+{domain}", parent
-    )
+    gate = judge(cfg, plan.line, base, evaluated, results, domain, finetuned.registered, f"+{domain}", parent)
     log.info("promotion gate of %s + %r:\n%s", base.label, domain, gate["table"])
     return {
         "domain": domain,
@@ -240,7 +240,7 @@ def _extend(
         "moe": moe,
         "moe_version": base.version,
         "base": base.describe(),
-        "extended": finetuned["checkpoint"],
+        "extended": finetuned.checkpoint,
         "appended_checkpoint": appended,
         "domains": list(records),
         "finetune_weights": weights,

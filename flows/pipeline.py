@@ -18,19 +18,26 @@ import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from flows import names
 from flows.artifacts import publish
-from flows.config import Experiment, PipelineConfig, Router, as_dict, compose
+from flows.config import Experiment, PipelineConfig, as_dict, compose
+from flows.contracts import PreparedData, StageSpec, TrackingSettings
 from flows.models import domain_record, line_name
 from flows.placement import parallel_stages, resource_annotations, visible_gpus
 from flows.report import write_pipeline_report
 from flows.runners import make_runner
+from flows.stages import configured_stages, stage_spec
 from flows.tasks import build_model, embed_domain, evaluate_models, prepare_data, submit, train_stage
-from nexus.data.cache import fingerprint as hash_json
 from nexus.errors import ConfigError
+from nexus.model.routers import get_router, router_names
+from nexus.training.config import TrainConfig
+
+Router = Literal[router_names()]  # type: ignore[valid-type]
+"""A registered router kind (nexus.model.routers; a choice in the Prefect UI's run form)."""
 
 
 def knob_overrides(**knobs: Any) -> list[str]:
@@ -68,18 +75,30 @@ def tracking_context(cfg: PipelineConfig, run_name: str):
 
 def stage_tracking(
     cfg: PipelineConfig, parent: str | None, register: dict[str, str] | None = None
-) -> dict | None:
+) -> TrackingSettings | None:
     """What the stage tasks under the parent run `parent` log with (None when tracking is off): the
     store, the parent, the registered model name per stage label (`register`), and whether intermediate
     checkpoints are uploaded (`tracking.upload_checkpoints`)."""
     if parent is None:
         return None
-    return {
-        "uri": cfg.tracking.uri,
-        "parent_run_id": parent,
-        "register": dict(register or {}),
-        "upload_checkpoints": cfg.tracking.upload_checkpoints,
-    }
+    return TrackingSettings(
+        uri=cfg.tracking.uri,
+        parent_run_id=parent,
+        register=dict(register or {}),
+        upload_checkpoints=cfg.tracking.upload_checkpoints,
+    )
+
+
+def save_config(cfg: PipelineConfig, out_dir: str | Path) -> Path:
+    """The resolved config as `<out_dir>/config.yaml` (`nexus.io.atomic_write_text`): what produced the
+    outputs next to it. Load it back with `OmegaConf.load` (its keys are `PipelineConfig`'s)."""
+    from omegaconf import OmegaConf
+
+    from nexus.io import atomic_write_text
+
+    path = Path(out_dir) / "config.yaml"
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
+    return path
 
 
 def states_of(futures: dict[str, Any]) -> dict[str, str]:
@@ -91,64 +110,54 @@ def placement_of(cfg: PipelineConfig) -> dict:
     stage asking for more GPUs than a machine has is refused here: its task would wait forever for a
     worker (in threads, the GPU lease refuses it when the stage starts)."""
     gpus = cfg.runner.gpus if cfg.runner.gpus is not None else len(visible_gpus())
-    for stage in ("seed", "expert", "moe", "extension"):
-        devices = getattr(cfg.train, stage).num_devices
+    for stage in configured_stages():
+        devices = stage.train_config(cfg).num_devices
         if cfg.runner.kind in ("dask", "ray") and gpus and devices > gpus:
             raise ConfigError(
-                f"train.{stage}.devices={devices}: more GPUs than a machine has (runner.gpus={gpus})"
+                f"train.{stage.name}.devices={devices}: more GPUs than a machine has (runner.gpus={gpus})"
             )
     return {"kind": cfg.runner.kind, "gpus": gpus, "stages_per_gpu": cfg.runner.stages_per_gpu}
 
 
-def gpus_of(train: dict, placement: dict | None) -> int:
+def gpus_of(train: TrainConfig, placement: dict | None) -> int:
     """GPUs a stage asks the runner for: its devices, when there are GPUs to place it on."""
-    from nexus.training import TrainConfig
-
-    return TrainConfig(**train).num_devices if (placement or {}).get("gpus") else 0
+    return train.num_devices if (placement or {}).get("gpus") else 0
 
 
 @flow(name="expert_phase")
 def expert_phase(
-    data: dict,
-    seed: str,
-    train: dict,
-    out_dir: str,
+    experts: dict[str, StageSpec],
+    data: PreparedData,
     torch_threads: int = 0,
-    tracking: dict | None = None,
+    tracking: TrackingSettings | None = None,
     placement: dict | None = None,
 ) -> dict:
-    """Phase 1: one expert per domain (from the seed) and one domain embedding per domain, all
+    """Phase 1: the experts (`experts`: domain -> its stage) and one domain embedding per domain, all
     submitted at once to the flow's task runner (each expert asking for its GPUs, `placement`)."""
-    domains = list(data["fingerprints"])
-    with resource_annotations((placement or {}).get("kind", "threads"), gpus_of(train, placement)):
-        experts = {
+    devices = max((gpus_of(spec.train, placement) for spec in experts.values()), default=0)
+    with resource_annotations((placement or {}).get("kind", "threads"), devices):
+        trained = {
             d: submit(
-                train_stage,
-                "expert",
-                d,
-                train,
-                data["dir"],
-                {d: 1.0},
-                f"{out_dir}/experts/{d}",
-                hash_json([data["fingerprints"][d]]),
-                init_checkpoint=seed,
-                val_domains=[d],
-                torch_threads=torch_threads,
-                tracking=tracking,
-                placement=placement,
+                train_stage, spec=spec, torch_threads=torch_threads, tracking=tracking, placement=placement
             )
-            for d in domains
+            for d, spec in experts.items()
         }
     embeds = {
-        d: submit(embed_domain, data["dir"], data["config"]["embedding"], d, data["fingerprints"][d])
-        for d in domains
+        d: submit(
+            embed_domain,
+            data_dir=data.dir,
+            embedding=data.embedding,
+            domain=d,
+            data_fp=data.fingerprints[d],
+        )
+        for d in data.domains
     }
     return {
-        "experts": {d: f.result() for d, f in experts.items()},
+        "experts": {d: f.result() for d, f in trained.items()},
         "embeddings": {d: f.result() for d, f in embeds.items()},
         "states": {
-            **{f"expert-{d}": f.state.name for d, f in experts.items()},
-            **{f"embed-{d}": f.state.name for d, f in embeds.items()},
+            **{names.state("expert", d): f.state.name for d, f in trained.items()},
+            **{names.state("embed", d): f.state.name for d, f in embeds.items()},
         },
     }
 
@@ -188,83 +197,72 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     log = get_run_logger()
     out = Path(cfg.out_dir).resolve()
     start = time.time()
+    save_config(cfg, out)
     with tracking_context(cfg, "upcycle_pipeline") as parent:
         track = stage_tracking(cfg, parent)
         placement = placement_of(cfg)
-        data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
-        domains = list(data["fingerprints"])
+        data = prepare_data.submit(
+            data=as_dict(cfg.data), experiment=cfg.name, out_dir=str(out / "data")
+        ).result()
+        domains = data.domains
         check_inputs_against_data(cfg, data)
         if track:
-            track["register"] = registry_names(cfg, domains)
-        meta = {"data_dir": data["dir"], "experiment": cfg.name, "domains": domains}
+            track = track.registering(registry_names(cfg, domains))
+        meta = {"data_dir": data.dir, "experiment": cfg.name, "domains": domains}
         futures: dict[str, Any] = {}
         if cfg.seed_checkpoint:
             seed = str(Path(cfg.seed_checkpoint).resolve())
         else:
-            model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
-            seed_weights = _weights("seed", data, cfg.data.seed_domains)
-            futures["seed"] = submit(
-                train_stage,
-                "seed",
-                "seed",
-                as_dict(cfg.train.seed),
-                data["dir"],
-                seed_weights,
-                str(out / "seed"),
-                _fp(data, seed_weights),
-                model=model,
-                val_domains=list(seed_weights),
-                torch_threads=cfg.torch_threads,
-                tracking=track,
-                placement=placement,
+            model = as_dict(dataclasses.replace(cfg.model, vocab_size=data.vocab_size, moe=None))
+            spec = stage_spec(
+                "seed", names.SEED, cfg, data, str(out / "seed"), domains=cfg.data.seed_domains, model=model
             )
-            seed = futures["seed"].result()["checkpoint"]
+            futures[names.SEED] = submit(
+                train_stage, spec=spec, torch_threads=cfg.torch_threads, tracking=track, placement=placement
+            )
+            seed = futures[names.SEED].result().checkpoint
         meta["seed_checkpoint"] = seed
         log.info("seed: %s; training %d experts on runner %r", seed, len(domains), cfg.runner.kind)
         if cfg.router.continued_seed:
-            futures["seed-continued"] = continued_seed(cfg, data, seed, out, meta, track, placement)
+            futures[names.SEED_CONTINUED_RUN] = continued_seed(cfg, data, seed, out, meta, track, placement)
+        expert_specs = {
+            d: stage_spec("expert", d, cfg, data, str(out / "experts" / d), domain=d, init_checkpoint=seed)
+            for d in domains
+        }
         phase = expert_phase.with_options(task_runner=make_runner(**as_dict(cfg.runner)))(
-            data, seed, as_dict(cfg.train.expert), str(out), cfg.torch_threads, track, placement
+            expert_specs, data, cfg.torch_threads, track, placement
         )
-        experts = {d: r["checkpoint"] for d, r in phase["experts"].items()}
+        experts = {d: r.checkpoint for d, r in phase["experts"].items()}
 
         meta = {
             **meta,
             "domain_data": {
-                d: domain_record(data["dir"], data["fingerprints"][d], phase["embeddings"][d])
-                for d in domains
+                d: domain_record(data.dir, data.fingerprints[d], phase["embeddings"][d]) for d in domains
             },
         }
         builds, trained = moe_phase(
             cfg, data, seed, experts, phase["embeddings"], out, meta, track, placement
         )
-        lines = {
-            k: start_line(f.result()["registered"]) for k, f in trained.items() if f.result()["registered"]
-        }
+        lines = {k: start_line(f.result().registered) for k, f in trained.items() if f.result().registered}
         checkpoints = {
-            "seed": seed,
-            **{f"expert:{d}": p for d, p in experts.items()},
+            names.SEED: seed,
+            **{names.expert(d): p for d, p in experts.items()},
             **(
-                {"seed continued": futures["seed-continued"].result()["checkpoint"]}
-                if "seed-continued" in futures
+                {names.SEED_CONTINUED: futures[names.SEED_CONTINUED_RUN].result().checkpoint}
+                if names.SEED_CONTINUED_RUN in futures
                 else {}
             ),
-            **({"dense merge": builds["merge"].result()} if "merge" in builds else {}),
-            **{f"moe:{k}": f.result()["checkpoint"] for k, f in trained.items()},
+            **({names.DENSE_MERGE: builds[names.MERGE].result()} if names.MERGE in builds else {}),
+            **{names.moe(k): f.result().checkpoint for k, f in trained.items()},
         }
         futures.update(
-            {f"build-{k}": f for k, f in builds.items()}, **{f"moe-{k}": f for k, f in trained.items()}
+            {names.build(k): f for k, f in builds.items()},
+            **{names.state("moe", k): f for k, f in trained.items()},
         )
-        futures["evaluate"] = evaluate_models.submit(
-            checkpoints,
-            dict.fromkeys(domains, data["dir"]),
-            cfg.eval.split,
-            cfg.eval.batch_size,
-            cfg.eval.max_tokens,
-            cfg.torch_threads,
-            cfg.eval.device,
+        futures[names.EVALUATE] = evaluation(
+            cfg, checkpoints, dict.fromkeys(domains, data.dir), device=cfg.eval.device
         )
-        results = futures["evaluate"].result()
+        results = futures[names.EVALUATE].result()
         if parent:
             record_evaluation(parent, checkpoints, results, lines)
         summary = {
@@ -313,15 +311,29 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return summary
 
 
+def evaluation(cfg: PipelineConfig, checkpoints: dict[str, str], splits: dict[str, str], **options: Any):
+    """`evaluate_models` (submitted) of `checkpoints` ({label: checkpoint}) on `splits` ({domain:
+    prepared data dir}) with the config's `eval` settings; `options`: further keywords of the task."""
+    return evaluate_models.submit(
+        checkpoints=checkpoints,
+        splits=splits,
+        split=cfg.eval.split,
+        batch_size=cfg.eval.batch_size,
+        max_tokens=cfg.eval.max_tokens,
+        torch_threads=cfg.torch_threads,
+        **options,
+    )
+
+
 def moe_phase(
     cfg: PipelineConfig,
-    data: dict,
+    data: PreparedData,
     seed: str,
     experts: dict[str, str],
     embeddings: dict[str, str],
     out: Path,
     meta: dict,
-    track: dict | None,
+    track: TrackingSettings | None,
     placement: dict | None = None,
 ) -> tuple[dict, dict]:
     """Phase 2: upcycle (one MoE per router, plus the sparse-upcycling and dense-merge baselines), then
@@ -331,12 +343,12 @@ def moe_phase(
     builds = {
         k: submit(
             build_model,
-            k,
-            str(out / "upcycled" / k),
-            seed,
-            experts,
-            embeddings,
-            cfg.router.moe_kwargs(),
+            kind=k,
+            out_dir=str(out / "upcycled" / k),
+            seed=seed,
+            experts=experts,
+            embeddings=embeddings,
+            moe_options=cfg.router.moe_kwargs(),
             metadata=meta,
             init_seed=cfg.router.init_seed,
             tracking=track,
@@ -344,10 +356,15 @@ def moe_phase(
         for k in kinds
     }
     if cfg.router.dense_merge:
-        builds["merge"] = submit(
-            build_model, "merge", str(out / "merged"), seed, experts, metadata=meta, tracking=track
+        builds[names.MERGE] = submit(
+            build_model,
+            kind=names.MERGE,
+            out_dir=str(out / "merged"),
+            seed=seed,
+            experts=experts,
+            metadata=meta,
+            tracking=track,
         )
-    weights = _weights("moe", data)
     placement = placement or {}
     at_once = parallel_stages(
         cfg.train.moe.num_devices, placement.get("gpus", 0), placement.get("stages_per_gpu", 1)
@@ -355,18 +372,19 @@ def moe_phase(
     trained: dict[str, Any] = {}
     for i, k in enumerate(kinds):
         earlier = [trained[kinds[i - at_once]]] if at_once is not None and i >= at_once else []
-        trained[k] = submit(
-            train_stage,
+        spec = stage_spec(
             "moe",
             k,
-            as_dict(cfg.train.moe),
-            data["dir"],
-            weights,
+            cfg,
+            data,
             str(out / "moe" / k),
-            _fp(data, weights),
+            val_domains=data.domains,
             init_checkpoint=builds[k].result(),
-            val_domains=list(data["fingerprints"]),
             metadata=meta,
+        )
+        trained[k] = submit(
+            train_stage,
+            spec=spec,
             torch_threads=cfg.torch_threads,
             tracking=track,
             placement=placement,
@@ -377,55 +395,46 @@ def moe_phase(
 
 def continued_seed(
     cfg: PipelineConfig,
-    data: dict,
+    data: PreparedData,
     seed: str,
     out: Path,
     meta: dict,
-    track: dict | None,
+    track: TrackingSettings | None,
     placement: dict | None = None,
 ):
-    """The data-matched dense baseline: the seed trained further on the MoE mix (train.moe settings)
-    for as many tokens as the experts and one MoE consumed together."""
-    tokens = (
-        len(data["fingerprints"]) * cfg.train.expert.max_steps * cfg.train.expert.batch_size
-        + cfg.train.moe.max_steps * cfg.train.moe.batch_size
-    )
-    train = dataclasses.replace(cfg.train.moe, max_steps=-(-tokens // cfg.train.moe.batch_size))
-    weights = _weights("moe", data)
-    return submit(
-        train_stage,
-        "seed",
-        "seed-continued",
-        as_dict(train),
-        data["dir"],
-        weights,
+    """The data-matched dense baseline (stage `seed-continued`): the seed trained further on the MoE mix
+    (`flows.stages.continued_seed_train`)."""
+    spec = stage_spec(
+        names.SEED_CONTINUED_RUN,
+        names.SEED_CONTINUED_RUN,
+        cfg,
+        data,
         str(out / "seed-continued"),
-        _fp(data, weights),
+        val_domains=data.domains,
         init_checkpoint=seed,
-        val_domains=list(data["fingerprints"]),
         metadata=meta,
-        torch_threads=cfg.torch_threads,
-        tracking=track,
-        placement=placement,
+    )
+    return submit(
+        train_stage, spec=spec, torch_threads=cfg.torch_threads, tracking=track, placement=placement
     )
 
 
-def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
+def check_inputs_against_data(cfg: PipelineConfig, data: PreparedData) -> None:
     """Before any training: a given seed must use the data's tokenizer, and the embedder must load."""
     from nexus.data import load_embedder
 
     if cfg.seed_checkpoint:
         seed_tok = Path(cfg.seed_checkpoint) / "tokenizer.json"
-        if seed_tok.read_bytes() != Path(data["tokenizer"]).read_bytes():
+        if seed_tok.read_bytes() != Path(data.tokenizer).read_bytes():
             raise ConfigError(
-                f"seed_checkpoint: {seed_tok} differs from the data's tokenizer {data['tokenizer']}"
+                f"seed_checkpoint: {seed_tok} differs from the data's tokenizer {data.tokenizer}"
             )
         vocab = json.loads((Path(cfg.seed_checkpoint) / "config.json").read_text())["model"]["vocab_size"]
-        if vocab != data["vocab_size"]:
+        if vocab != data.vocab_size:
             raise ConfigError(
-                f"seed_checkpoint: vocab_size {vocab} differs from the data's tokenizer ({data['vocab_size']})"
+                f"seed_checkpoint: vocab_size {vocab} differs from the data's tokenizer ({data.vocab_size})"
             )
-    if "nexus" in cfg.router.routers:
+    if any(get_router(r).uses_domain_embeddings for r in cfg.router.routers):
         load_embedder(
             cfg.data.embedding.model or "default"
         )  # DataError naming the embedder if it cannot load
@@ -434,13 +443,12 @@ def check_inputs_against_data(cfg: PipelineConfig, data: dict) -> None:
 def registry_names(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
     """Registered model name per stage: each router's MoE starts a model line (`flows.models.line_name`;
     extensions and removals register its next versions); the seed, each expert and the merge get their own."""
-    base = f"nexus-{cfg.name}"
     return {
         **{r: line_name(cfg.tracking.model_name, r) for r in cfg.router.routers},
-        "seed": f"{base}-seed",
-        "seed-continued": f"{base}-seed-continued",
-        "build-merge": f"{base}-merged",
-        **{d: f"{base}-expert-{d}" for d in domains},
+        names.SEED: names.registered_name(cfg.name, "seed"),
+        names.SEED_CONTINUED_RUN: names.registered_name(cfg.name, "seed-continued"),
+        names.build(names.MERGE): names.registered_name(cfg.name, "merged"),
+        **{d: names.registered_name(cfg.name, f"expert-{d}") for d in domains},
     }
 
 
@@ -456,9 +464,9 @@ def record_evaluation(
         describe_version(
             line["name"],
             line["version"],
-            results["perplexity"][f"moe:{kind}"],
+            results["perplexity"][names.moe(kind)],
             f"The {kind}-router MoE upcycled from the seed and the experts "
-            f"{', '.join(d for d in results['perplexity'][f'moe:{kind}'])}, then trained on their mix.",
+            f"{', '.join(d for d in results['perplexity'][names.moe(kind)])}, then trained on their mix.",
         )
 
 
@@ -476,17 +484,6 @@ def start_line(registered: dict) -> dict:
             name, version, promote=champion_version(name, client) is None, gate="initial", client=client
         )
     return {"name": name, "version": version, "aliases": line_aliases(name, client)}
-
-
-def _weights(stage: str, data: dict, domains: list[str] | None = None) -> dict[str, float]:
-    from nexus.data import MixtureConfig, stage_weights
-
-    domains = list(domains or data["fingerprints"])
-    return stage_weights(stage, data["token_counts"], domains, MixtureConfig(**data["config"]["mixture"]))
-
-
-def _fp(data: dict, weights: dict[str, float]) -> str:
-    return hash_json({d: data["fingerprints"][d] for d in sorted(weights)} | {"w": weights})
 
 
 def write_summary(summary: dict, path: Path, parent_run_id: str | None) -> None:

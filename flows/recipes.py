@@ -10,6 +10,7 @@ from typing import Any
 from prefect import task
 
 from flows.config import PipelineConfig
+from flows.contracts import TrackingSettings
 from flows.tasks import CACHED, OUTPUTS, TOKENIZER_FILE, tracked
 from nexus.training.config import TrainConfig
 
@@ -79,6 +80,7 @@ def _windows(data_dir: str, domain: str, split: str, n: int, seed: int):
 
 @task(task_run_name="fit-router-{domain}", **CACHED)
 def fit_router(
+    *,
     checkpoint: str,
     out_dir: str,
     domain: str,
@@ -87,7 +89,7 @@ def fit_router(
     windows: int = 64,
     seed: int = 0,
     metadata: dict | None = None,
-    tracking: dict | None = None,
+    tracking: TrackingSettings | None = None,
 ) -> dict:
     """The appended MoE with `domain`'s router entry fitted on training tokens (nexus.router_fit):
     `windows` windows of the new domain, as many spread over the earlier domains `dirs` holds. Logged
@@ -123,6 +125,7 @@ OUTPUTS["fit_router"] = lambda p: Path(p["out_dir"])  # flows.tasks.submit rerun
 
 @task(task_run_name="divergence", **CACHED)
 def divergence_metrics(
+    *,
     reference: str,
     models: dict[str, str],
     splits: dict[str, str],

@@ -10,11 +10,19 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows import names
 from flows.config import Experiment, PipelineConfig, compose
 from flows.models import fetch_checkpoint, is_path_ref, lock_dir, model_line_lock
-from flows.pipeline import stage_tracking, states_of, tracking_context, write_summary
+from flows.pipeline import (
+    evaluation,
+    save_config,
+    stage_tracking,
+    states_of,
+    tracking_context,
+    write_summary,
+)
 from flows.rounds import RemovalPlan, judge, plan_removal, publish_round
-from flows.tasks import evaluate_models, remove_domain_expert, submit
+from flows.tasks import remove_domain_expert, submit
 
 
 @flow(name="remove_expert")
@@ -49,10 +57,11 @@ def run_removal(cfg: PipelineConfig, plan: RemovalPlan) -> dict:
             / domain
             / (f"v{base.version}" if base.version else str(base.sha256)[:12])
         )
+        save_config(cfg, out)
         with tracking_context(cfg, f"remove_expert:{domain}") as parent:
             moe = fetch_checkpoint(base, Path(cfg.out_dir).resolve() / "models")
             meta = base.config["metadata"]
-            track = stage_tracking(cfg, parent, {f"remove-{domain}": plan.line})
+            track = stage_tracking(cfg, parent, {names.removal(domain): plan.line})
             metadata = {
                 **meta,
                 "domains": [d for d in base.moe["expert_names"] if d != domain],
@@ -61,20 +70,20 @@ def run_removal(cfg: PipelineConfig, plan: RemovalPlan) -> dict:
             }
             futures = {
                 "remove": submit(
-                    remove_domain_expert, moe, domain, str(out / "model"), metadata=metadata, tracking=track
+                    remove_domain_expert,
+                    moe=moe,
+                    domain=domain,
+                    out_dir=str(out / "model"),
+                    metadata=metadata,
+                    tracking=track,
                 )
             }
             removed = futures["remove"].result()
-            evaluated = {"before": moe, "after": removed["checkpoint"]}
-            futures["evaluate"] = evaluate_models.submit(
-                evaluated,
-                {d: r["data_dir"] for d, r in plan.remaining.items()},
-                cfg.eval.split,
-                cfg.eval.batch_size,
-                cfg.eval.max_tokens,
-                cfg.torch_threads,
+            evaluated = {names.BEFORE: moe, names.AFTER: removed["checkpoint"]}
+            futures[names.EVALUATE] = evaluation(
+                cfg, evaluated, {d: r["data_dir"] for d, r in plan.remaining.items()}
             )
-            results = futures["evaluate"].result()
+            results = futures[names.EVALUATE].result()
             gate = judge(
                 cfg, plan.line, base, evaluated, results, None, removed["registered"], f"-{domain}", parent
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flows import names
+
 
 def write_pipeline_report(summary: dict, extension: dict | None = None) -> dict[str, Path]:
     """Render `summary` (from upcycle_pipeline) and optionally `extension` (from extend_with_expert)."""
@@ -19,21 +21,21 @@ def write_pipeline_report(summary: dict, extension: dict | None = None) -> dict[
             "MLflow parent run": summary["mlflow"]["parent_run_id"],
         },
         "perplexity": summary["metrics"],
-        "baselines": {"linear": "moe:linear", "seed": "seed"},
+        "baselines": {"linear": names.moe("linear"), "seed": names.SEED},
         "routing": summary["routing_analysis"],
         "embeddings": summary["embeddings"],
     }
     if extension is not None:
         results["extension"] = {
             "perplexity": extension["metrics"],
-            "baselines": {"before": "before"},
-            "note": f"`before`: the MoE; `expert:{extension['domain']}`: the new dense expert; `appended`: the MoE "
-            "with the new expert appended, before finetuning; `after`: the extended MoE after its "
-            f"finetune (registered version {extension['registered_version']}).",
+            "baselines": {names.BEFORE: names.BEFORE},
+            "note": f"`{names.BEFORE}`: the MoE; `{names.expert(extension['domain'])}`: the new dense expert; "
+            f"`{names.APPENDED}`: the MoE with the new expert appended, before finetuning; `{names.AFTER}`: "
+            f"the extended MoE after its finetune (registered version {extension['registered_version']}).",
         }
         results["routing"] = {
             **results["routing"],
-            f"moe:nexus+{extension['domain']}": extension["routing_analysis"]["after"],
+            f"{names.moe('nexus')}+{extension['domain']}": extension["routing_analysis"][names.AFTER],
         }
     paths = write_report(results, Path(summary["out_dir"]) / "report")
     parent = summary["mlflow"]["parent_run_id"]

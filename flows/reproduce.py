@@ -30,9 +30,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows import names
 from flows.config import PipelineConfig, as_dict, compose
+from flows.contracts import PreparedData
 from flows.extend import extend_with_expert
-from flows.pipeline import _fp, _weights, upcycle_pipeline
+from flows.pipeline import upcycle_pipeline
+from flows.stages import stage_spec
 from flows.tasks import prepare_data, submit, train_stage
 from nexus.data.cache import fingerprint as hash_json
 
@@ -70,11 +73,11 @@ def variant_overrides(variant: str) -> list[str]:
     )
 
 
-def seed_key(cfg: PipelineConfig, data: dict) -> str:
+def seed_key(cfg: PipelineConfig, data: PreparedData) -> str:
     """What the seed depends on: architecture, seed-stage training config, its data and mix."""
-    model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
-    weights = _weights("seed", data, cfg.data.seed_domains)
-    return hash_json([model, cfg.train.seed.identity(), _fp(data, weights)])
+    model = as_dict(dataclasses.replace(cfg.model, vocab_size=data.vocab_size, moe=None))
+    weights = data.weights("seed", cfg.data.seed_domains)
+    return hash_json([model, cfg.train.seed.identity(), data.fingerprint(weights)])
 
 
 @flow(name="seed_model")
@@ -83,25 +86,17 @@ def seed_model(experiment: str = "paper_regime", overrides: list[str] | None = N
     another replicate, finds it finished and returns it at once)."""
     cfg = compose(experiment, overrides or [])
     out = Path(cfg.out_dir).resolve()
-    data = prepare_data.submit(as_dict(cfg.data), cfg.name, str(out / "data")).result()
-    model = as_dict(dataclasses.replace(cfg.model, vocab_size=data["vocab_size"], moe=None))
-    weights = _weights("seed", data, cfg.data.seed_domains)
-    seed_dir = out / f"seed-{seed_key(cfg, data)[:12]}"
-    result = submit(
-        train_stage,
-        "seed",
-        "seed",
-        as_dict(cfg.train.seed),
-        data["dir"],
-        weights,
-        str(seed_dir),
-        _fp(data, weights),
-        model=model,
-        val_domains=list(weights),
-        torch_threads=cfg.torch_threads,
+    data = prepare_data.submit(
+        data=as_dict(cfg.data), experiment=cfg.name, out_dir=str(out / "data")
     ).result()
-    get_run_logger().info("seed model: %s", result["checkpoint"])
-    return result["checkpoint"]
+    model = as_dict(dataclasses.replace(cfg.model, vocab_size=data.vocab_size, moe=None))
+    seed_dir = out / f"seed-{seed_key(cfg, data)[:12]}"
+    spec = stage_spec(
+        "seed", names.SEED, cfg, data, str(seed_dir), domains=cfg.data.seed_domains, model=model
+    )
+    result = submit(train_stage, spec=spec, torch_threads=cfg.torch_threads).result()
+    get_run_logger().info("seed model: %s", result.checkpoint)
+    return result.checkpoint
 
 
 def save_replicate(
@@ -182,7 +177,7 @@ def reproduce_paper(
             experiment,
             [*run, f"recipe={recipe}", *variant_overrides(variant), *(extra or [])],
             domain=domain,
-            moe=moes[f"moe:{ROUTERS[variant]}"],
+            moe=moes[names.moe(ROUTERS[variant])],
             finetune_steps=steps,
             tag=tag,
         )

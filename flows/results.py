@@ -17,8 +17,13 @@ from typing import Any
 
 import numpy as np
 
-BASELINES = ("seed", "seed continued", "dense merge", "moe:linear")
-MODELS = (*BASELINES, "moe:nexus")
+from flows import names
+
+NEXUS = names.moe("nexus")
+BASELINES = (names.SEED, names.SEED_CONTINUED, names.DENSE_MERGE, names.moe("linear"))
+MODELS = (*BASELINES, NEXUS)
+OWN_DOMAIN = "expert (own domain)"
+"""The row of each domain's own expert on its domain."""
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -68,8 +73,8 @@ class Replicates:
         for run in self.runs:
             table = run["pipeline"]["perplexity"]
             row = (
-                {d: table[f"expert:{d}"][d] for d in self.domains}
-                if model == "expert (own domain)"
+                {d: table[names.expert(d)][d] for d in self.domains}
+                if model == OWN_DOMAIN
                 else dict(table[model])
             )
             out.append({**row, "average": average(row, self.domains)})
@@ -82,13 +87,13 @@ class Replicates:
 def initial_change(ext: Mapping[str, Any], model: str, domains: Sequence[str]) -> tuple[float, float]:
     """(average, worst) relative change of the initial domains' perplexity, `model` vs `before`."""
     ppl = ext["perplexity"]
-    changes = [ppl[model][d] / ppl["before"][d] - 1 for d in domains]
+    changes = [ppl[model][d] / ppl[names.BEFORE][d] - 1 for d in domains]
     return float(np.mean(changes)), float(max(changes))
 
 
 def gap_closed(ext: Mapping[str, Any], model: str) -> float:
     new, ppl = ext["domain"], ext["perplexity"]
-    before, expert = ppl["before"][new], ppl[f"expert:{new}"][new]
+    before, expert = ppl[names.BEFORE][new], ppl[names.expert(new)][new]
     return (before - ppl[model][new]) / (before - expert) if before != expert else float("nan")
 
 
@@ -151,7 +156,7 @@ def extension_table(rep: Replicates, domain: str) -> list[str]:
     for variant in rep.variants:
         for recipe in rep.recipes:
             first = rep.extensions(domain, variant, recipe, rep.budgets[0])
-            rows.append([variant, recipe, "0 (appended)", *_row_cells(rep, first, "appended")])
+            rows.append([variant, recipe, "0 (appended)", *_row_cells(rep, first, names.APPENDED)])
             for budget in rep.budgets:
                 exts = rep.extensions(domain, variant, recipe, budget)
                 rows.append(
@@ -159,7 +164,7 @@ def extension_table(rep: Replicates, domain: str) -> list[str]:
                         variant,
                         recipe,
                         f"{budget} ({budget * rep.tokens_per_step:,})",
-                        *_row_cells(rep, exts, "after"),
+                        *_row_cells(rep, exts, names.AFTER),
                     ]
                 )
     return _table(["router", "recipe", "finetune steps (tokens)", *EXTENSION_HEADER], rows)
@@ -172,10 +177,10 @@ def targets_table(rep: Replicates, default: str) -> list[str]:
         for variant in rep.variants:
             for budget in rep.budgets:
                 exts = rep.extensions(domain, variant, default, budget)
-                worst = [initial_change(e, "after", rep.domains)[1] for e in exts]
-                gaps = [gap_closed(e, "after") for e in exts]
-                own = [new_expert_shares(e, "after")[domain] for e in exts]
-                appended = [new_expert_shares(e, "appended") for e in exts]
+                worst = [initial_change(e, names.AFTER, rep.domains)[1] for e in exts]
+                gaps = [gap_closed(e, names.AFTER) for e in exts]
+                own = [new_expert_shares(e, names.AFTER)[domain] for e in exts]
+                appended = [new_expert_shares(e, names.APPENDED) for e in exts]
                 largest = [max(s, key=s.get) == domain for s in appended]
                 rows.append(
                     [
@@ -221,7 +226,9 @@ def router_gains_table(rep: Replicates) -> list[str]:
                     row.append(
                         fmt(
                             (
-                                gain(n["perplexity"]["after"][domain], b["perplexity"]["after"][domain])
+                                gain(
+                                    n["perplexity"][names.AFTER][domain], b["perplexity"][names.AFTER][domain]
+                                )
                                 for n, b in zip(nexus, base)
                             ),
                             1,
@@ -258,11 +265,11 @@ def ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
     if not seeds:
         return []
     budget = rep.budgets[0]
-    names = [*(["paper (as is)"] if "paper" in rep.recipes else []), *ablations[seeds[0]]]
+    recipes = [*(["paper (as is)"] if "paper" in rep.recipes else []), *ablations[seeds[0]]]
     rows = []
     for domain in rep.new_domains:
         for variant in rep.variants:
-            for name in names:
+            for name in recipes:
                 exts = (
                     [
                         results["replicates"][s]["extensions"][f"{domain}/{variant}/paper/{budget}"]
@@ -271,7 +278,7 @@ def ablation_table(results: Mapping[str, Any], rep: Replicates) -> list[str]:
                     if name == "paper (as is)"
                     else [ablations[s][name][f"{domain}/{variant}"] for s in seeds]
                 )
-                rows.append([domain, variant, name, *_row_cells(rep, exts, "after")])
+                rows.append([domain, variant, name, *_row_cells(rep, exts, names.AFTER)])
     return _table(["new domain", "router", "recipe", *EXTENSION_HEADER], rows)
 
 
@@ -282,7 +289,7 @@ def cosine_table(rep: Replicates) -> list[str]:
     rows = []
     for domain in rep.new_domains:
         ext = rep.extensions(domain, "nexus", rep.recipes[0], rep.budgets[0])[0]
-        geometry = EmbeddingGeometry.from_dict(ext["embeddings"]["appended"])
+        geometry = EmbeddingGeometry.from_dict(ext["embeddings"][names.APPENDED])
         i = geometry.names.index(domain)
         rows.append(
             [domain, *(f"{geometry.domain_similarity[i][geometry.names.index(d)]:.2f}" for d in rep.domains)]
@@ -294,14 +301,14 @@ def main_table(rep: Replicates) -> list[str]:
     cols = [*rep.domains, "average"]
     rows = [
         [f"`{m}`", *(fmt(r[c] for r in rep.ppl(m)) for c in cols)]
-        for m in (*rep.models[:-2], "expert (own domain)", *rep.models[-2:])
+        for m in (*rep.models[:-2], OWN_DOMAIN, *rep.models[-2:])
     ]
     return _table(["model", *cols], rows)
 
 
 def gains_table(rep: Replicates) -> list[str]:
     cols = [*rep.domains, "average"]
-    nexus = rep.ppl("moe:nexus")
+    nexus = rep.ppl(NEXUS)
     rows = []
     for base in [m for m in BASELINES if m in rep.models]:
         other = rep.ppl(base)
@@ -331,18 +338,18 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     }
     for domain in rep.new_domains:
         ext = rep.extensions(domain, "nexus", default, rep.budgets[-1])[0]
-        for model in ("appended", "after"):
+        for model in (names.APPENDED, names.AFTER):
             paths[f"routing_{domain}_{model}"] = plot_routing(
                 RoutingAnalysis.from_dict(ext["routing_analysis"][model]),
                 fig / f"routing_nexus_{domain}_{model}.png",
-                title=f"moe:nexus + {domain} ({default}, "
-                + ("appended" if model == "appended" else f"{rep.budgets[-1]} steps")
+                title=f"{NEXUS} + {domain} ({default}, "
+                + (names.APPENDED if model == names.APPENDED else f"{rep.budgets[-1]} steps")
                 + f", seed {rep.seeds[0]}): top-1 routing share",
             )
         paths[f"embeddings_{domain}"] = plot_embedding_similarity(
-            EmbeddingGeometry.from_dict(ext["embeddings"]["appended"]),
+            EmbeddingGeometry.from_dict(ext["embeddings"][names.APPENDED]),
             fig / f"embeddings_{domain}.png",
-            f"Domain vs expert embeddings (cosine): moe:nexus + {domain}, appended (seed {rep.seeds[0]})",
+            f"Domain vs expert embeddings (cosine): {NEXUS} + {domain}, appended (seed {rep.seeds[0]})",
         )
     steps = results.get("steps", {})
     lines = [

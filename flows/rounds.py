@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.config import PipelineConfig
+from flows.contracts import PreparedData
 from flows.models import (
     ResolvedModel,
     builds_on_champion,
@@ -255,7 +256,7 @@ def round_report(summary: dict) -> str:
 
 
 def extension_weights(
-    earlier: dict[str, dict], new: dict, domain: str, share: float | None = None
+    earlier: dict[str, dict], new: PreparedData, domain: str, share: float | None = None
 ) -> dict[str, float]:
     """The finetuning mix: `share` (None: the data config's `extension_new_share`) of the new domain, the
     rest over every earlier domain (each read from where it was prepared)."""
@@ -263,8 +264,8 @@ def extension_weights(
 
     opened = {p: open_prepared(p) for p in {r["data_dir"] for r in earlier.values()}}
     counts = {d: opened[r["data_dir"]].token_counts()[d] for d, r in earlier.items()}
-    counts[domain] = new["token_counts"][domain]
-    mixture = MixtureConfig(**new["config"]["mixture"])
+    counts[domain] = new.token_counts[domain]
+    mixture = MixtureConfig(**new.config["mixture"])
     if share is not None:
         mixture = dataclasses.replace(mixture, extension_new_share=share)
     return stage_weights("extension", counts, list(earlier), mixture, domain=domain)

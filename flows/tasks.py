@@ -5,8 +5,9 @@ ones in `NOT_KEYED`, with checkpoint directories replaced by their weights' SHA-
 fingerprint, plus the task's code version (a hash of its compiled code, which a Dask or Ray worker
 holds too; the source file may not be there), so a rerun (after a crash, or with one more domain)
 recomputes only what changed. The library stage functions are idempotent too (finished stages
-return at once, interrupted ones resume from `lightning/last.ckpt`). Parameters and results are
-plain JSON data (Dask-friendly).
+return at once, interrupted ones resume from `lightning/last.ckpt`). Every task takes keyword
+arguments only; parameters and results are JSON data or the frozen dataclasses of `flows.contracts`
+(digested field by field), which Dask pickles.
 
 A training stage on several devices, or on GPUs, runs as its own processes
 (`nexus.training.launch`): the task waits for them and reads the result back; the stage's metrics
@@ -20,10 +21,10 @@ the seed, the experts and the upcycled MoEs before training are then logged mode
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
-import json
 import os
 import time
 import types
@@ -32,18 +33,30 @@ from typing import Any
 
 from prefect import task
 
+from flows import names
+from flows.contracts import PreparedData, StageOutcome, StageSpec, TrackingSettings
+from flows.stages import get_stage
 from nexus.checkpoint import sha256_file
 from nexus.data.cache import fingerprint as hash_json
 
 NOT_KEYED = {"tracking", "parent_run_id", "placement"}
+UNDIGESTED = {"out_dir"}
+"""Parameters and dataclass fields keyed as they are: where a task writes (a finished stage's folder
+holds a checkpoint, whose digest would change the key once it ran)."""
 TOKENIZER_FILE = "tokenizer.json"
-FINAL_BUILDS = ("merge",)
+FINAL_BUILDS = (names.MERGE,)
 """`build_model` kinds whose checkpoint is a result (the dense merge); upcycled and extended MoEs
 are trained further, their trained checkpoints are the results."""
 
 
 def _digest(value: Any) -> Any:
-    """Checkpoint directories -> their weights file's SHA-256; embedding files -> their content hash."""
+    """Checkpoint directories -> their weights file's SHA-256; embedding files -> their content hash;
+    dataclasses (`flows.contracts`) -> their fields, digested (but `UNDIGESTED`)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: getattr(value, f.name) if f.name in UNDIGESTED else _digest(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+        }
     if isinstance(value, str) and (Path(value) / "model.safetensors").is_file():
         return sha256_file(Path(value) / "model.safetensors")  # the file, not the recorded hash: damage shows
     if isinstance(value, str) and value.endswith(".safetensors") and Path(value).is_file():
@@ -58,7 +71,7 @@ def _digest(value: Any) -> Any:
 def input_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key: the task's name, its code version (a changed task reruns) and its inputs' content
     (checkpoint digests, data fingerprints)."""
-    keyed = {k: v if k == "out_dir" else _digest(v) for k, v in parameters.items() if k not in NOT_KEYED}
+    keyed = {k: v if k in UNDIGESTED else _digest(v) for k, v in parameters.items() if k not in NOT_KEYED}
     return f"{context.task.name}-{hash_json([code_version(context.task.fn), keyed])}"
 
 
@@ -97,7 +110,7 @@ def _code_hash(code: types.CodeType) -> str:
 CACHED = {"retries": 1, "retry_delay_seconds": 2, "cache_key_fn": input_key, "persist_result": True}
 
 OUTPUTS = {
-    "train_stage": lambda p: Path(p["out_dir"]),
+    "train_stage": lambda p: Path(p["spec"].out_dir),
     "build_model": lambda p: Path(p["out_dir"]),
     "remove_expert": lambda p: Path(p["out_dir"]),
     "embed_domain": lambda p: Path(p["data_dir"]) / "embeddings",
@@ -105,14 +118,14 @@ OUTPUTS = {
 """Where each cached task writes: a cached result is a path into it."""
 
 
-def submit(task_: Any, *args: Any, **kwargs: Any) -> Any:
-    """`task_.submit(...)`, but a task whose output folder is gone (deleted by hand, or a new disk)
+def submit(task_: Any, **kwargs: Any) -> Any:
+    """`task_.submit(**kwargs)`, but a task whose output folder is gone (deleted by hand, or a new disk)
     runs again instead of returning its cached path to nothing."""
     output = OUTPUTS.get(task_.name)
-    bound = inspect.signature(task_.fn).bind(*args, **{k: v for k, v in kwargs.items() if k != "wait_for"})
+    bound = inspect.signature(task_.fn).bind(**{k: v for k, v in kwargs.items() if k != "wait_for"})
     if output is not None and not output(bound.arguments).exists():
         task_ = task_.with_options(refresh_cache=True)
-    return task_.submit(*args, **kwargs)
+    return task_.submit(**kwargs)
 
 
 def _threads(n: int) -> None:
@@ -123,25 +136,25 @@ def _threads(n: int) -> None:
 
 
 def tracked(
-    tracking: dict | None,
+    tracking: TrackingSettings | None,
     stage: str,
     name: str,
     config: Any,
     inputs: dict[str, str] | None = None,
     system_metrics: bool = False,
 ):
-    """An MLflow stage run under `tracking['parent_run_id']`, or a null context when tracking is off."""
+    """An MLflow stage run under `tracking.parent_run_id`, or a null context when tracking is off."""
     from contextlib import nullcontext
 
     if not tracking:
         return nullcontext(None)
     from flows.tracking import configure, stage_run
 
-    configure(tracking["uri"])
+    configure(tracking.uri)
     return stage_run(
         stage,
         config,
-        parent_run_id=tracking["parent_run_id"],
+        parent_run_id=tracking.parent_run_id,
         input_checkpoints=inputs,
         run_name=name,
         system_metrics=system_metrics,
@@ -150,13 +163,14 @@ def tracked(
 
 @task(retries=1, retry_delay_seconds=2)
 def prepare_data(
+    *,
     data: dict,
     experiment: str,
     out_dir: str,
     keep: list[str] | None = None,
     extra: dict[str, str] | None = None,
     tokenizer_path: str | None = None,
-) -> dict[str, Any]:
+) -> PreparedData:
     """Prepare the experiment's documents, tokenizer and packed splits (domain embeddings are
     `embed_domain` tasks). A tokenizer is trained on `tokenizer_domains` first, then reused for every
     domain, so adding a domain later does not change any other domain's tokens."""
@@ -164,30 +178,13 @@ def prepare_data(
     from flows.data import prepare_section
 
     prepared, cfg = prepare_section(DataSection(**data), experiment, out_dir, keep, extra, tokenizer_path)
-    return describe_data(prepared, cfg)
-
-
-def describe_data(prepared: Any, cfg: Any) -> dict[str, Any]:
-    """What later tasks need: directory, per-domain fingerprints (incl. tokenizer), sizes, config."""
-    import dataclasses
-
-    return {
-        "dir": str(prepared.out_dir),
-        "seq_len": prepared.seq_len,
-        "vocab_size": len(prepared.load_tokenizer()),
-        "tokenizer": str(prepared.tokenizer_path),
-        "fingerprints": {
-            d: hash_json([dom.fingerprint, prepared.tokenizer_fingerprint])
-            for d, dom in prepared.domains.items()
-        },
-        "token_counts": prepared.token_counts("train"),
-        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-    }
+    return PreparedData.describe(prepared, cfg)
 
 
 @task(task_run_name="embed-{domain}", **CACHED)
-def embed_domain(data_dir: str, embedding: dict, domain: str, data_fp: str) -> str:
-    """d_i for one domain, written next to the prepared data; returns its path."""
+def embed_domain(*, data_dir: str, embedding: dict, domain: str, data_fp: str) -> str:
+    """d_i for one domain, written next to the prepared data; returns its path (`data_fp`: the domain's
+    fingerprint, a cache key)."""
     from nexus.data import EmbeddingConfig, open_prepared
     from nexus.data.prepare import embed_prepared_domain
 
@@ -211,23 +208,21 @@ def data_module(
     )
 
 
-def is_final(stage: str, name: str) -> bool:
-    """A trained model the pipeline delivers (MoEs, extensions, baselines), not an input of a later
-    stage (the pretrained seed, the dense experts)."""
-    return stage != "expert" and not (stage == "seed" and name == "seed")
-
-
-def uploads(final: bool, tracking: dict | None) -> bool:
+def uploads(final: bool, tracking: TrackingSettings | None) -> bool:
     """Whether a checkpoint's files go into MLflow: a final one always, the others with
     `tracking.upload_checkpoints: all` (the default; the paper-size presets say `final`)."""
-    return final or (tracking or {}).get("upload_checkpoints", "all") == "all"
+    return tracking is None or tracking.uploads(final)
+
+
+def _registered_as(tracking: TrackingSettings | None, label: str) -> str | None:
+    return tracking.registered_as(label) if tracking is not None else None
 
 
 def record_checkpoint(
     run: Any,
     checkpoint: str | os.PathLike,
     final: bool,
-    tracking: dict | None,
+    tracking: TrackingSettings | None,
     register_as: str | None = None,
 ) -> Any:
     """Log a checkpoint as the run's MLflow model: uploaded (and registered) when `uploads` says so, else
@@ -238,17 +233,17 @@ def record_checkpoint(
 
 
 def record_result(
-    run: Any, result: Any, final: bool, tracking: dict | None, register_as: str | None = None
+    run: Any, result: Any, final: bool, tracking: TrackingSettings | None, register_as: str | None = None
 ) -> Any:
     """`record_checkpoint` for a training stage's `StageResult` (its metrics on the run and the model)."""
     upload = uploads(final, tracking)
     return run.log_result(result, register_as=register_as if upload else None, upload=upload)
 
 
-def mlflow_uri(tracking: dict) -> str:
+def mlflow_uri(tracking: TrackingSettings) -> str:
     from flows.tracking import configure
 
-    return configure(tracking["uri"])
+    return configure(tracking.uri)
 
 
 def own_processes(train: Any, gpus: list[str]) -> bool:
@@ -256,67 +251,67 @@ def own_processes(train: Any, gpus: list[str]) -> bool:
     return train.num_devices > 1 or (bool(gpus) and train.accelerator in ("auto", "gpu", "cuda"))
 
 
-@task(task_run_name="{stage}-{name}", **CACHED)
+def registered(version: Any) -> dict[str, str] | None:
+    """{name, version} of a registered `ModelVersion`, or None."""
+    return {"name": version.name, "version": str(version.version)} if version else None
+
+
+@task(task_run_name="{spec.stage}-{spec.name}", **CACHED)
 def train_stage(
-    stage: str,
-    name: str,
-    train: dict,
-    data_dir: str,
-    weights: dict[str, float],
-    out_dir: str,
-    data_fp: str,
-    init_checkpoint: str | None = None,
-    model: dict | None = None,
-    val_domains: list[str] | None = None,
-    extra_dirs: dict[str, str] | None = None,
-    metadata: dict | None = None,
+    *,
+    spec: StageSpec,
     torch_threads: int = 0,
-    tracking: dict | None = None,
+    tracking: TrackingSettings | None = None,
     placement: dict | None = None,
-) -> dict:
-    """One training stage (seed / expert / moe / extension) through `nexus.training`, in this process
-    or (several devices, GPUs) as its own processes; `placement` = {"stages_per_gpu"}. Returns
-    `{checkpoint, metrics, global_step, resumed_from_step, run_id, registered, started, finished, pid}`
-    (`registered`: {name, version} of the registered model version or None; started/finished: the
-    wall-clock interval of this task body, imports included; pid: the process that ran it)."""
+) -> StageOutcome:
+    """One training stage (a registered stage of `flows.stages`) through `nexus.training`, in this
+    process or (several devices, GPUs) as its own processes; `placement` = {"stages_per_gpu"}."""
     started = time.time()
     from flows.placement import gpu_lease, visible_gpus
-    from nexus.training import StageResult, TrainConfig
+    from nexus.training import StageResult
+    from nexus.training import run_stage as library
     from nexus.training.launch import launch_stage
-    from nexus.training.run_stage import StageSpec, run_spec
 
     _threads(torch_threads)
-    cfg = TrainConfig(**train)
-    spec = StageSpec(
-        "moe" if stage in ("moe", "extension") else "dense",
-        train,
-        {"dir": data_dir, "weights": weights, "val_domains": val_domains, "extra_dirs": extra_dirs},
-        out_dir,
-        init_checkpoint,
-        model,
-        metadata,
-        {TOKENIZER_FILE: str(Path(data_dir) / "tokenizer" / TOKENIZER_FILE)},
+    stage, cfg = get_stage(spec.stage), spec.train
+    data = {
+        "dir": spec.data_dir,
+        "weights": spec.weights,
+        "val_domains": spec.val_domains,
+        "extra_dirs": spec.extra_dirs,
+    }
+    job = library.StageSpec(
+        stage.kind,
+        dataclasses.asdict(cfg),
+        data,
+        spec.out_dir,
+        spec.init_checkpoint,
+        spec.model,
+        spec.metadata,
+        {TOKENIZER_FILE: str(Path(spec.data_dir) / "tokenizer" / TOKENIZER_FILE)},
         torch_threads=torch_threads,
     )
     gpus = visible_gpus() if cfg.accelerator != "cpu" else []
-    inputs = {"init": init_checkpoint} if init_checkpoint else None
+    inputs = {"init": spec.init_checkpoint} if spec.init_checkpoint else None
     version = None
-    with tracked(
-        tracking, stage, name, {"train": cfg, "weights": weights, "model": model}, inputs, system_metrics=True
-    ) as run:
+    logged = {"train": cfg, "weights": spec.weights, "model": spec.model}
+    with tracked(tracking, stage.tracking_tag, spec.name, logged, inputs, system_metrics=True) as run:
         if run is not None:
-            run.log_data_module(data_module(data_dir, weights, cfg, val_domains, extra_dirs), source=data_dir)
+            run.log_data_module(
+                data_module(spec.data_dir, spec.weights, cfg, spec.val_domains, spec.extra_dirs),
+                source=spec.data_dir,
+            )
         if own_processes(cfg, gpus):
             env = {}
             if run is not None:  # rank 0 of the stage logs into this run (the URI, maybe with a password,
                 # goes by environment, not into the spec file)
-                spec.logger, spec.logger_kwargs = "flows.tracking:_StageLogger", {"run_id": run.run_id}
+                job.logger, job.logger_kwargs = "flows.tracking:_StageLogger", {"run_id": run.run_id}
                 env["MLFLOW_TRACKING_URI"] = mlflow_uri(tracking)
             stages_per_gpu = (placement or {}).get("stages_per_gpu", 1)
             with gpu_lease(cfg.num_devices if gpus else 0, gpus, stages_per_gpu) as leased:
                 if leased:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(leased)
-                got = launch_stage(spec, cfg.num_devices, env)
+                got = launch_stage(job, cfg.num_devices, env)
             result = StageResult(
                 Path(got["checkpoint"]),
                 got["metrics"],
@@ -325,39 +320,40 @@ def train_stage(
                 got["fingerprint"],
             )
         else:
-            result = run_spec(spec, loggers=[run.logger()] if run is not None else [])
+            result = library.run_spec(job, loggers=[run.logger()] if run is not None else [])
         if run is not None:
-            register = (tracking or {}).get("register", {}).get(name)
-            version = record_result(run, result, is_final(stage, name), tracking, register)
-    return {
-        "checkpoint": str(result.checkpoint),
-        "metrics": result.metrics,
-        "global_step": result.global_step,
-        "resumed_from_step": result.resumed_from_step,
-        "run_id": run.run_id if run is not None else None,
-        "registered": {"name": version.name, "version": str(version.version)} if version else None,
-        "started": started,
-        "finished": time.time(),
-        "pid": os.getpid(),
-    }
+            version = record_result(run, result, stage.final, tracking, _registered_as(tracking, spec.name))
+    return StageOutcome(
+        checkpoint=str(result.checkpoint),
+        metrics=result.metrics,
+        global_step=result.global_step,
+        resumed_from_step=result.resumed_from_step,
+        run_id=run.run_id if run is not None else None,
+        registered=registered(version),
+        started=started,
+        finished=time.time(),
+        pid=os.getpid(),
+    )
 
 
 @task(task_run_name="build-{kind}", **CACHED)
 def build_model(
+    *,
     kind: str,
     out_dir: str,
     seed: str,
     experts: dict[str, str],
     embeddings: dict[str, str] | None = None,
+    moe: str | None = None,
     moe_options: dict | None = None,
     lam: float | None = None,
     metadata: dict | None = None,
     init_seed: int = 0,
     extend_options: dict | None = None,
-    tracking: dict | None = None,
+    tracking: TrackingSettings | None = None,
 ) -> str:
     """Combine checkpoints (nexus.upcycling): kind `nexus`/`linear` (upcycle), `merge` (dense merge),
-    `sparse` (sparse upcycling of the seed), `extend` (`experts` = {"moe": path, <new domain>: path};
+    `sparse` (sparse upcycling of the seed), `extend` (the MoE `moe` with the one expert of `experts`;
     `extend_options`: further keywords of `extend`, e.g. `linear_router`)."""
     from nexus.checkpoint import load_checkpoint, save_checkpoint
     from nexus.data import load_domain_embeddings
@@ -365,37 +361,43 @@ def build_model(
 
     opts = moe_options or {}
     load = {name: load_checkpoint(path) for name, path in experts.items()}
-    names = [n for n in experts if n != "moe"]
-    emb = load_domain_embeddings(list(embeddings.values()), names)[1] if embeddings else None
+    domains = list(experts)
+    emb = load_domain_embeddings(list(embeddings.values()), domains)[1] if embeddings else None
     if kind == "extend":
+        if moe is None or len(domains) != 1:
+            raise ValueError("build_model(kind='extend') takes the MoE `moe` and one new expert")
         model = extend(
-            load["moe"],
-            load[names[0]],
+            load_checkpoint(moe),
+            load[domains[0]],
             domain_embedding=emb[0] if emb is not None else None,
-            name=names[0],
+            name=domains[0],
             lam=lam,
             init_seed=init_seed,
             **(extend_options or {}),
         )
-    elif kind == "merge":
-        model = merge_dense(load_checkpoint(seed), [load[n] for n in names])
+    elif kind == names.MERGE:
+        model = merge_dense(load_checkpoint(seed), [load[n] for n in domains])
     elif kind == "sparse":
-        model = sparse_upcycle(load_checkpoint(seed), len(names), init_seed=init_seed, **opts)
+        model = sparse_upcycle(load_checkpoint(seed), len(domains), init_seed=init_seed, **opts)
     else:
         model = upcycle(
             load_checkpoint(seed),
-            [load[n] for n in names],
+            [load[n] for n in domains],
             domain_embeddings=emb,
             router=kind,
-            expert_names=names,
+            expert_names=domains,
             init_seed=init_seed,
             **opts,
         )
-    inputs = {"seed": seed, **{f"expert:{n}": p for n, p in experts.items()}}
+    inputs = {
+        "seed": seed,
+        **({"moe": moe} if moe else {}),
+        **{names.expert(n): p for n, p in experts.items()},
+    }
     with tracked(
         tracking,
         "upcycle" if kind != "extend" else "extend",
-        f"build-{kind}",
+        names.build(kind),
         {"kind": kind, "init_seed": init_seed, **opts},
         inputs,
     ) as run:
@@ -407,18 +409,19 @@ def build_model(
         )
         if run is not None:
             record_checkpoint(
-                run,
-                path,
-                kind in FINAL_BUILDS,
-                tracking,
-                register_as=(tracking or {}).get("register", {}).get(f"build-{kind}"),
+                run, path, kind in FINAL_BUILDS, tracking, _registered_as(tracking, names.build(kind))
             )
     return str(path)
 
 
 @task(name="remove_expert", task_run_name="remove-{domain}", **CACHED)
 def remove_domain_expert(
-    moe: str, domain: str, out_dir: str, metadata: dict | None = None, tracking: dict | None = None
+    *,
+    moe: str,
+    domain: str,
+    out_dir: str,
+    metadata: dict | None = None,
+    tracking: TrackingSettings | None = None,
 ) -> dict:
     """Drop `domain`'s routed expert from the MoE `moe` (nexus.upcycling.remove_expert); returns
     `{checkpoint, registered}` (registered: {name, version} or None)."""
@@ -426,7 +429,7 @@ def remove_domain_expert(
     from nexus.upcycling import remove_expert
 
     model = remove_expert(load_checkpoint(moe), domain)
-    with tracked(tracking, "remove", f"remove-{domain}", {"remove": domain}, {"moe": moe}) as run:
+    with tracked(tracking, "remove", names.removal(domain), {"remove": domain}, {"moe": moe}) as run:
         path = save_checkpoint(
             model,
             out_dir,
@@ -434,18 +437,16 @@ def remove_domain_expert(
             extra_files={TOKENIZER_FILE: Path(moe) / TOKENIZER_FILE},
         )
         version = (
-            run.log_checkpoint(path, register_as=(tracking or {}).get("register", {}).get(f"remove-{domain}"))
+            run.log_checkpoint(path, register_as=_registered_as(tracking, names.removal(domain)))
             if run is not None
             else None
         )
-    return {
-        "checkpoint": str(path),
-        "registered": {"name": version.name, "version": str(version.version)} if version else None,
-    }
+    return {"checkpoint": str(path), "registered": registered(version)}
 
 
 @task(task_run_name="evaluate", **CACHED)
 def evaluate_models(
+    *,
     checkpoints: dict[str, str],
     splits: dict[str, str],
     split: str = "test",

@@ -132,12 +132,12 @@ def test_upcycle_router_init_is_seeded(finished, tmp_path):
     for i, rng in enumerate((1, 2)):
         torch.manual_seed(rng)
         path = build_model.fn(
-            "nexus",
-            str(tmp_path / f"b{i}"),
-            str(out / "seed" / "model"),
-            experts,
-            embeddings,
-            {"top_k": 1, "shared_expert": True, "load_balance_coef": 0.05},
+            kind="nexus",
+            out_dir=str(tmp_path / f"b{i}"),
+            seed=str(out / "seed" / "model"),
+            experts=experts,
+            embeddings=embeddings,
+            moe_options={"top_k": 1, "shared_expert": True, "load_balance_coef": 0.05},
         )
         digests.append(json.loads((Path(path) / "config.json").read_text())["sha256"]["model.safetensors"])
     assert digests[0] == digests[1]

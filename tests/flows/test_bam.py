@@ -6,6 +6,7 @@ extend/remove in tests/test_attention_upcycling.py), except the timing rule of t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from flows.bam import stage_timing
+from flows.contracts import StageOutcome
 from nexus.checkpoint import load_checkpoint, read_checkpoint_config
 
 from .conftest import domain_folder
@@ -59,19 +61,19 @@ def test_only_steps_trained_by_the_task_are_timed(tmp_path):
     weights.parent.mkdir()
     weights.write_bytes(b"")
     written = weights.stat().st_mtime
-    stage = {
-        "checkpoint": str(weights.parent),
-        "global_step": 300,
-        "started": written - 60.0,
-        "finished": written,
-    }
-    fresh = stage_timing({**stage, "resumed_from_step": None})
-    assert fresh == {"steps": 300, "seconds_per_step": pytest.approx(60.0 / 300)}
-    resumed = stage_timing({**stage, "resumed_from_step": 200})
-    assert resumed["seconds_per_step"] == pytest.approx(60.0 / 100)
-    reused = stage_timing(
-        {**stage, "started": written + 1.0, "finished": written + 2.0, "resumed_from_step": None}
+    stage = StageOutcome(
+        checkpoint=str(weights.parent),
+        metrics={},
+        global_step=300,
+        resumed_from_step=None,
+        started=written - 60.0,
+        finished=written,
     )
+    fresh = stage_timing(stage)
+    assert fresh == {"steps": 300, "seconds_per_step": pytest.approx(60.0 / 300)}
+    resumed = stage_timing(dataclasses.replace(stage, resumed_from_step=200))
+    assert resumed["seconds_per_step"] == pytest.approx(60.0 / 100)
+    reused = stage_timing(dataclasses.replace(stage, started=written + 1.0, finished=written + 2.0))
     assert reused == {"steps": 300, "seconds_per_step": None}  # a finished stage of an earlier run
 
 

@@ -212,14 +212,16 @@ def test_hf_domain_declared_in_the_config_is_streamed_prepared_and_reused(tmp_pa
         "micro", micro_overrides(tmp_path, source, "data.domains=[dictionary,lore,papers]", "data.num_proc=2")
     )
     assert cfg.data.declared_domains()["papers"].sources[0].streaming and cfg.data.packing.num_proc == 2
-    first = prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data"))
-    data = open_prepared(first["dir"])
+    first = prepare_data.fn(data=as_dict(cfg.data), experiment=cfg.name, out_dir=str(tmp_path / "data"))
+    data = open_prepared(first.dir)
     kept = sum(s.documents for s in data.domains["papers"].splits.values())
     assert kept == len(
         {r["text"].strip() for r in rows if r["meta"]["redpajama_set_name"] == "RedPajamaArXiv"}
     )
-    assert first["token_counts"]["papers"] > 0 and first["config"]["packing"]["num_proc"] == 2
-    assert prepare_data.fn(as_dict(cfg.data), cfg.name, str(tmp_path / "data")) == first
+    assert first.token_counts["papers"] > 0 and first.config["packing"]["num_proc"] == 2
+    assert (
+        prepare_data.fn(data=as_dict(cfg.data), experiment=cfg.name, out_dir=str(tmp_path / "data")) == first
+    )
 
 
 def _fields(cls: type, prefix: str = "") -> list[str]:

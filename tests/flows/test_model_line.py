@@ -194,3 +194,24 @@ def test_model_references_reach_every_version(scenario):
     assert by_alias.version == scenario["aliases"][CHAMPION]
     assert resolve_model(LINE, LINE, uri).version == by_alias.version  # a bare name is its champion
     assert resolve_model(f"models:/{LINE}/2", LINE, uri).moe["expert_names"][-1] == HARMFUL
+
+
+def test_every_run_saves_its_resolved_config(scenario):
+    """The pipeline, each extension (the CLI's overrides included) and the removal leave the config
+    they ran with next to their outputs, as `config.yaml` that loads back into `PipelineConfig`."""
+    from omegaconf import OmegaConf
+
+    from flows.config import PipelineConfig
+
+    def saved(folder: Path) -> PipelineConfig:
+        raw = OmegaConf.load(folder / "config.yaml")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineConfig), raw))
+
+    out = scenario["out"]
+    pipeline = saved(out)
+    assert pipeline.router.routers == ["nexus"] and pipeline.out_dir == str(out)
+    harmful = saved(out / "extensions" / HARMFUL)
+    assert harmful.train.extension.lr == 3.0 and harmful.extension.recipe == "paper"
+    assert all(saved(out / "extensions" / d).train.extension.lr != 3.0 for d in INBOX)
+    removal = next((out / "removals").rglob("summary.json")).parent
+    assert saved(removal) == pipeline  # composed from the same experiment and overrides

@@ -12,6 +12,7 @@ pipeline (a second flow run and MLflow pipeline run) started, and with Dask the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,11 +21,13 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from flows.config import as_dict, compose
-from flows.pipeline import _weights, upcycle_pipeline
+from flows.config import compose
+from flows.contracts import StageSpec
+from flows.pipeline import upcycle_pipeline
 from flows.tasks import train_stage
 from flows.tracking import configure as configure_tracking
 from nexus.checkpoint import load_checkpoint, read_checkpoint_config
+from nexus.data import MixtureConfig, stage_weights
 from nexus.training.launch import DISTRIBUTED_ENV
 
 from .conftest import micro_out, micro_overrides, micro_uri
@@ -164,29 +167,26 @@ def test_micro_pipeline_with_two_rank_stages(prefect_harness, tmp_path, runner, 
 
         # the two-rank seed equals one process training on the same global batch (2 x 4 sequences)
         data = json.loads((out / "data" / "main" / "manifest.json").read_text())
-        weights = _weights(
+        weights = stage_weights(
             "seed",
-            {
-                "fingerprints": dict.fromkeys(data["domains"]),
-                "token_counts": {d: v["splits"]["train"]["tokens"] for d, v in data["domains"].items()},
-                "config": {"mixture": {}},
-            },
-            list(cfg.data.seed_domains),
+            {d: v["splits"]["train"]["tokens"] for d, v in data["domains"].items()},
+            list(cfg.data.seed_domains or data["domains"]),
+            MixtureConfig(),
         )
-        single = train_stage.fn(
-            "seed",
-            "seed",
-            {**as_dict(cfg.train.seed), "devices": 1, "strategy": "auto", "batch_size": 8},
-            str(out / "data" / "main"),
-            weights,
-            str(tmp_path / "single-seed"),
-            "unused",
+        spec = StageSpec(
+            stage="seed",
+            name="seed",
+            train=dataclasses.replace(cfg.train.seed, devices=1, strategy="auto", batch_size=8),
+            data_dir=str(out / "data" / "main"),
+            weights=weights,
+            out_dir=str(tmp_path / "single-seed"),
+            data_fp="unused",
             model=read_checkpoint_config(first["checkpoints"]["seed"])["model"],
             val_domains=list(weights),
-            torch_threads=1,
         )
+        single = train_stage.fn(spec=spec, torch_threads=1)
         a = load_checkpoint(first["checkpoints"]["seed"]).state_dict()
-        b = load_checkpoint(single["checkpoint"]).state_dict()
+        b = load_checkpoint(single.checkpoint).state_dict()
         difference = max((a[k] - b[k]).abs().max().item() for k in a)
         print(f"{runner}: seed, two ranks vs one process: max weight difference {difference:.2e}")
         assert difference < 1e-4

@@ -213,10 +213,11 @@ def test_intermediate_checkpoints_at_paper_size_are_logged_models_without_files(
     """`tracking.upload_checkpoints: final`: an intermediate stage's checkpoint (here an expert's) is
     still its run's logged model, with params, metrics and lineage, but its files stay out of MLflow
     and it is not registered; a final one is uploaded and registered as with `all`."""
+    from flows.contracts import TrackingSettings
     from flows.tasks import record_checkpoint, record_result
 
     client = MlflowClient()
-    final_mode = {"upload_checkpoints": "final"}
+    final_mode = TrackingSettings(uri=None, parent_run_id=pipeline["parent"], upload_checkpoints="final")
     expert = pipeline["results"]["expert-a"]
     with stage_run("expert", {"x": 1}, parent_run_id=pipeline["parent"], run_name="a-paper-size") as run:
         assert record_result(run, expert, False, final_mode, register_as="nexus-never-registered") is None
