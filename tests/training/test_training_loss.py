@@ -60,7 +60,7 @@ class Capture(L.Callback):
             self.seen["grad"] = dict(pl_module.model.named_parameters())[ROUTER].grad.detach().clone()
 
 
-def _first_step(load_balance_coef: float, z_loss_coef: float = 0.0) -> dict[str, torch.Tensor]:
+def _first_step(make_trainer, load_balance_coef: float, z_loss_coef: float = 0.0) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # the same initial weights for every coefficient
     model = Transformer(
         tiny(max_seq_len=16).with_moe(
@@ -74,33 +74,22 @@ def _first_step(load_balance_coef: float, z_loss_coef: float = 0.0) -> dict[str,
     cfg = TrainConfig(max_steps=1, batch_size=4, log_every_n_steps=1)
     dm = MixtureDataModule(TRAIN, VAL, {"a": 1, "b": 1}, cfg.batch_size, cfg.max_steps)
     capture = Capture()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[capture],
-    )
+    trainer = make_trainer(max_steps=1, limit_val_batches=0, callbacks=[capture])
     trainer.fit(CausalLMModule(model, cfg, dm.domain_names), datamodule=dm)
     return capture.seen
 
 
 @pytest.mark.parametrize("z_loss_coef", [0.0, 1e-2])
-def test_the_training_step_backpropagates_lm_loss_plus_weighted_aux_loss(z_loss_coef):
-    seen = _first_step(load_balance_coef=0.5, z_loss_coef=z_loss_coef)
+def test_the_training_step_backpropagates_lm_loss_plus_weighted_aux_loss(cpu_trainer, z_loss_coef):
+    seen = _first_step(cpu_trainer, load_balance_coef=0.5, z_loss_coef=z_loss_coef)
     # two layers, each Switch loss >= 1: the aux term is far above float noise
     assert seen["want"] - seen["lm"] > 0.9
     torch.testing.assert_close(seen["loss"], seen["want"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(seen["grad"], seen["want_grad"], rtol=1e-4, atol=1e-7)
 
 
-def test_the_coefficient_scales_the_aux_term_of_the_step():
-    off, on = _first_step(load_balance_coef=0.0), _first_step(load_balance_coef=2.0)
+def test_the_coefficient_scales_the_aux_term_of_the_step(cpu_trainer):
+    off, on = _first_step(cpu_trainer, load_balance_coef=0.0), _first_step(cpu_trainer, load_balance_coef=2.0)
     torch.testing.assert_close(off["loss"], off["lm"], rtol=1e-5, atol=1e-6)  # same seed, same batch
     torch.testing.assert_close(on["lm"], off["lm"])
     assert on["loss"] - on["lm"] > 3.0  # 2 layers x 2.0 x (Switch loss >= 1)
