@@ -10,9 +10,11 @@ after an expert's temporary checkpoint directory is filled, before its rename), 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import (
     KILL_OVERRIDES,
@@ -38,26 +40,49 @@ def _rerun_and_compare(base: Path, reference, api_url: str, leftovers_ok: bool =
     return json.loads((out / "summary.json").read_text())
 
 
-def _any(paths):
-    return lambda: any(p.exists() for p in paths)
+def resume_step(ckpt: Path) -> int | None:
+    """The global step a Lightning resume checkpoint was written at; None if absent or cut short."""
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:
+        return None
+
+
+def any_resumable(paths):
+    return lambda: any(resume_step(p) is not None for p in paths)
+
+
+def logged_steps(log: str, stage: str) -> list[int]:
+    """The steps of `stage`'s progress lines (`experts/lore: step 9/24 ...`, one per step here)."""
+    return [int(m) for m in re.findall(rf"{re.escape(stage)}: step (\d+)/", log)]
 
 
 def test_kill_during_expert_training(tmp_path, reference, api_url):
     out = tmp_path / "out"
     proc = start(out, *KILL_OVERRIDES, prefect_home=tmp_path / "prefect", api_url=api_url)
     lasts = [out / "experts" / d / "lightning" / "last.ckpt" for d in ("dictionary", "lore")]
-    assert kill_when(proc, _any(lasts)), "pipeline finished before an expert wrote last.ckpt"
+    assert kill_when(proc, any_resumable(lasts)), "pipeline finished before an expert wrote last.ckpt"
     finish(proc)
     assert not (out / "moe").exists()
-    killed_mid = [p.parent.parent.name for p in lasts if p.exists()]
-    assert killed_mid, "no expert had a resume checkpoint at kill time"
+    at_kill = {p.parent.parent.name: resume_step(p) for p in lasts if p.exists()}
+    killed_mid = [d for d, step in at_kill.items() if step is not None]
+    assert killed_mid, f"no expert had a readable resume checkpoint at kill time: {at_kill}"
     seed_before = stage_digests(out)["seed/model"]
+    log = Path(proc.log)  # type: ignore[attr-defined]
+    before_rerun = log.stat().st_size  # the rerun appends to the same log
     summary = _rerun_and_compare(tmp_path, reference, api_url)
     assert summary["states"]["seed"] == "Cached"  # the finished seed is not redone
     assert stage_digests(out)["seed/model"] == seed_before
-    # the interrupted expert resumed from its Lightning checkpoint (not from step 0)
-    resumed = [json.loads((out / "experts" / d / "model" / "config.json").read_text()) for d in killed_mid]
-    assert all(r["metadata"]["global_step"] == 24 for r in resumed)
+    # The interrupted experts resumed from their Lightning checkpoints, not from step 0 (a restart would
+    # end at the same weights: training is deterministic): the rerun's first training step of each is
+    # the one after the checkpoint's, and it trained only the remaining steps.
+    rerun_log = log.read_bytes()[before_rerun:].decode(errors="replace")
+    for d in killed_mid:
+        steps = logged_steps(rerun_log, f"experts/{d}")
+        assert steps and 0 < at_kill[d] < 24, (d, at_kill[d], rerun_log[-3000:])
+        assert (min(steps), max(steps), len(steps)) == (at_kill[d] + 1, 24, 24 - at_kill[d]), (d, steps)
+        config = json.loads((out / "experts" / d / "model" / "config.json").read_text())
+        assert config["metadata"]["global_step"] == 24
 
 
 def test_kill_between_stages(tmp_path, reference, api_url):

@@ -38,8 +38,9 @@ def build_line(tmp_path_factory, name: str, *extra: str):
 @pytest.fixture(scope="session")
 def micro_moe(prefect_harness, tmp_path_factory):
     """The micro pipeline run once per session (see `build_line`). Only test_pipeline extends it (with
-    `moe=` pinned to version 1); every other user only reads it. Tests that build model lines of their
-    own call `build_line`."""
+    `moe=` pinned to version 1, adding records every reader tolerates); every other user only reads it
+    or writes into folders of its own (test_recipes). Tests that build model lines of their own call
+    `build_line`. The flow tests pass in any order (`-p random_order --random-order`)."""
     import mlflow
 
     previous = mlflow.get_tracking_uri()

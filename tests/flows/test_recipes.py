@@ -49,11 +49,14 @@ def test_recipes_compose_and_map_onto_training_stages():
 
 
 @pytest.fixture(scope="module")
-def extensions(micro_moe):
+def extensions(micro_moe, tmp_path_factory):
+    """The session's two MoEs extended with `code`, untracked, into an output folder of their own:
+    extensions of one domain share `extensions/<domain>/` (its expert and data), so extending in the
+    session's folder would hand test_pipeline's tracked extension an untracked expert."""
     from flows.extend import extend_with_expert
 
     _, _, overrides, summary = micro_moe
-    quiet = [*overrides, "tracking.enabled=false"]
+    quiet = [*overrides, "tracking.enabled=false", f"out_dir={tmp_path_factory.mktemp('recipes')}"]
     moes = summary["checkpoints"]
     protect = extend_with_expert(
         "micro", [*quiet, "recipe=protect"], moe=moes["moe:nexus"], domain="code", tag="protect"

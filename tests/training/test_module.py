@@ -1,4 +1,3 @@
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,24 +10,11 @@ from nexus.training.synthetic import synthetic_splits
 TRAIN, VAL = synthetic_splits(["a", "b"], seq_len=16, vocab_size=96, n_train=16, n_val=6)
 
 
-def _trainer(**kw):
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
-
-
-def test_per_domain_validation_loss_is_token_weighted_cross_entropy():
+def test_per_domain_validation_loss_is_token_weighted_cross_entropy(cpu_trainer):
     model = Transformer(tiny(max_seq_len=16))
     dm = MixtureDataModule(TRAIN, VAL, {"a": 1}, batch_size=4, max_steps=1)
     module = CausalLMModule(model, TrainConfig(max_steps=1), dm.domain_names)
-    trainer = _trainer()
+    trainer = cpu_trainer()
     trainer.validate(module, datamodule=dm, verbose=False)
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
     model.eval()
@@ -47,7 +33,7 @@ def test_per_domain_validation_loss_is_token_weighted_cross_entropy():
     assert metrics["val/a/ppl"] == pytest.approx(torch.tensor(losses["a"]).exp().item(), rel=1e-4)
 
 
-def test_moe_training_adds_aux_loss_and_logs_routing_shares():
+def test_moe_training_adds_aux_loss_and_logs_routing_shares(cpu_trainer):
     model = Transformer(
         tiny(max_seq_len=16).with_moe(expert_names=["a", "b"], router="linear", z_loss_coef=1e-3)
     )
@@ -57,7 +43,7 @@ def test_moe_training_adds_aux_loss_and_logs_routing_shares():
     )
     dm = MixtureDataModule(TRAIN, VAL, {"a": 1, "b": 1}, cfg.batch_size, cfg.max_steps)
     module = CausalLMModule(model, cfg, dm.domain_names)
-    trainer = _trainer(
+    trainer = cpu_trainer(
         max_steps=3,
         val_check_interval=3,
         check_val_every_n_epoch=None,
