@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flows import names
 from flows.results import _table, average, fmt, gain, mean_std, rewrite_main
 from nexus.config import DEFAULT_ROUTER
 
@@ -30,7 +31,7 @@ class BamRuns:
         first = self.runs[0]
         self.domains: list[str] = list(first["pipeline"]["domains"])
         self.variants = [v for v in results["variants"] if any(v in run["variants"] for run in self.runs)]
-        self.routers = [m.removeprefix("moe:") for m in first["variants"][BASE]["checkpoints"]]
+        self.routers = [names.moe_kind(m) for m in first["variants"][BASE]["checkpoints"]]
 
     def stages(self, variant: str) -> list[dict]:
         """The variant's stage result of every seed that ran it."""
@@ -41,7 +42,7 @@ class BamRuns:
 
     def ppl(self, variant: str, router: str) -> list[dict[str, float]]:
         """Per seed: {domain: perplexity, "average": mean over the domains}."""
-        rows = [dict(stage["perplexity"][f"moe:{router}"]) for stage in self.stages(variant)]
+        rows = [dict(stage["perplexity"][names.moe(router)]) for stage in self.stages(variant)]
         return [{**row, "average": average(row, self.domains)} for row in rows]
 
     def base_runs(self, variant: str) -> list[dict]:
@@ -49,13 +50,13 @@ class BamRuns:
         return [run["variants"][BASE] for run in self.runs if variant in run["variants"]]
 
     def gains(self, variant: str, router: str, column: str = "average") -> list[float]:
-        base = [{**s["perplexity"][f"moe:{router}"]} for s in self.base_runs(variant)]
+        base = [{**s["perplexity"][names.moe(router)]} for s in self.base_runs(variant)]
         base = [{**b, "average": average(b, self.domains)} for b in base]
         return [gain(p[column], b[column]) for p, b in zip(self.ppl(variant, router), base)]
 
     def step_ratio(self, variant: str, router: str) -> list[float]:
         """Per seed whose two stages were both timed (a stage reused from an earlier run was not)."""
-        key = f"moe:{router}"
+        key = names.moe(router)
         pairs = [
             (s["training"][key]["seconds_per_step"], b["training"][key]["seconds_per_step"])
             for s, b in zip(self.stages(variant), self.base_runs(variant))
@@ -63,11 +64,11 @@ class BamRuns:
         return [s / b for s, b in pairs if s is not None and b is not None]
 
     def facts(self, variant: str, router: str) -> dict:
-        return self.stages(variant)[0]["models"][f"moe:{router}"]
+        return self.stages(variant)[0]["models"][names.moe(router)]
 
     def expert_ppl(self) -> list[dict[str, float]]:
         rows = [
-            {d: run["pipeline"]["perplexity"][f"expert:{d}"][d] for d in self.domains} for run in self.runs
+            {d: run["pipeline"]["perplexity"][names.expert(d)][d] for d in self.domains} for run in self.runs
         ]
         return [{**r, "average": average(r, self.domains)} for r in rows]
 

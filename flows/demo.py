@@ -11,19 +11,21 @@ import json
 import sys
 from pathlib import Path
 
+from flows import names
+
 
 def results_table(summary: dict, extension: dict) -> str:
     domains = [*summary["domains"], extension["domain"]]
     rows = {
         **summary["perplexity"],
-        **{f"extended ({k})": v for k, v in extension["perplexity"].items() if k != "before"},
+        **{f"extended ({k})": v for k, v in extension["perplexity"].items() if k != names.BEFORE},
     }
     lines = [f"{'model':<24}" + "".join(f"{d[:12]:>13}" for d in domains)]
     lines += [
         f"{name:<24}" + "".join(f"{ppl[d]:>13.2f}" if d in ppl else f"{'-':>13}" for d in domains)
         for name, ppl in rows.items()
     ]
-    for name, r in {**summary["routing"], "extended": extension["routing"].get("after")}.items():
+    for name, r in {**summary["routing"], "extended": extension["routing"].get(names.AFTER)}.items():
         if r:
             lines.append(f"\nrouting top-1 share, {name} (rows: domains, cols: {', '.join(r['experts'])})")
             lines += [

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows import names
 from flows.config import PipelineConfig
 from flows.contracts import PreparedData
 from flows.models import (
@@ -155,7 +156,7 @@ def judge(
     `nexus.gate`; see flows.mlflow_models.log_evaluation), and the new version's description."""
     from nexus.evaluation import promotion_gate
 
-    before, after = results["perplexity"]["before"], results["perplexity"]["after"]
+    before, after = results["perplexity"][names.BEFORE], results["perplexity"][names.AFTER]
 
     verdict = promotion_gate(before, after, new_domain, cfg.extension.gate_tolerance)
     line_info: dict = {"name": line if registered else None, "promoted": False, "aliases": {}, "siblings": []}
