@@ -94,7 +94,8 @@ def seed_model(experiment: str = "paper_regime", overrides: list[str] | None = N
     spec = stage_spec(
         "seed", names.SEED, cfg, data, str(seed_dir), domains=cfg.data.seed_domains, model=model
     )
-    result = submit(train_stage, spec=spec, torch_threads=cfg.torch_threads).result()
+    # the seed trains alone, before anything else: on every core (torch's default), not `cfg.torch_threads`
+    result = submit(train_stage, spec=spec, torch_threads=0).result()
     get_run_logger().info("seed model: %s", result.checkpoint)
     return result.checkpoint
 
