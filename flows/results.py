@@ -134,6 +134,7 @@ def _row_cells(rep: Replicates, exts: list[dict], model: str) -> list[str]:
         fmt((s[new] for s in shares), 2),
         fmt(others, 2),
         fmt((f[0] for f in fdt), 1),
+        fmt((f[1] for f in fdt), 1),
         fmt((f[2] for f in fdt), 2),
     ]
 
@@ -146,6 +147,7 @@ EXTENSION_HEADER = [
     "new expert: own share",
     "new expert: largest other share",
     "FDT mean",
+    "FDT median",
     "divergent share",
 ]
 
@@ -387,8 +389,11 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
             f"## Extension with `{domain}`",
             "",
             (
-                "0 steps: right after appending. Shares: the new expert's top-1 share (layer mean); FDT: first "
-                "divergent token of the MoE's greedy continuations of the initial domains' held-out prompts."
+                "0 steps: right after appending. Shares: the new expert's top-1 share (layer mean); FDT: the "
+                "position of the first divergent token (mean and median over prompts; a prompt that never "
+                "diverges counts as the continuation's length) of the MoE's greedy continuations of the "
+                "initial domains' held-out prompts against the MoE before the extension; divergent share: "
+                "the share of generated tokens that differ."
             ),
             "",
             *extension_table(rep, domain),

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from flows.results import fmt, gain, gap_closed, initial_change, mean_std
+from flows.results import divergence_summary, fmt, gain, gap_closed, initial_change, mean_std
 from tests.flows.conftest import micro_out, micro_overrides
 
 
@@ -31,6 +31,22 @@ def test_gain_gap_and_spread():
         0.8
     )  # 40 of the 50 points between the MoE and the expert
     assert initial_change(ext, "after", ["a", "b"]) == (pytest.approx(0.025), pytest.approx(0.05))
+
+
+def test_divergence_summary_pools_the_earlier_domains_prompts():
+    ext = {
+        "divergence": {
+            "after": {
+                "a": {"first": [0, None], "share": 0.5, "new_tokens": 8},
+                "b": {"first": [2, 4, 6], "share": 0.1, "new_tokens": 8},
+            }
+        }
+    }
+    mean, median, share = divergence_summary(ext, "after")
+    assert mean == pytest.approx((0 + 8 + 2 + 4 + 6) / 5)  # a never-diverging prompt counts as 8
+    assert median == 4.0
+    assert share == pytest.approx(0.3)
+    assert all(math.isnan(v) for v in divergence_summary(ext, "appended"))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +132,7 @@ def test_results_document_reports_the_runs(reproduction):
         "Precomputed vs live Nexus router",
         "MiniLM cosine",
         "Nexus vs the linear router",
+        "| FDT mean | FDT median | divergent share |",
     ):
         assert section in text, section
     assert "0 prompts diverged" not in text or "Precomputed" in text
