@@ -38,13 +38,13 @@ def test_divergence_summary_pools_the_earlier_domains_prompts():
         "divergence": {
             "after": {
                 "a": {"first": [0, None], "share": 0.5, "new_tokens": 8},
-                "b": {"first": [2, 4, 6], "share": 0.1, "new_tokens": 8},
+                "b": {"first": [1, 2, 3], "share": 0.1, "new_tokens": 8},
             }
         }
     }
     mean, median, share = divergence_summary(ext, "after")
-    assert mean == pytest.approx((0 + 8 + 2 + 4 + 6) / 5)  # a never-diverging prompt counts as 8
-    assert median == 4.0
+    assert mean == pytest.approx((0 + 8 + 1 + 2 + 3) / 5)  # a never-diverging prompt counts as 8
+    assert median == 2.0
     assert share == pytest.approx(0.3)
     assert all(math.isnan(v) for v in divergence_summary(ext, "appended"))
 
